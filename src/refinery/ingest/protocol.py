@@ -1,0 +1,349 @@
+"""The Segment HTTP Tracking API's rules, as pure functions from bytes to staged events.
+
+No I/O here: the collector (refinery.api.collector) hands in the body and headers, gets back
+either an `IngestError` (which becomes an HTTP status with a message naming the field and the
+fix) or a list of `StagedEvent`s for the writer. Batch items that break a rule do not fail their
+neighbours: they are staged with a `Failure` and land in the failed zone.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from refinery.errors import AuthError, IngestError, PayloadTooLarge
+
+CALL_TYPES: tuple[str, ...] = ("identify", "track", "page", "screen", "group", "alias")
+#: analytics.js posts to one-letter paths with a text/plain body, to avoid a CORS preflight.
+SHORT_PATHS: dict[str, str] = {"i": "identify", "t": "track", "p": "page", "s": "screen", "g": "group", "a": "alias", "b": "batch"}
+_ENVELOPE_KEYS = ("context", "integrations")
+_HASH_EXCLUDED = frozenset({"sentAt", "writeKey", "receivedAt"})
+_ID_FIELDS = ("userId", "anonymousId")
+_OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_event_bytes: int = 32 * 1024
+    max_batch_bytes: int = 500 * 1024
+    max_batch_events: int = 2500
+    max_json_depth: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why an event cannot be cleaned: a stable code, a message naming the field and fix, a JSON pointer."""
+
+    reason: str
+    message: str
+    field: str | None = None
+    stage: str = "collect"
+
+
+@dataclass(slots=True)
+class StagedEvent:
+    """One event ready for the writer: its raw form, the form cleaning reads, and any failure."""
+
+    index: int
+    message_id: str
+    raw_json: str                 # the item exactly as received (re-serialised JSON, same content)
+    envelope_json: str | None     # batch-level fields merged into the item, as received
+    merged_json: str              # what cleaning reads: the item with the envelope merged in
+    payload_hash: int             # content hash, to tell an SDK retry from a conflicting reuse of an id
+    failure: Failure | None = None
+
+
+# --- request level -------------------------------------------------------------------------
+
+def decode_body(body: bytes, content_encoding: str | None, limits: Limits) -> bytes:
+    """Undo gzip/deflate, refusing anything that inflates past the batch limit (gzip bombs)."""
+    enc = (content_encoding or "").strip().lower()
+    if enc in ("", "identity"):
+        return body
+    if enc not in ("gzip", "deflate", "x-gzip"):
+        raise IngestError(
+            f"Unsupported Content-Encoding {content_encoding!r}.",
+            fix="Send the body uncompressed or with Content-Encoding: gzip or deflate.",
+            field="Content-Encoding",
+        )
+    wbits = 47 if enc in ("gzip", "x-gzip") else 15  # 47 = auto-detect gzip/zlib header
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(body, limits.max_batch_bytes + 1)
+        if len(out) > limits.max_batch_bytes or d.unconsumed_tail:
+            raise PayloadTooLarge(
+                f"The decompressed body exceeds {limits.max_batch_bytes} bytes.",
+                fix=f"Split the batch; at most {limits.max_batch_bytes} bytes after decompression are accepted.",
+            )
+        out += d.flush()
+    except zlib.error as e:
+        raise IngestError(
+            f"The body is not valid {enc} data ({e}).",
+            fix="Compress the body with gzip, or drop the Content-Encoding header.",
+            field="Content-Encoding",
+        ) from e
+    if not d.eof:
+        raise IngestError(
+            f"The {enc} stream is truncated.", fix="Send the complete compressed body.", field="Content-Encoding"
+        )
+    return out
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """Parse a JSON object body; anything else is a 400 that says what was received."""
+    if not body.strip():
+        raise IngestError("The request body is empty.", fix="Send a JSON object, e.g. {\"userId\": \"u1\", ...}.", field="body")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        msg = str(e)
+        if "utf-8" in msg.lower() or "surrogate" in msg.lower():
+            raise IngestError(
+                f"The body is not valid UTF-8 ({msg}).", fix="Encode the body as UTF-8 JSON.", field="body"
+            ) from e
+        raise IngestError(f"The body is not valid JSON: {msg}.", fix="Send a JSON object.", field="body") from e
+    if not isinstance(value, dict):
+        raise IngestError(
+            f"The body is a JSON {_json_kind(value)}, not an object.",
+            fix="Send one JSON object per call, or {\"batch\": [...]} to /v1/batch.",
+            field="body",
+        )
+    return value
+
+
+def write_key_from(authorization: str | None, body: dict[str, Any] | None) -> str:
+    """Segment's write-key auth: HTTP Basic with the key as user name (password empty, colon optional),
+    or `writeKey` in the body (what analytics.js sends with text/plain)."""
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "basic" and value:
+            try:
+                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise AuthError(
+                    "The Authorization header is not valid Basic credentials.",
+                    fix="Send 'Basic ' + base64('<write key>:').",
+                    field="Authorization",
+                ) from e
+            key = decoded.split(":", 1)[0]
+            if key:
+                return key
+        elif scheme.lower() == "bearer" and value:
+            return value.strip()
+    if body is not None:
+        key = body.get("writeKey")
+        if isinstance(key, str) and key:
+            return key
+    raise AuthError(
+        "No write key was sent.",
+        fix="Authenticate with HTTP Basic auth (the write key as user name, empty password) or put writeKey in the body.",
+        field="Authorization",
+    )
+
+
+# --- event level ---------------------------------------------------------------------------
+
+def stage(call: str, body: dict[str, Any], limits: Limits, *, new_id: Any = uuid.uuid4) -> list[StagedEvent]:
+    """Split a request into staged events: one for a single call, one per item for a batch.
+
+    Single calls that break a rule raise `IngestError` (the client is told, nothing is stored).
+    Batch items that break a rule are staged with a `Failure`, so the rest of the batch is kept.
+    """
+    if call == "batch":
+        return _stage_batch(body, limits, new_id)
+    if call not in CALL_TYPES:
+        raise IngestError(
+            f"Unknown call type {call!r}.", fix=f"Use one of: {', '.join(CALL_TYPES)}, batch.", field="type"
+        )
+    item = dict(body)
+    item.pop("writeKey", None)
+    declared = item.get("type")
+    if declared is not None and declared != call:
+        raise IngestError(
+            f"The body says type {declared!r} but was posted to /v1/{call}.",
+            fix=f"Post it to /v1/{declared} or remove the type field.",
+            field="type",
+        )
+    item["type"] = call
+    staged = _stage_item(0, item, None, limits, new_id)
+    if staged.failure is not None:
+        f = staged.failure
+        raise IngestError(f.message, field=f.field, reason=f.reason)
+    return [staged]
+
+
+def _stage_batch(body: dict[str, Any], limits: Limits, new_id: Any) -> list[StagedEvent]:
+    items = body.get("batch")
+    if not isinstance(items, list):
+        raise IngestError(
+            "A batch needs a 'batch' array of events." if items is None else f"'batch' is a JSON {_json_kind(items)}, not an array.",
+            fix="Send {\"batch\": [{\"type\": \"track\", ...}, ...]}.",
+            field="/batch",
+        )
+    if len(items) > limits.max_batch_events:
+        raise PayloadTooLarge(
+            f"The batch holds {len(items)} events; at most {limits.max_batch_events} are accepted.",
+            fix="Split it into smaller batches.",
+            field="/batch",
+        )
+    envelope = {k: body[k] for k in (*_ENVELOPE_KEYS, "sentAt") if k in body}
+    for k in _ENVELOPE_KEYS:
+        if k in envelope and not isinstance(envelope[k], dict):
+            raise IngestError(
+                f"The batch's '{k}' is a JSON {_json_kind(envelope[k])}, not an object.", fix=f"Send '{k}' as an object.", field=f"/{k}"
+            )
+    envelope_json = orjson.dumps(envelope).decode() if envelope else None
+    return [_stage_item(i, item, envelope or None, limits, new_id) for i, item in enumerate(items)]
+
+
+def _stage_item(index: int, item: Any, envelope: dict[str, Any] | None, limits: Limits, new_id: Any) -> StagedEvent:
+    if not isinstance(item, dict):
+        raw = orjson.dumps(item).decode()
+        return StagedEvent(
+            index, str(new_id()), raw, None, raw, _hash(raw.encode()),
+            Failure("not_an_object", f"Batch item {index} is a JSON {_json_kind(item)}, not an event object.", f"/batch/{index}"),
+        )
+    raw_bytes = orjson.dumps(item)
+    merged = _merge(item, envelope) if envelope else item
+    merged_bytes = raw_bytes if merged is item else orjson.dumps(merged)
+    mid = item.get("messageId")
+    failure = None
+    if isinstance(mid, str) and mid.strip() and len(mid) <= 255:
+        message_id = mid
+    elif mid is None or mid == "":
+        message_id = str(new_id())
+    else:
+        message_id = str(new_id())
+        failure = Failure(
+            "invalid_message_id",
+            f"messageId must be a string of 1-255 characters, got {_describe(mid)}.",
+            "/messageId",
+        )
+    failure = failure or _check(item, merged, len(raw_bytes), limits)
+    hashed = {k: v for k, v in item.items() if k not in _HASH_EXCLUDED}
+    return StagedEvent(
+        index,
+        message_id,
+        raw_bytes.decode(),
+        orjson.dumps(envelope).decode() if envelope else None,
+        merged_bytes.decode(),
+        _hash(orjson.dumps(hashed, option=orjson.OPT_SORT_KEYS)),
+        failure,
+    )
+
+
+def _check(item: dict[str, Any], merged: dict[str, Any], size: int, limits: Limits) -> Failure | None:
+    """Segment's per-event rules. Returns the first rule broken, or None."""
+    if size > limits.max_event_bytes:
+        return Failure(
+            "event_too_large", f"The event is {size} bytes; at most {limits.max_event_bytes} are accepted.", "", "collect"
+        )
+    call = item.get("type")
+    if not isinstance(call, str) or call not in CALL_TYPES:
+        what = "missing" if call is None else f"{_describe(call)}"
+        return Failure("unknown_type", f"type is {what}; expected one of {', '.join(CALL_TYPES)}.", "/type")
+    has_id = False
+    for f in _ID_FIELDS:
+        v = item.get(f)
+        if v is None or v == "":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            return Failure("invalid_type", f"{f} must be a string, got {_describe(v)}.", f"/{f}")
+        if isinstance(v, str) and not v.strip():
+            continue
+        has_id = True
+    if not has_id:
+        return Failure(
+            "missing_identity",
+            "userId or anonymousId is required: set userId for a known user, or anonymousId for a visitor.",
+            "/userId",
+        )
+    required = {"track": "event", "group": "groupId", "alias": "previousId"}.get(call)
+    if required is not None:
+        v = item.get(required)
+        if v is None or v == "":
+            return Failure(f"missing_{_snake(required)}", f"A {call} call needs {required}.", f"/{required}")
+        ok_types: tuple[type, ...] = (str,) if required == "event" else (str, int)
+        if isinstance(v, bool) or not isinstance(v, ok_types):
+            return Failure("invalid_type", f"{required} must be a string, got {_describe(v)}.", f"/{required}")
+    for name_field in ("name", "category"):
+        v = item.get(name_field)
+        if v is not None and not isinstance(v, str):
+            return Failure("invalid_type", f"{name_field} must be a string, got {_describe(v)}.", f"/{name_field}")
+    for f in _OBJECT_FIELDS:
+        v = merged.get(f)
+        if v is not None and not isinstance(v, dict):
+            return Failure("invalid_type", f"{f} must be a JSON object, got {_describe(v)}.", f"/{f}")
+    for f in ("timestamp", "originalTimestamp", "sentAt"):
+        v = merged.get(f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int, float))):
+            return Failure(
+                "invalid_timestamp", f"{f} must be an ISO-8601 string or epoch number, got {_describe(v)}.", f"/{f}", "collect"
+            )
+    depth = _depth(item, limits.max_json_depth)
+    if depth > limits.max_json_depth:
+        return Failure("too_deep", f"The event nests deeper than {limits.max_json_depth} levels.", "")
+    return None
+
+
+def _merge(item: dict[str, Any], envelope: dict[str, Any]) -> dict[str, Any]:
+    """Batch-level context/integrations/sentAt apply to each item; the item's own keys win."""
+    merged = dict(item)
+    for k, v in envelope.items():
+        mine = merged.get(k)
+        if mine is None:
+            merged[k] = v
+        elif isinstance(mine, dict) and isinstance(v, dict):
+            merged[k] = {**v, **mine}
+    return merged
+
+
+def _depth(value: Any, limit: int) -> int:
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > deepest:
+            deepest = d
+            if deepest > limit:
+                return deepest
+        children = v.values() if isinstance(v, dict) else v
+        for c in children:
+            if isinstance(c, (dict, list)):
+                stack.append((c, d + 1))
+    return deepest
+
+
+def _hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def _json_kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    return "object"
+
+
+def _describe(v: Any) -> str:
+    text = orjson.dumps(v).decode() if not isinstance(v, (dict, list)) else _json_kind(v)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{_json_kind(v)} {text}" if not isinstance(v, (dict, list)) else f"a JSON {text}"
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)

@@ -1,0 +1,232 @@
+"""Writing ingested events into the zones, inside the writer's transaction.
+
+One group commit does, for every staged event: append it to the raw zone; absorb retries (same
+source and messageId within the dedup window, same content); quarantine conflicting reuses of a
+messageId and events that broke a protocol or plan rule; clean the rest with `clean_select` into
+`events`, quarantining what cleaning rejects. Every event gets an outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+import pyarrow as pa
+from sqlglot import exp
+
+from refinery.ingest.clean import EVENT_COLUMNS, CleanRules, clean_select
+from refinery.ingest.protocol import Failure, StagedEvent
+from refinery.storage.engine import Engine, parse
+
+Status = Literal["loaded", "duplicate", "failed"]
+
+
+@dataclass(slots=True)
+class IngestItem:
+    source: str
+    request_id: str
+    received_at: datetime
+    event: StagedEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Status
+    message_id: str
+    reason: str | None = None
+    message: str | None = None
+    field: str | None = None
+
+
+_STAGED_SCHEMA = pa.schema(
+    [
+        ("raw_id", pa.int64()),
+        ("request_id", pa.string()),
+        ("source", pa.string()),
+        ("message_id", pa.string()),
+        ("received_at", pa.timestamp("us", tz="UTC")),
+        ("payload", pa.string()),
+        ("envelope", pa.string()),
+        ("merged", pa.string()),
+        ("payload_hash", pa.uint64()),
+        ("pre_reason", pa.string()),
+        ("pre_message", pa.string()),
+        ("pre_field", pa.string()),
+        ("pre_stage", pa.string()),
+        ("is_new", pa.bool_()),
+    ]
+)
+
+FAILED_COLUMNS = (
+    "failure_id", "raw_id", "source", "message_id", "stage", "reason", "message", "field", "payload",
+    "received_at", "failed_at", "import_id", "file", "row_number",
+)
+
+
+class EventStore:
+    """The writer's batch handler for collector events (see the module docstring)."""
+
+    def __init__(self, rules: CleanRules):
+        self.rules = rules
+        self._next_raw_id: int | None = None
+
+    def allocate_raw_ids(self, engine: Engine, n: int) -> int:
+        """Reserve n raw ids; safe because only the writer thread calls it."""
+        if self._next_raw_id is None:
+            row = engine.fetch_all("SELECT COALESCE(max(raw_id), 0) FROM raw_events")
+            self._next_raw_id = int(row[0][0]) + 1
+        first = self._next_raw_id
+        self._next_raw_id += n
+        return first
+
+    def write(self, engine: Engine, items: Sequence[IngestItem]) -> list[Outcome]:
+        first = self.allocate_raw_ids(engine, len(items))
+        outcomes: list[Outcome | None] = [None] * len(items)
+
+        # Duplicates inside this group: the first occurrence decides; later ones are retries or conflicts.
+        first_seen: dict[tuple[str, str], int] = {}
+        failures: list[Failure | None] = [it.event.failure for it in items]
+        is_candidate = [True] * len(items)
+        for i, it in enumerate(items):
+            key = (it.source, it.event.message_id)
+            j = first_seen.setdefault(key, i)
+            if j != i:
+                is_candidate[i] = False
+                if items[j].event.payload_hash == it.event.payload_hash:
+                    outcomes[i] = Outcome("duplicate", it.event.message_id)
+                    failures[i] = None
+                else:
+                    failures[i] = _conflict(it.event.message_id)
+
+        table = pa.table(
+            {
+                "raw_id": pa.array(range(first, first + len(items)), pa.int64()),
+                "request_id": [it.request_id for it in items],
+                "source": [it.source for it in items],
+                "message_id": [it.event.message_id for it in items],
+                "received_at": pa.array([it.received_at for it in items], pa.timestamp("us", tz="UTC")),
+                "payload": [it.event.raw_json for it in items],
+                "envelope": [it.event.envelope_json for it in items],
+                "merged": [it.event.merged_json for it in items],
+                "payload_hash": pa.array([it.event.payload_hash for it in items], pa.uint64()),
+                "pre_reason": [f.reason if f else None for f in failures],
+                "pre_message": [f.message if f else None for f in failures],
+                "pre_field": [f.field if f else None for f in failures],
+                "pre_stage": [f.stage if f else None for f in failures],
+                "is_new": is_candidate,
+            },
+            schema=_STAGED_SCHEMA,
+        )
+        engine.register("_staged", table)
+        try:
+            engine.execute(
+                "INSERT INTO raw_events (raw_id, request_id, source, message_id, received_at, payload, envelope) "
+                "SELECT raw_id, request_id, source, message_id, received_at, payload, envelope FROM _staged"
+            )
+            # Remember first occurrences; RETURNING gives the ids that were new to the dedup window.
+            new_ids = engine.fetch_all(
+                "INSERT INTO message_ids SELECT source, message_id, payload_hash, received_at FROM _staged "
+                "WHERE is_new ON CONFLICT DO NOTHING RETURNING source, message_id"
+            )
+            fresh = {(s, m) for s, m in new_ids}
+            seen_before = [i for i, it in enumerate(items) if is_candidate[i] and (it.source, it.event.message_id) not in fresh]
+            if seen_before:
+                known = self._known_hashes(engine, [items[i] for i in seen_before])
+                for i in seen_before:
+                    it = items[i]
+                    is_candidate[i] = False
+                    if known.get((it.source, it.event.message_id)) == it.event.payload_hash:
+                        outcomes[i] = Outcome("duplicate", it.event.message_id)
+                        failures[i] = None
+                    else:
+                        failures[i] = _conflict(it.event.message_id)
+                table = _with_failures(table, failures, is_candidate)
+                engine.unregister("_staged")
+                engine.register("_staged", table)
+
+            # Quarantine what broke a rule before cleaning (protocol, plan, dedup conflicts).
+            engine.execute(
+                f"INSERT INTO failed_events ({', '.join(FAILED_COLUMNS)}) "
+                "SELECT nextval('failed_event_seq'), raw_id, source, message_id, pre_stage, pre_reason, pre_message, "
+                "pre_field, merged, received_at, now(), NULL, NULL, NULL FROM _staged WHERE pre_reason IS NOT NULL"
+            )
+            for i, f in enumerate(failures):
+                if f is not None and outcomes[i] is None:
+                    outcomes[i] = Outcome("failed", items[i].event.message_id, f.reason, f.message, f.field)
+
+            cleaned_failures = insert_clean(
+                engine,
+                parse(
+                    "SELECT raw_id, source, message_id, received_at, merged AS payload, "
+                    "CAST(NULL AS VARCHAR) AS import_id FROM _staged WHERE is_new AND pre_reason IS NULL"
+                ),
+                self.rules,
+            )
+        finally:
+            engine.unregister("_staged")
+        for raw_id, reason, message, field in cleaned_failures:
+            i = raw_id - first
+            outcomes[i] = Outcome("failed", items[i].event.message_id, reason, message, field)
+        return [o if o is not None else Outcome("loaded", items[i].event.message_id) for i, o in enumerate(outcomes)]
+
+    @staticmethod
+    def _known_hashes(engine: Engine, items: list[IngestItem]) -> dict[tuple[str, str], int]:
+        known: dict[tuple[str, str], int] = {}
+        by_source: dict[str, list[str]] = {}
+        for it in items:
+            by_source.setdefault(it.source, []).append(it.event.message_id)
+        for source, ids in by_source.items():
+            placeholders = ", ".join("?" for _ in ids)  # point lookups on the primary key
+            rows = engine.fetch_all(
+                f"SELECT message_id, payload_hash FROM message_ids WHERE source = ? AND message_id IN ({placeholders})",
+                [source, *ids],
+            )
+            known.update({(source, m): int(h) for m, h in rows})
+        return known
+
+
+def insert_clean(
+    engine: Engine, relation: exp.Expression, rules: CleanRules, *, file: str | None = None
+) -> list[tuple[int, str, str, str]]:
+    """Clean `relation` into `events`; quarantine what cleaning rejects. Returns the rejected
+    (raw_id, reason, message, field) rows. `relation` has raw_id, source, message_id, received_at,
+    payload, import_id (and optionally row_number)."""
+    cleaned = clean_select(relation, rules)
+    engine.execute(
+        exp.insert(
+            exp.select(*EVENT_COLUMNS).from_(cleaned.subquery("_c")).where("_reason IS NULL"),
+            "events",
+            columns=list(EVENT_COLUMNS),
+        )
+    )
+    failed = exp.select(
+        "nextval('failed_event_seq')", "raw_id", "source", "message_id", "'clean'", "_reason", "_message", "_field",
+        "_payload", "received_at", "now()", "import_id", exp.Literal.string(file) if file else "NULL", "NULL",
+    ).from_(cleaned.subquery("_c")).where("_reason IS NOT NULL")
+    insert = exp.insert(failed, "failed_events", columns=list(FAILED_COLUMNS))
+    rows = engine.fetch_all(insert.sql("duckdb") + " RETURNING raw_id, reason, message, field")
+    return [(int(r[0]), r[1], r[2], r[3]) for r in rows]
+
+
+def _conflict(message_id: str) -> Failure:
+    return Failure(
+        "duplicate_message_id_conflict",
+        f"messageId {message_id!r} was already used for an event with different content; "
+        "give each distinct event its own messageId (retries must resend the same content).",
+        "/messageId",
+        "dedup",
+    )
+
+
+def _with_failures(table: pa.Table, failures: list[Failure | None], is_new: list[bool]) -> pa.Table:
+    cols = {
+        "pre_reason": [f.reason if f else None for f in failures],
+        "pre_message": [f.message if f else None for f in failures],
+        "pre_field": [f.field if f else None for f in failures],
+        "pre_stage": [f.stage if f else None for f in failures],
+    }
+    for name, values in cols.items():
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return table.set_column(table.schema.get_field_index("is_new"), "is_new", pa.array(is_new, pa.bool_()))

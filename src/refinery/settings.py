@@ -1,0 +1,85 @@
+"""One typed settings table, layered: defaults, then a `refinery.toml` file, then `REFINERY_*`
+environment variables, then command-line flags (passed as overrides).
+
+Every field has a description; `tests/test_settings.py` checks that each one is documented in
+`docs/configuration.md`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from refinery.errors import ConfigurationError
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REFINERY_", extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(Path("./refinery-data"), description="Folder holding the database, the raw zone files and server state.")
+    engine: Literal["duckdb"] = Field("duckdb", description="Engine that runs batch SQL. Only `duckdb` ships today; Spark arrives with the scale-out work.")
+    duckdb_memory_limit: str = Field("2GB", description="DuckDB memory limit (e.g. `2GB`); imports stream and stay under it.")
+    duckdb_threads: int = Field(2, ge=1, description="Threads DuckDB may use.")
+
+    host: str = Field("127.0.0.1", description="Address `refinery serve` binds to.")
+    port: int = Field(8088, ge=0, le=65535, description="Port `refinery serve` listens on (0 picks a free one).")
+    admin_token: str | None = Field(None, description="Bearer token for `/api/*`. When unset, one is generated into `<data_dir>/admin.token` (mode 0600).")
+
+    max_event_bytes: int = Field(32 * 1024, description="Largest single event accepted (Segment: 32 KB).")
+    max_batch_bytes: int = Field(500 * 1024, description="Largest request body accepted, after decompression (Segment: 500 KB).")
+    max_batch_events: int = Field(2500, description="Most events in one batch (Segment: 2,500).")
+    max_json_depth: int = Field(64, description="Deepest nesting of objects and arrays accepted in an event.")
+    dedup_window_days: int = Field(7, ge=1, description="How long message ids are remembered per source, so SDK retries never double-count.")
+    max_future_skew_seconds: int = Field(24 * 3600, description="Events whose corrected timestamp is further than this in the future are quarantined.")
+    min_event_time: str = Field("2000-01-01T00:00:00Z", description="Events with an earlier corrected timestamp are quarantined as implausible.")
+    rate_limit_per_second: float = Field(10_000.0, description="Default per-source limit on events per second (token bucket); 0 disables it.")
+    rate_limit_burst: float = Field(50_000.0, description="Default per-source burst of events allowed above the steady rate.")
+
+    commit_max_events: int = Field(20_000, description="Most events the writer groups into one commit.")
+    commit_max_wait_ms: float = Field(2.0, description="How long the writer waits for more work to join a commit once it has some.")
+
+    tracking_plans_dir: Path | None = Field(None, description="Folder of tracking plans (`<event name>.json` JSON Schemas). Default: `<data_dir>/tracking-plans`.")
+    unplanned_events: Literal["accept", "quarantine"] = Field("accept", description="Default for sources: accept events without a plan, or quarantine them.")
+
+    log_level: str = Field("INFO", description="Log level for the server and CLI.")
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "refinery.duckdb"
+
+    @property
+    def plans_dir(self) -> Path:
+        return self.tracking_plans_dir or (self.data_dir / "tracking-plans")
+
+    @property
+    def raw_files_dir(self) -> Path:
+        return self.data_dir / "raw" / "imports"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Defaults < `refinery.toml` (or `config_file`) < environment < `overrides` (flags)."""
+    file_values: dict[str, Any] = {}
+    path = config_file or Path("refinery.toml")
+    if path.exists():
+        try:
+            file_values = tomllib.loads(path.read_text("utf-8")).get("refinery", {})
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigurationError(f"{path} is not valid TOML: {e}.", fix="Correct the file or remove it.") from e
+    elif config_file is not None:
+        raise ConfigurationError(f"Config file {path} does not exist.", fix="Pass an existing file to --config.")
+
+    import os
+
+    env_names = {f"REFINERY_{name.upper()}" for name in Settings.model_fields}
+    from_env = {k for k in env_names if k in os.environ}
+    # Environment beats the file: drop file keys that the environment sets.
+    layered = {k: v for k, v in file_values.items() if f"REFINERY_{k.upper()}" not in from_env}
+    layered.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**layered)
+    except Exception as e:  # pydantic.ValidationError, reported with the names users type
+        raise ConfigurationError(f"Invalid settings: {e}", fix="See docs/configuration.md for every setting.") from e

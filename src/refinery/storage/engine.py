@@ -1,0 +1,103 @@
+"""The engine seam: every query is a sqlglot expression rendered for the engine at the last moment.
+
+An engine declares its differences as data (`dialect`, `capabilities`); business logic never asks
+which engine it is talking to. Orchestration (`execute`, `render`, error wrapping) is final here;
+an engine implements a handful of hooks, as splink's database API does.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, final
+
+import pyarrow as pa
+import sqlglot
+from sqlglot import exp
+
+from refinery.errors import StorageError
+
+Params = Sequence[Any] | dict[str, Any] | None
+SQL = exp.Expression | str
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do, declared once; consulted by planners, never by `if engine ==`."""
+
+    transactions: bool = True
+    unique_indexes: bool = True
+    json_merge_patch: bool = True
+    arrow_scans: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse(sql: str, dialect: str = "duckdb") -> exp.Expression:
+    """Parse a constant SQL template (never user text) into an expression."""
+    return sqlglot.parse_one(sql, read=dialect)
+
+
+class Engine(abc.ABC):
+    """A small engine interface: render expressions, run them, move Arrow tables in and out."""
+
+    dialect: str
+    capabilities: Capabilities
+
+    @final
+    def render(self, sql: SQL) -> str:
+        if isinstance(sql, str):
+            return sql
+        return sql.sql(dialect=self.dialect)
+
+    @final
+    def execute(self, sql: SQL, params: Params = None, *, cursor: Any = None) -> Any:
+        text = self.render(sql)
+        try:
+            return self._execute(text, params, cursor)
+        except StorageError:
+            raise
+        except Exception as e:  # the driver's own errors, re-raised with the SQL that failed
+            raise StorageError(f"{type(e).__name__}: {e}", sql=text) from e
+
+    @final
+    def fetch_arrow(self, sql: SQL, params: Params = None, *, cursor: Any = None) -> pa.Table:
+        text = self.render(sql)
+        try:
+            return self._fetch_arrow(text, params, cursor)
+        except Exception as e:
+            raise StorageError(f"{type(e).__name__}: {e}", sql=text) from e
+
+    @final
+    def fetch_all(self, sql: SQL, params: Params = None, *, cursor: Any = None) -> list[tuple[Any, ...]]:
+        return self.execute(sql, params, cursor=cursor).fetchall()  # type: ignore[no-any-return]
+
+    @final
+    def fetch_dicts(self, sql: SQL, params: Params = None, *, cursor: Any = None) -> list[dict[str, Any]]:
+        return self.fetch_arrow(sql, params, cursor=cursor).to_pylist()
+
+    # --- hooks an engine implements -------------------------------------------------------
+    @abc.abstractmethod
+    def _execute(self, sql: str, params: Params, cursor: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def _fetch_arrow(self, sql: str, params: Params, cursor: Any) -> pa.Table: ...
+
+    @abc.abstractmethod
+    def register(self, name: str, table: pa.Table, *, cursor: Any = None) -> None:
+        """Expose an Arrow table to SQL under `name` (the staging path for writes)."""
+
+    @abc.abstractmethod
+    def unregister(self, name: str, *, cursor: Any = None) -> None: ...
+
+    @abc.abstractmethod
+    def reader(self) -> Any:
+        """A cursor for reads on the calling thread; readers never block the writer."""
+
+    @abc.abstractmethod
+    @contextmanager
+    def transaction(self, cursor: Any = None) -> Iterator[Any]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

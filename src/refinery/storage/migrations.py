@@ -1,0 +1,164 @@
+"""The storage version and its migrations.
+
+Each migration is a numbered, described list of DDL statements, applied once, in order, in a
+transaction, and recorded in `schema_migrations`. Later issues append migrations; they never edit
+an applied one. The DDL is constant text written for the embedded store; no user text reaches it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from refinery.errors import MigrationError
+from refinery.storage.engine import Engine
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "zones: sources, raw_events, message_ids, events, failed_events, imports",
+        (
+            "CREATE SEQUENCE failed_event_seq START 1",
+            """CREATE TABLE sources (
+                name VARCHAR PRIMARY KEY,
+                kind VARCHAR NOT NULL,                 -- 'collector' or 'import'
+                write_key_hash VARCHAR UNIQUE,         -- sha256 of the write key; the key itself is never stored
+                write_key_prefix VARCHAR,              -- first characters, to recognise a key in lists
+                enabled BOOLEAN NOT NULL DEFAULT TRUE,
+                unplanned_events VARCHAR,              -- NULL: the server default; 'accept' or 'quarantine'
+                rate_limit_per_second DOUBLE,          -- NULL: the server default
+                created_at TIMESTAMPTZ NOT NULL
+            )""",
+            # The raw zone: every accepted payload as received. Never updated.
+            """CREATE TABLE raw_events (
+                raw_id BIGINT NOT NULL,
+                request_id VARCHAR NOT NULL,
+                source VARCHAR NOT NULL,
+                message_id VARCHAR NOT NULL,
+                received_at TIMESTAMPTZ NOT NULL,
+                payload JSON NOT NULL,                 -- the event object exactly as received
+                envelope JSON,                         -- batch-level context/integrations/sentAt merged into it
+                import_id VARCHAR,
+                row_number BIGINT
+            )""",
+            # Message ids seen per source within the dedup window; the primary key absorbs retries.
+            """CREATE TABLE message_ids (
+                source VARCHAR NOT NULL,
+                message_id VARCHAR NOT NULL,
+                payload_hash UBIGINT NOT NULL,
+                first_seen TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (source, message_id)
+            )""",
+            # The clean zone: one schema for every Segment call type.
+            """CREATE TABLE events (
+                message_id VARCHAR NOT NULL,
+                source VARCHAR NOT NULL,
+                type VARCHAR NOT NULL,
+                event VARCHAR,
+                name VARCHAR,
+                user_id VARCHAR,
+                anonymous_id VARCHAR,
+                group_id VARCHAR,
+                previous_id VARCHAR,
+                timestamp TIMESTAMPTZ NOT NULL,
+                original_timestamp TIMESTAMPTZ,
+                sent_at TIMESTAMPTZ,
+                received_at TIMESTAMPTZ NOT NULL,
+                properties JSON,
+                traits JSON,
+                context JSON,
+                ip VARCHAR,
+                user_agent VARCHAR,
+                page_url VARCHAR,
+                page_path VARCHAR,
+                page_referrer VARCHAR,
+                device_id VARCHAR,
+                advertising_id VARCHAR,
+                locale VARCHAR,
+                library_name VARCHAR,
+                consent JSON,
+                raw_id BIGINT,
+                import_id VARCHAR,
+                loaded_at TIMESTAMPTZ NOT NULL
+            )""",
+            # The failed zone: quarantined with a reason, replayable.
+            """CREATE TABLE failed_events (
+                failure_id BIGINT NOT NULL,
+                raw_id BIGINT,
+                source VARCHAR NOT NULL,
+                message_id VARCHAR,
+                stage VARCHAR NOT NULL,                -- collect | clean | plan | dedup | import
+                reason VARCHAR NOT NULL,               -- a stable code, e.g. missing_identity
+                message VARCHAR NOT NULL,              -- names the field and the fix
+                field VARCHAR,                         -- JSON pointer of the offending value, when known
+                payload JSON,                          -- the payload as understood (after envelope merge)
+                received_at TIMESTAMPTZ NOT NULL,
+                failed_at TIMESTAMPTZ NOT NULL,
+                import_id VARCHAR,
+                file VARCHAR,
+                row_number BIGINT,
+                replayed_at TIMESTAMPTZ,
+                replay_status VARCHAR,                 -- NULL (pending) | loaded | duplicate | failed_again
+                replay_count INTEGER NOT NULL DEFAULT 0
+            )""",
+            """CREATE TABLE imports (
+                import_id VARCHAR PRIMARY KEY,
+                source VARCHAR NOT NULL,
+                path VARCHAR NOT NULL,
+                stored_path VARCHAR,
+                file_sha256 VARCHAR NOT NULL,
+                format VARCHAR NOT NULL,
+                mapping JSON NOT NULL,
+                status VARCHAR NOT NULL,               -- new | started | completed | failed
+                rows_read BIGINT NOT NULL DEFAULT 0,
+                rows_loaded BIGINT NOT NULL DEFAULT 0,
+                rows_duplicate BIGINT NOT NULL DEFAULT 0,
+                rows_failed BIGINT NOT NULL DEFAULT 0,
+                error VARCHAR,
+                started_at TIMESTAMPTZ NOT NULL,
+                finished_at TIMESTAMPTZ
+            )""",
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def current_version(engine: Engine) -> int:
+    engine.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMPTZ)"
+    )
+    row = engine.fetch_all("SELECT max(version) FROM schema_migrations")
+    return int(row[0][0] or 0)
+
+
+def migrate(engine: Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+    """Apply every pending migration in order; return the versions applied."""
+    applied: list[int] = []
+    version = current_version(engine)
+    newest = migrations[-1].version if migrations else 0
+    if version > newest:
+        raise MigrationError(
+            f"The database is at storage version {version}, newer than this Refinery ({newest}).",
+            fix="Upgrade Refinery, or point --data-dir at another folder.",
+        )
+    for m in migrations:
+        if m.version <= version:
+            continue
+        with engine.transaction():
+            for statement in m.statements:
+                engine.execute(statement)
+            engine.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, ?)", [m.version, m.description, datetime.now(UTC)]
+            )
+        applied.append(m.version)
+    return applied

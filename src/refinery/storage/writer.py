@@ -1,0 +1,178 @@
+"""The single writer: every write to the store goes through one thread, one transaction at a time.
+
+Group commit: concurrent ingest requests queue their rows; the writer takes everything waiting
+(up to `max_group` rows), writes it in one transaction, commits (DuckDB syncs its WAL on commit),
+and only then resolves each request's future. A 200 therefore always means "on disk", and
+throughput comes from sharing one commit among many requests, never from acknowledging early.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from refinery.storage.engine import Engine
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Item = TypeVar("Item")
+Outcome = TypeVar("Outcome")
+
+
+class BatchHandler(Protocol[Item, Outcome]):
+    """Writes a group of items inside the writer's open transaction; one outcome per item, in order."""
+
+    def write(self, engine: Engine, items: Sequence[Item]) -> list[Outcome]: ...
+
+
+@dataclass
+class _BatchJob(Generic[Item, Outcome]):
+    handler: BatchHandler[Item, Outcome]
+    items: Sequence[Item]
+    future: Future[list[Outcome]] = field(default_factory=Future)
+
+
+@dataclass
+class _CallJob(Generic[T]):
+    fn: Callable[[Engine], T]
+    future: Future[T] = field(default_factory=Future)
+
+
+_STOP = object()
+
+
+class Writer:
+    def __init__(self, engine: Engine, *, max_group: int = 20_000, max_wait_ms: float = 2.0):
+        self.engine = engine
+        self.max_group = max_group
+        self.max_wait = max_wait_ms / 1000.0
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.commits = 0
+        self.last_group_size = 0
+
+    # --- public ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="refinery-writer", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def submit(self, fn: Callable[[Engine], T]) -> Future[T]:
+        """Run `fn(engine)` alone in one transaction on the writer thread."""
+        job: _CallJob[T] = _CallJob(fn)
+        self._put(job)
+        return job.future
+
+    def submit_batch(self, handler: BatchHandler[Item, Outcome], items: Sequence[Item]) -> Future[list[Outcome]]:
+        """Queue items to be written with any other waiting items of the same handler, in one commit."""
+        job: _BatchJob[Item, Outcome] = _BatchJob(handler, items)
+        self._put(job)
+        return job.future
+
+    def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run `fn` through the writer and wait; runs inline (still in one transaction) when no thread runs."""
+        if self._thread is None:
+            with self.engine.transaction():
+                return fn(self.engine)
+        return self.submit(fn).result()
+
+    def write_batch(self, handler: BatchHandler[Item, Outcome], items: Sequence[Item]) -> list[Outcome]:
+        if self._thread is None:
+            with self.engine.transaction():
+                return handler.write(self.engine, items)
+        return self.submit_batch(handler, items).result()
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    # --- the writer thread ----------------------------------------------------------------
+    def _put(self, job: Any) -> None:
+        if self._thread is None:
+            raise RuntimeError("The writer is not running; call start() first or use call()/write_batch().")
+        self._queue.put(job)
+
+    def _run(self) -> None:
+        carry: Any = None
+        while True:
+            job = carry if carry is not None else self._queue.get()
+            carry = None
+            if job is _STOP:
+                return
+            if isinstance(job, _CallJob):
+                self._run_call(job)
+                continue
+            group = [job]
+            size = len(job.items)
+            deadline = time.monotonic() + self.max_wait
+            while size < self.max_group:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if isinstance(nxt, _BatchJob) and nxt.handler is job.handler:
+                    group.append(nxt)
+                    size += len(nxt.items)
+                else:
+                    carry = nxt
+                    break
+            self._run_group(group)
+
+    def _run_call(self, job: _CallJob[Any]) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            with self.engine.transaction():
+                result = job.fn(self.engine)
+            self.commits += 1
+        except BaseException as e:
+            job.future.set_exception(e)
+        else:
+            job.future.set_result(result)
+
+    def _run_group(self, group: list[_BatchJob[Any, Any]]) -> None:
+        handler = group[0].handler
+        items: list[Any] = []
+        for j in group:
+            items.extend(j.items)
+        try:
+            with self.engine.transaction():
+                outcomes = handler.write(self.engine, items)
+            self.commits += 1
+            self.last_group_size = len(items)
+        except Exception as e:
+            if len(group) == 1:
+                log.error("writer: a write of %d items failed and was rolled back: %s", len(items), type(e).__name__)
+                group[0].future.set_exception(e)
+                return
+            # One bad request must not fail its neighbours: retry each on its own.
+            for j in group:
+                self._run_group([j])
+            return
+        start = 0
+        for j in group:
+            n = len(j.items)
+            j.future.set_result(outcomes[start : start + n])
+            start += n
