@@ -57,6 +57,7 @@ class StagedEvent:
     merged_json: str              # what cleaning reads: the item with the envelope merged in
     payload_hash: int             # content hash, to tell an SDK retry from a conflicting reuse of an id
     failure: Failure | None = None
+    merged: dict[str, Any] | None = None  # the parsed merged event, for plan checks (not stored)
 
 
 # --- request level -------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def _stage_item(index: int, item: Any, envelope: dict[str, Any] | None, limits: 
             f"messageId must be a string of 1-255 characters, got {_describe(mid)}.",
             "/messageId",
         )
-    failure = failure or _check(item, merged, len(raw_bytes), limits)
+    failure = failure or check_event(item, merged, len(raw_bytes), limits)
     hashed = {k: v for k, v in item.items() if k not in _HASH_EXCLUDED}
     return StagedEvent(
         index,
@@ -235,10 +236,11 @@ def _stage_item(index: int, item: Any, envelope: dict[str, Any] | None, limits: 
         merged_bytes.decode(),
         _hash(orjson.dumps(hashed, option=orjson.OPT_SORT_KEYS)),
         failure,
+        merged,
     )
 
 
-def _check(item: dict[str, Any], merged: dict[str, Any], size: int, limits: Limits) -> Failure | None:
+def check_event(item: dict[str, Any], merged: dict[str, Any], size: int, limits: Limits) -> Failure | None:
     """Segment's per-event rules. Returns the first rule broken, or None."""
     if size > limits.max_event_bytes:
         return Failure(

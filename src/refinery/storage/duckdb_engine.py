@@ -60,8 +60,8 @@ class DuckDBEngine(Engine):
         return con.execute(sql, params) if params is not None else con.execute(sql)
 
     def _fetch_arrow(self, sql: str, params: Params, cursor: Any) -> pa.Table:
-        rel = self._execute(sql, params, cursor)
-        return rel.fetch_arrow_table()
+        con = self._target(cursor)
+        return con.sql(sql, params=params).to_arrow_table()
 
     def register(self, name: str, table: pa.Table, *, cursor: Any = None) -> None:
         self._target(cursor).register(name, table)

@@ -1,0 +1,3 @@
+from refinery.cli.main import main
+
+main()

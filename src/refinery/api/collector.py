@@ -1,0 +1,201 @@
+"""The collector: Segment's HTTP Tracking API over the protocol rules and the single writer.
+
+The hot path is plain Starlette (no body models): read the body with its limits, authenticate the
+write key, apply the source's rate limit, stage the events, hand them to the writer and answer
+only when the group commit that holds them is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from refinery.api.metrics import Metrics
+from refinery.api.ratelimit import RateLimiter
+from refinery.errors import IngestError, PayloadTooLarge, PermissionDenied, RefineryError
+from refinery.ingest import protocol
+from refinery.ingest.sources import Source
+from refinery.ingest.store import IngestItem
+from refinery.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+CORS_HEADERS = {
+    "access-control-allow-origin": "*",
+    "access-control-allow-methods": "POST, OPTIONS",
+    "access-control-allow-headers": "Authorization, Content-Type, Content-Encoding",
+    "access-control-max-age": "86400",
+}
+
+
+def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    h = dict(CORS_HEADERS)
+    if headers:
+        h.update(headers)
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=h)
+
+
+class Collector:
+    def __init__(self, runtime: Runtime, metrics: Metrics):
+        self.rt = runtime
+        self.metrics = metrics
+        s = runtime.settings
+        self.limits = protocol.Limits(s.max_event_bytes, s.max_batch_bytes, s.max_batch_events, s.max_json_depth)
+        self.rate = RateLimiter(s.rate_limit_per_second, s.rate_limit_burst)
+
+    def routes(self) -> list[Route]:
+        routes = []
+        for call in (*protocol.CALL_TYPES, "batch", "import"):
+            routes.append(Route(f"/v1/{call}", self._endpoint("batch" if call == "import" else call), methods=["POST", "OPTIONS"]))
+        for short, call in protocol.SHORT_PATHS.items():
+            routes.append(Route(f"/v1/{short}", self._endpoint(call), methods=["POST", "OPTIONS"]))
+        return routes
+
+    def _endpoint(self, call: str) -> Any:
+        async def endpoint(request: Request) -> Response:
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers=CORS_HEADERS)
+            return await self.handle(call, request)
+
+        return endpoint
+
+    async def handle(self, call: str, request: Request) -> Response:
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        status = 200
+        try:
+            response = await self._handle(call, request, request_id)
+            status = response.status_code
+            return response
+        except RefineryError as e:
+            status = e.http_status
+            self.metrics.rejected.labels(e.details.get("reason") or e.code).inc()
+            headers = {"x-request-id": request_id}
+            retry_after = e.details.get("retry_after")
+            if retry_after is not None:
+                headers["retry-after"] = str(max(1, int(retry_after + 0.999)))
+            return _json({"success": False, **e.to_dict(), "request_id": request_id}, e.http_status, headers)
+        except ClientDisconnect:
+            status = 499
+            return Response(status_code=400)
+        except Exception as e:  # never crash the server; never log payloads (PII)
+            status = 500
+            log.error("collector: unexpected %s handling a %s request %s", type(e).__name__, call, request_id, exc_info=True)
+            self.metrics.rejected.labels("internal_error").inc()
+            return _json(
+                {"success": False, "error": "internal_error", "message": "The event was not stored; retry.", "request_id": request_id},
+                500,
+            )
+        finally:
+            self.metrics.requests.labels(call, str(status)).inc()
+            if status == 200:
+                self.metrics.latency.labels(call).observe(time.perf_counter() - started)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.limits.max_batch_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError as e:
+                raise IngestError("Content-Length is not a number.", field="Content-Length", fix="Send a valid Content-Length.") from e
+            if n > limit:
+                raise PayloadTooLarge(
+                    f"The body is {n} bytes; at most {limit} are accepted.",
+                    fix="Send smaller batches (Segment's limit is 500 KB per batch, 32 KB per event).",
+                    field="Content-Length",
+                )
+            return await request.body()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The body exceeds {limit} bytes.", fix="Send smaller batches.", field="body")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _source(self, request: Request, body: dict[str, Any]) -> Source:
+        key = protocol.write_key_from(request.headers.get("authorization"), body)
+        source = self.rt.sources.by_write_key(key)
+        if source is None:
+            from refinery.errors import AuthError
+
+            raise AuthError(
+                "The write key is not valid.",
+                fix="Use the key printed by `refinery sources create NAME` (HTTP Basic user name, empty password).",
+                field="Authorization",
+            )
+        if not source.enabled:
+            raise PermissionDenied(
+                f"Source {source.name!r} is disabled.", fix=f"Enable it with: refinery sources enable {source.name}", field="writeKey"
+            )
+        return source
+
+    async def _handle(self, call: str, request: Request, request_id: str) -> Response:
+        body_bytes = await self._read_body(request)
+        body_bytes = protocol.decode_body(body_bytes, request.headers.get("content-encoding"), self.limits)
+        body = protocol.parse_body(body_bytes)
+        source = self._source(request, body)
+        staged = protocol.stage(call, body, self.limits)
+        self.rate.take(source.name, len(staged), source.rate_limit_per_second)
+        plans = self.rt.plans
+        if plans.applies_to(source.unplanned_events):
+            for ev in staged:
+                if ev.failure is None and ev.merged is not None:
+                    ev.failure = plans.check(ev.merged, source.unplanned_events)
+        received_at = datetime.now(UTC)
+        items = [IngestItem(source.name, request_id, received_at, ev) for ev in staged]
+        self.metrics.writer_queue.set(self.rt.writer.pending())
+        future = self.rt.writer.submit_batch(self.rt.events, items)
+        try:
+            outcomes = await asyncio.wrap_future(future)
+        except RefineryError:
+            raise
+        except Exception as e:
+            log.error("collector: commit failed for request %s: %s", request_id, type(e).__name__)
+            raise _Unavailable() from e
+        loaded = dup = 0
+        failures = []
+        for o in outcomes:
+            if o.status == "loaded":
+                loaded += 1
+            elif o.status == "duplicate":
+                dup += 1
+            else:
+                failures.append(o)
+                self.metrics.failed.labels(source.name, o.reason or "unknown").inc()
+        if loaded:
+            self.metrics.accepted.labels(source.name).inc(loaded)
+        if dup:
+            self.metrics.duplicates.labels(source.name).inc(dup)
+        resp: dict[str, Any] = {"success": True, "request_id": request_id}
+        if call == "batch":
+            resp.update(accepted=loaded, duplicates=dup, failed=len(failures))
+            if failures:
+                resp["failures"] = [
+                    {"index": i, "messageId": o.message_id, "reason": o.reason, "field": o.field, "message": o.message}
+                    for i, o in enumerate(outcomes)
+                    if o.status == "failed"
+                ]
+        elif failures:
+            o = failures[0]
+            resp.update(quarantined=True, reason=o.reason, field=o.field, message=o.message)
+        return _json(resp, headers={"x-request-id": request_id})
+
+
+class _Unavailable(RefineryError):
+    http_status = 503
+    code = "unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The event could not be committed and was not stored.", fix="Retry; SDKs retry 5xx responses.")

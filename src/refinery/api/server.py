@@ -1,0 +1,90 @@
+"""Running the server: uvicorn on one event loop, the writer on its own thread.
+
+While it runs, the server records its address in `<data_dir>/server.json` so CLI commands can talk
+to it (DuckDB lets one process at a time open the database for writing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from refinery.api.app import create_app
+from refinery.runtime import Runtime
+from refinery.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def state_file(settings: Settings) -> Path:
+    return settings.data_dir / "server.json"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run until interrupted. `on_ready(url)` is called once the socket accepts connections."""
+    runtime = Runtime.open(settings)
+    app = create_app(runtime)
+    sock = _bind(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level=settings.log_level.lower(),
+        timeout_keep_alive=30,
+        backlog=2048,
+    )
+    server = uvicorn.Server(config)
+    path = state_file(settings)
+
+    async def main() -> None:
+        serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+            if on_ready:
+                on_ready(url)
+        await serving
+
+    try:
+        asyncio.run(main())
+    finally:
+        try:
+            if path.exists() and json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+        runtime.close()
+
+
+def running_server(settings: Settings) -> dict[str, Any] | None:
+    """The address of a live server on this data dir, or None."""
+    path = state_file(settings)
+    try:
+        info = json.loads(path.read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info  # type: ignore[no-any-return]

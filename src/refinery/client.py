@@ -1,0 +1,171 @@
+"""How CLI commands reach the platform: in-process, or through a running server's admin API.
+
+DuckDB allows one writing process per database file. When `refinery serve` is up on the same data
+dir, commands go through its HTTP API (with the admin token); otherwise they open the store
+themselves. Both clients offer the same methods, so CLI commands never care which one they hold.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from refinery.errors import RefineryError, ServerUnavailable
+from refinery.settings import Settings
+
+
+class Client(abc.ABC):
+    @abc.abstractmethod
+    def query(self, sql: str, limit: int | None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def catalog(self, source: str | None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def sources(self) -> list[dict[str, Any]]: ...
+    @abc.abstractmethod
+    def create_source(self, **fields: Any) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def update_source(self, name: str, **fields: Any) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def failed(self, **filters: Any) -> list[dict[str, Any]]: ...
+    @abc.abstractmethod
+    def replay(self, **filters: Any) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def import_file(self, path: Path, source: str, mapping: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalClient(Client):
+    def __init__(self, settings: Settings):
+        from refinery.runtime import Runtime
+
+        self.rt = Runtime.open(settings, start_writer=False)
+
+    def query(self, sql: str, limit: int | None) -> dict[str, Any]:
+        from refinery.storage.query import run_query
+
+        r = run_query(self.rt.engine, sql, limit=limit)
+        return {"columns": r.columns, "rows": [list(x) for x in r.rows], "truncated": r.truncated}
+
+    def catalog(self, source: str | None) -> dict[str, Any]:
+        from refinery.ingest import catalog
+
+        return catalog.build(self.rt.engine, source=source)
+
+    def sources(self) -> list[dict[str, Any]]:
+        return [s.to_dict() for s in self.rt.sources.list()]
+
+    def create_source(self, **fields: Any) -> dict[str, Any]:
+        name = fields.pop("name")
+        source, key = self.rt.writer.call(lambda e: self.rt.sources.create(e, name, **fields))
+        return {**source.to_dict(), "write_key": key}
+
+    def update_source(self, name: str, **fields: Any) -> dict[str, Any]:
+        def change(e: Any) -> None:
+            self.rt.sources.get(name)
+            if fields.get("enabled") is not None:
+                self.rt.sources.set_enabled(e, name, fields["enabled"])
+            self.rt.sources.update(
+                e, name, unplanned_events=fields.get("unplanned_events"), rate_limit_per_second=fields.get("rate_limit_per_second")
+            )
+
+        self.rt.writer.call(change)
+        return self.rt.sources.get(name).to_dict()
+
+    def failed(self, **filters: Any) -> list[dict[str, Any]]:
+        from refinery.ingest import replay
+
+        return replay.list_failed(self.rt.engine, **filters)
+
+    def replay(self, **filters: Any) -> dict[str, Any]:
+        from refinery.ingest import replay
+
+        return replay.replay(self.rt, **filters).to_dict()
+
+    def import_file(self, path: Path, source: str, mapping: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        from refinery.ingest.importer import run_import
+
+        return run_import(self.rt, path, source=source, mapping=mapping, progress=progress).to_dict()
+
+    def close(self) -> None:
+        self.rt.close()
+
+
+class RemoteClient(Client):
+    def __init__(self, url: str, token: str):
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600)
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise ServerUnavailable(f"Cannot reach the Refinery server: {e}.", fix="Check that `refinery serve` is running.") from e
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = {"message": r.text}
+            err = RefineryError(body.get("message") or str(body), fix=body.get("fix"))
+            err.http_status = r.status_code
+            err.code = body.get("error", "error")
+            raise err
+        return r.json()
+
+    def query(self, sql: str, limit: int | None) -> dict[str, Any]:
+        return self._call("POST", "/api/query", json={"sql": sql, "limit": limit})  # type: ignore[no-any-return]
+
+    def catalog(self, source: str | None) -> dict[str, Any]:
+        return self._call("GET", "/api/catalog", params={"source": source} if source else None)  # type: ignore[no-any-return]
+
+    def sources(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/sources")["sources"]  # type: ignore[no-any-return]
+
+    def create_source(self, **fields: Any) -> dict[str, Any]:
+        return self._call("POST", "/api/sources", json=fields)  # type: ignore[no-any-return]
+
+    def update_source(self, name: str, **fields: Any) -> dict[str, Any]:
+        return self._call("PATCH", f"/api/sources/{name}", json=fields)  # type: ignore[no-any-return]
+
+    def failed(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        if "pending_only" in params:
+            params["pending"] = params.pop("pending_only")
+        return self._call("GET", "/api/events/failed", params=params)["failed"]  # type: ignore[no-any-return]
+
+    def replay(self, **filters: Any) -> dict[str, Any]:
+        return self._call("POST", "/api/events/replay", json=filters)  # type: ignore[no-any-return]
+
+    def import_file(self, path: Path, source: str, mapping: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        import time
+
+        job = self._call("POST", "/api/imports", json={"path": str(path.resolve()), "source": source, "mapping": mapping})
+        while job["status"] in ("new", "started"):
+            if progress:
+                progress(job)
+            time.sleep(0.25)
+            job = self._call("GET", f"/api/imports/{job['import_id']}")
+        if progress:
+            progress(job)
+        return job  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def connect(settings: Settings) -> Client:
+    from refinery.api.auth import admin_token
+    from refinery.api.server import running_server
+
+    info = running_server(settings)
+    if info is not None:
+        return RemoteClient(info["url"], admin_token(settings))
+    return LocalClient(settings)
