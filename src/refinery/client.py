@@ -35,7 +35,8 @@ class Client(abc.ABC):
     def replay(self, **filters: Any) -> dict[str, Any]: ...
     @abc.abstractmethod
     def import_file(self, path: Path, source: str, mapping: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]: ...
-    def close(self) -> None: ...
+    def close(self) -> None:  # noqa: B027 - clients without resources need not close anything
+        return None
 
     def __enter__(self) -> Client:
         return self
@@ -121,33 +122,33 @@ class RemoteClient(Client):
         return r.json()
 
     def query(self, sql: str, limit: int | None) -> dict[str, Any]:
-        return self._call("POST", "/api/query", json={"sql": sql, "limit": limit})  # type: ignore[no-any-return]
+        return self._call("POST", "/api/query", json={"sql": sql, "limit": limit})  
 
     def catalog(self, source: str | None) -> dict[str, Any]:
-        return self._call("GET", "/api/catalog", params={"source": source} if source else None)  # type: ignore[no-any-return]
+        return self._call("GET", "/api/catalog", params={"source": source} if source else None)  
 
     def sources(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/api/sources")["sources"]  # type: ignore[no-any-return]
+        return self._call("GET", "/api/sources")["sources"]  
 
     def create_source(self, **fields: Any) -> dict[str, Any]:
-        return self._call("POST", "/api/sources", json=fields)  # type: ignore[no-any-return]
+        return self._call("POST", "/api/sources", json=fields)  
 
     def update_source(self, name: str, **fields: Any) -> dict[str, Any]:
-        return self._call("PATCH", f"/api/sources/{name}", json=fields)  # type: ignore[no-any-return]
+        return self._call("PATCH", f"/api/sources/{name}", json=fields)  
 
     def failed(self, **filters: Any) -> list[dict[str, Any]]:
         params = {k: v for k, v in filters.items() if v is not None}
         if "pending_only" in params:
             params["pending"] = params.pop("pending_only")
-        return self._call("GET", "/api/events/failed", params=params)["failed"]  # type: ignore[no-any-return]
+        return self._call("GET", "/api/events/failed", params=params)["failed"]  
 
     def replay(self, **filters: Any) -> dict[str, Any]:
-        return self._call("POST", "/api/events/replay", json=filters)  # type: ignore[no-any-return]
+        return self._call("POST", "/api/events/replay", json=filters)  
 
     def import_file(self, path: Path, source: str, mapping: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
         import time
 
-        job = self._call("POST", "/api/imports", json={"path": str(path.resolve()), "source": source, "mapping": mapping})
+        job: dict[str, Any] = self._call("POST", "/api/imports", json={"path": str(path.resolve()), "source": source, "mapping": mapping})
         while job["status"] in ("new", "started"):
             if progress:
                 progress(job)
@@ -155,7 +156,7 @@ class RemoteClient(Client):
             job = self._call("GET", f"/api/imports/{job['import_id']}")
         if progress:
             progress(job)
-        return job  # type: ignore[no-any-return]
+        return job  
 
     def close(self) -> None:
         self.http.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import Request
@@ -48,7 +49,7 @@ def check_bearer(header: str | None, expected: str, permission: str) -> None:
         raise PermissionDenied(f"The token does not grant {permission!r}.", fix="Use the admin token from <data_dir>/admin.token.")
 
 
-def require(permission: str):  # type: ignore[no-untyped-def]
+def require(permission: str) -> Callable[[Request], None]:
     """A FastAPI dependency checking that the caller holds `permission`."""
 
     def dependency(request: Request) -> None:

@@ -87,4 +87,4 @@ def running_server(settings: Settings) -> dict[str, Any] | None:
         os.kill(int(info["pid"]), 0)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return info  # type: ignore[no-any-return]
+    return info if isinstance(info, dict) else None

@@ -6,12 +6,22 @@ import csv
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
 
 from refinery.cli import events, sources
-from refinery.cli.common import DataDirOption, JsonOption, client, console, print_json, print_table, run, settings_from
+from refinery.cli.common import (
+    DataDirOption,
+    JsonOption,
+    client,
+    console,
+    print_json,
+    print_table,
+    run,
+    settings_from,
+)
 
 app = typer.Typer(
     help=(
@@ -117,7 +127,7 @@ def import_(
     ) as progress:
         task = progress.add_task(f"Importing {escape(path.name)}", total=None, rows=0)
 
-        def on_progress(job: dict) -> None:  # type: ignore[type-arg]
+        def on_progress(job: dict[str, Any]) -> None:
             progress.update(task, rows=job.get("rows_read", 0), total=job.get("rows_total"), completed=job.get("rows_read", 0))
 
         job = c.import_file(path, source, spec, on_progress)
@@ -144,12 +154,10 @@ def version() -> None:
 
 
 def main() -> None:
-    try:
-        from refinery.cli import demo  # registered last: it pulls in the demo world generator
+    import importlib
 
-        app.command(name="demo")(demo.demo)
-    except ImportError:  # pragma: no cover - demo missing only in broken installs
-        pass
+    demo = importlib.import_module("refinery.cli.demo")  # registered last: it pulls in the world generator
+    app.command(name="demo")(demo.demo)
     app()
 
 

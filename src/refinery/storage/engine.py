@@ -11,7 +11,7 @@ import abc
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, final
+from typing import Any, cast, final
 
 import pyarrow as pa
 import sqlglot
@@ -36,7 +36,7 @@ class Capabilities:
 
 def parse(sql: str, dialect: str = "duckdb") -> exp.Expression:
     """Parse a constant SQL template (never user text) into an expression."""
-    return sqlglot.parse_one(sql, read=dialect)
+    return cast(exp.Expression, sqlglot.parse_one(sql, read=dialect))
 
 
 class Engine(abc.ABC):
@@ -71,7 +71,8 @@ class Engine(abc.ABC):
 
     @final
     def fetch_all(self, sql: SQL, params: Params = None, *, cursor: Any = None) -> list[tuple[Any, ...]]:
-        return self.execute(sql, params, cursor=cursor).fetchall()  # type: ignore[no-any-return]
+        rows: list[tuple[Any, ...]] = self.execute(sql, params, cursor=cursor).fetchall()
+        return rows
 
     @final
     def fetch_dicts(self, sql: SQL, params: Params = None, *, cursor: Any = None) -> list[dict[str, Any]]:
