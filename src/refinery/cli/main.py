@@ -156,8 +156,13 @@ def version() -> None:
 def main() -> None:
     import importlib
 
-    demo = importlib.import_module("refinery.cli.demo")  # registered last: it pulls in the world generator
-    app.command(name="demo")(demo.demo)
+    try:  # registered last: it pulls in the world generator
+        demo = importlib.import_module("refinery.cli.demo")
+    except ModuleNotFoundError as e:
+        if e.name != "refinery.cli.demo":
+            raise
+    else:
+        app.command(name="demo")(demo.demo)
     app()
 
 
