@@ -58,15 +58,33 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
     server = uvicorn.Server(config)
     path = state_file(settings)
 
+    async def housekeeping() -> None:
+        from refinery.ingest.maintenance import prune_message_ids
+
+        while True:
+            try:
+                dropped = await asyncio.wrap_future(
+                    runtime.writer.submit(lambda e: prune_message_ids(e, settings.dedup_window_days))
+                )
+                if dropped:
+                    log.info("forgot %d message ids older than %d days", dropped, settings.dedup_window_days)
+            except Exception as e:  # housekeeping must never take the server down
+                log.warning("housekeeping failed: %s", type(e).__name__)
+            await asyncio.sleep(3600)
+
     async def main() -> None:
         serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+        chores = asyncio.ensure_future(housekeeping())
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
         if server.started:
             path.write_text(json.dumps({"url": url, "pid": os.getpid()}))
             if on_ready:
                 on_ready(url)
-        await serving
+        try:
+            await serving
+        finally:
+            chores.cancel()
 
     try:
         asyncio.run(main())
