@@ -1,18 +1,29 @@
 """`refinery query`: read-only SQL over the zones, checked with sqlglot before it runs.
 
 Only one SELECT (WITH, UNION, ... allowed) over Refinery's own tables runs; anything that writes,
-reads files, attaches databases or reads the environment is refused with the reason.
+reads files, attaches databases, reads settings or the environment is refused with the reason.
+
+Defence in depth, in order:
+1. the text is parsed once; what runs is the *parsed tree rendered again*, comments stripped, so
+   the engine never sees text the checker did not understand;
+2. exactly one statement, and it must be a query (or DESCRIBE of one);
+3. every table is either one of ours or a CTE visible where it is used; CTEs are renamed to inert
+   names, so a CTE called "data.csv" cannot make the engine read a file in another scope;
+4. table functions are refused (but `range`, `generate_series`, `unnest`), and so are scalar
+   functions with side effects or that reveal the environment (`getenv`, `nextval`, ...);
+5. tables with secrets are swapped for safe views; results are capped with an outer LIMIT.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import sqlglot
 from sqlglot import exp
-from sqlglot.errors import ParseError
+from sqlglot.errors import ParseError, SqlglotError
 
 from refinery.errors import QueryError
 from refinery.storage.engine import Engine
@@ -26,12 +37,15 @@ QUERYABLE_VIEWS: dict[str, str] = {
     "sources": "SELECT name, kind, enabled, write_key_prefix, unplanned_events, rate_limit_per_second, created_at FROM sources",
 }
 
-_FORBIDDEN_FUNCTIONS = {
-    "getenv", "read_csv", "read_csv_auto", "read_json", "read_json_auto", "read_json_objects", "read_ndjson",
-    "read_ndjson_auto", "read_ndjson_objects", "read_parquet", "parquet_scan", "parquet_metadata", "parquet_schema",
-    "read_text", "read_blob", "glob", "sniff_csv", "query", "query_table", "current_setting", "duckdb_settings",
-    "duckdb_secrets", "duckdb_extensions", "which_secret", "read_xlsx",
-}
+#: Scalar functions that write, sleep, or reveal settings, the environment or other queries.
+_FORBIDDEN_FUNCTIONS = frozenset({
+    "getenv", "current_setting", "getvariable", "nextval", "setval", "currval", "write_log", "sleep_ms",
+    "pg_sleep", "setseed", "json_execute_serialized_sql", "query", "query_table", "glob", "sniff_csv",
+    "which_secret", "checkpoint", "force_checkpoint", "txid_current", "current_query", "json_serialize_plan",
+})
+_FORBIDDEN_PREFIXES = ("read_", "parquet_", "duckdb_", "pragma_", "enable_", "disable_", "python_", "arrow_")
+#: Table functions that only generate values.
+_SAFE_TABLE_FUNCTIONS = (exp.GenerateSeries, exp.Unnest)
 
 
 @dataclass
@@ -44,57 +58,111 @@ class QueryResult:
         return [dict(zip(self.columns, r, strict=True)) for r in self.rows]
 
 
-def check_read_only(sql: str, dialect: str = "duckdb") -> exp.Expression:
-    """Parse `sql` and refuse anything but one read-only query over Refinery's tables."""
+def _refuse(message: str, fix: str = "Query Refinery's tables only, with SELECT.") -> QueryError:
+    return QueryError(message, fix=fix)
+
+
+def _parse(sql: str, dialect: str) -> exp.Expression:
+    sqlglot_log = logging.getLogger("sqlglot")
+    level = sqlglot_log.level
+    sqlglot_log.setLevel(logging.ERROR)  # its "falling back to Command" warning would log the query text
     try:
         statements = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
     except ParseError as e:
         err = e.errors[0] if e.errors else {}
         where = f" at line {err.get('line')}, column {err.get('col')}" if err else ""
         raise QueryError(f"The query does not parse{where}: {err.get('description', e)}.", fix="Check the SQL syntax.") from e
+    except SqlglotError as e:
+        raise QueryError(f"The query does not parse: {e}.", fix="Check the SQL syntax.") from e
+    finally:
+        sqlglot_log.setLevel(level)
     if len(statements) != 1:
-        raise QueryError(f"Send exactly one statement (got {len(statements)}).", fix="Remove the extra statements.")
-    tree = statements[0]
-    if not isinstance(tree, exp.Query) and not isinstance(tree, exp.Describe):
-        raise QueryError(
-            f"Only read-only queries run here; this is a {tree.key.upper()} statement.",
-            fix="Use SELECT (with WITH/UNION as needed).",
-        )
-    ctes = {c.alias_or_name.lower() for c in tree.find_all(exp.CTE)}
+        raise _refuse(f"Send exactly one statement (got {len(statements)}).", "Remove the extra statements.")
+    return statements[0]
+
+
+def _function_name(node: exp.Func) -> str:
+    return (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
+
+
+def _visible_cte(table: exp.Table) -> exp.CTE | None:
+    """The CTE a table name refers to: the nearest enclosing WITH that defines the name."""
+    name = table.name.lower()
+    node: exp.Expression | None = table.parent
+    while node is not None:
+        with_ = node.args.get("with_") or node.args.get("with")
+        if isinstance(with_, exp.With):
+            for cte in with_.expressions:
+                if cte.alias_or_name.lower() == name:
+                    return cte  # type: ignore[no-any-return]
+        node = node.parent
+    return None
+
+
+def check_read_only(sql: str, dialect: str = "duckdb") -> exp.Expression:
+    """Parse `sql`, refuse anything but one read-only query over Refinery's tables, and return the
+    tree that may run (comments stripped, CTEs renamed, views substituted)."""
+    tree = _parse(sql, dialect)
+    if isinstance(tree, exp.Describe):
+        if not isinstance(tree.this, (exp.Table, exp.Query)):
+            raise _refuse("DESCRIBE takes a table name or a query.", "e.g. DESCRIBE events")
+    elif not isinstance(tree, exp.Query):
+        raise _refuse(f"Only read-only queries run here; this is a {tree.key.upper()} statement.", "Use SELECT (with WITH/UNION as needed).")
+
     for node in tree.walk():
-        if isinstance(node, (exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop, exp.Alter, exp.Command, exp.Copy)):
-            raise QueryError("The query tries to change data.", fix="Only read-only queries run here.")
-        if isinstance(node, exp.Func):
-            name = (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
-            if name in _FORBIDDEN_FUNCTIONS or name.startswith("read_"):
-                raise QueryError(f"Function {name}() is not allowed in queries.", fix="Query Refinery's tables only.")
-        if isinstance(node, exp.Table):
-            if not isinstance(node.this, exp.Identifier):
-                raise QueryError("Table functions are not allowed in queries.", fix="Query Refinery's tables only.")
-            name = node.name.lower()
-            if node.args.get("db") or node.args.get("catalog"):
-                raise QueryError(f"Qualified table {node.sql()} is not allowed.", fix="Use the bare table names.")
-            if name not in ctes and name not in QUERYABLE_TABLES and name not in QUERYABLE_VIEWS:
-                known = ", ".join(sorted(QUERYABLE_TABLES | set(QUERYABLE_VIEWS)))
-                raise QueryError(f"Unknown table {node.name!r}.", fix=f"Query one of: {known}.")
+        node.comments = None
+        if isinstance(node, (exp.DML, exp.DDL, exp.Command, exp.Copy, exp.Set, exp.Pragma, exp.Attach, exp.Detach, exp.Into)):
+            raise _refuse("The query tries to change data or settings.", "Only read-only queries run here.")
+        if isinstance(node, exp.Func) and not isinstance(node, _SAFE_TABLE_FUNCTIONS):
+            name = _function_name(node)
+            if name in _FORBIDDEN_FUNCTIONS or name.startswith(_FORBIDDEN_PREFIXES) or name.endswith("_scan"):
+                raise _refuse(f"Function {name}() is not allowed in queries.", "Use the tables and ordinary functions only.")
+
+    known = ", ".join(sorted(QUERYABLE_TABLES | set(QUERYABLE_VIEWS)))
+    ctes = list(tree.find_all(exp.CTE))
+    new_names = {id(cte): f"_cte{i}" for i, cte in enumerate(ctes)}
+    renames: list[tuple[exp.Table, str]] = []
+    views: list[exp.Table] = []
+    for table in list(tree.find_all(exp.Table)):
+        if not isinstance(table.this, exp.Identifier):
+            if isinstance(table.this, _SAFE_TABLE_FUNCTIONS):
+                continue
+            raise _refuse("Table functions (reading files, settings or other databases) are not allowed.")
+        if table.args.get("db") or table.args.get("catalog"):
+            raise _refuse(f"Qualified table {table.sql(dialect)} is not allowed.", f"Use the bare table names: {known}.")
+        cte = _visible_cte(table)
+        if cte is not None:
+            renames.append((table, new_names[id(cte)]))
+        elif table.name.lower() in QUERYABLE_VIEWS:
+            views.append(table)
+        elif table.name.lower() not in QUERYABLE_TABLES:
+            raise _refuse(f"Unknown table {table.name!r}.", f"Query one of: {known}.")
+
+    for table, new in renames:
+        alias = table.alias or table.name
+        table.set("this", exp.to_identifier(new))
+        table.set("alias", exp.TableAlias(this=exp.to_identifier(alias)))
+    for cte in ctes:
+        cte.args["alias"].set("this", exp.to_identifier(new_names[id(cte)]))
+    for table in views:
+        view = sqlglot.parse_one(QUERYABLE_VIEWS[table.name.lower()], read="duckdb")
+        table.replace(exp.Subquery(this=view, alias=exp.TableAlias(this=exp.to_identifier(table.alias_or_name))))
     return tree
 
 
 def run_query(engine: Engine, sql: str, *, limit: int | None = 10_000) -> QueryResult:
+    """Check and run one read-only query; at most `limit` rows come back (`truncated` says if more exist)."""
     tree = check_read_only(sql, engine.dialect)
-    # Swap the sensitive tables for their safe views.
-    for table in list(tree.find_all(exp.Table)):
-        view = QUERYABLE_VIEWS.get(table.name.lower())
-        if view is not None:
-            table.replace(exp.Subquery(this=sqlglot.parse_one(view, read=engine.dialect), alias=exp.TableAlias(this=exp.to_identifier(table.alias_or_name))))
-    cursor = engine.reader()
+    if limit is not None and isinstance(tree, exp.Query):
+        # Cap in the engine, not after fetching everything: a cross join must not fill memory.
+        tree = exp.select("*").from_(tree.subquery("_q")).limit(limit + 1)
     try:
-        result: pa.Table = engine.fetch_arrow(tree, cursor=cursor)
+        result: pa.Table = engine.fetch_arrow(tree, cursor=engine.reader())
     except Exception as e:
-        raise QueryError(f"The query failed: {getattr(e, 'message', e)}", fix="Check column and table names with: refinery query \"DESCRIBE events\"") from e
+        detail = str(getattr(e, "message", e)).split("\nSQL:")[0]
+        raise QueryError(f"The query failed: {detail}", fix='Check column and table names with: refinery query "DESCRIBE events"') from e
     truncated = limit is not None and result.num_rows > limit
     if truncated:
         result = result.slice(0, limit)
-    columns = result.column_names
     rows = [tuple(r.values()) for r in result.to_pylist()]
-    return QueryResult(columns, rows, truncated)
+    return QueryResult(result.column_names, rows, truncated)
