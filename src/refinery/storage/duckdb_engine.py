@@ -63,6 +63,9 @@ class DuckDBEngine(Engine):
         con = self._target(cursor)
         return con.sql(sql, params=params).to_arrow_table()
 
+    def _stream_arrow(self, sql: str, params: Params, batch_size: int, cursor: Any) -> pa.RecordBatchReader:
+        return self._target(cursor).sql(sql, params=params).to_arrow_reader(batch_size)  # type: ignore[no-any-return]
+
     def register(self, name: str, table: pa.Table, *, cursor: Any = None) -> None:
         self._target(cursor).register(name, table)
 

@@ -70,6 +70,16 @@ class Engine(abc.ABC):
             raise StorageError(f"{type(e).__name__}: {e}", sql=text) from e
 
     @final
+    def stream_arrow(self, sql: SQL, params: Params = None, *, batch_size: int = 131_072, cursor: Any = None) -> pa.RecordBatchReader:
+        """Run `sql` and return its rows as a stream of Arrow batches, in order, without materialising
+        the result (batch imports of files larger than memory read through this)."""
+        text = self.render(sql)
+        try:
+            return self._stream_arrow(text, params, batch_size, cursor)
+        except Exception as e:
+            raise StorageError(f"{type(e).__name__}: {e}", sql=text) from e
+
+    @final
     def fetch_all(self, sql: SQL, params: Params = None, *, cursor: Any = None) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = self.execute(sql, params, cursor=cursor).fetchall()
         return rows
@@ -84,6 +94,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def _fetch_arrow(self, sql: str, params: Params, cursor: Any) -> pa.Table: ...
+
+    @abc.abstractmethod
+    def _stream_arrow(self, sql: str, params: Params, batch_size: int, cursor: Any) -> pa.RecordBatchReader: ...
 
     @abc.abstractmethod
     def register(self, name: str, table: pa.Table, *, cursor: Any = None) -> None:
