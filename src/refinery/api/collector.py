@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from refinery.api.metrics import Metrics
 from refinery.api.ratelimit import RateLimiter
-from refinery.errors import IngestError, PayloadTooLarge, PermissionDenied, RefineryError
+from refinery.errors import AuthError, IngestError, PayloadTooLarge, PermissionDenied, RefineryError
 from refinery.ingest import protocol
 from refinery.ingest.sources import Source
 from refinery.ingest.store import IngestItem
@@ -83,16 +83,18 @@ class Collector:
             retry_after = e.details.get("retry_after")
             if retry_after is not None:
                 headers["retry-after"] = str(max(1, int(retry_after + 0.999)))
-            return _json({"success": False, **e.to_dict(), "request_id": request_id}, e.http_status, headers)
+            return _json({"success": False, "code": e.code, **e.to_dict(), "request_id": request_id}, e.http_status, headers)
         except ClientDisconnect:
             status = 499
+            self.metrics.rejected.labels("client_disconnected").inc()
             return Response(status_code=400)
         except Exception as e:  # never crash the server; never log payloads (PII)
             status = 500
             log.error("collector: unexpected %s handling a %s request %s", type(e).__name__, call, request_id, exc_info=True)
             self.metrics.rejected.labels("internal_error").inc()
             return _json(
-                {"success": False, "error": "internal_error", "message": "The event was not stored; retry.", "request_id": request_id},
+                {"success": False, "code": "internal_error", "error": "internal_error",
+                 "message": "The event was not stored; retry.", "request_id": request_id},
                 500,
             )
         finally:
@@ -101,18 +103,24 @@ class Collector:
                 self.metrics.latency.labels(call).observe(time.perf_counter() - started)
 
     async def _read_body(self, request: Request) -> bytes:
+        """The body, refusing one over the batch limit: at once when Content-Length says so (the
+        body is never read), else while streaming it."""
         limit = self.limits.max_batch_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
                 n = int(declared)
             except ValueError as e:
-                raise IngestError("Content-Length is not a number.", field="Content-Length", fix="Send a valid Content-Length.") from e
+                raise IngestError(
+                    f"Content-Length {declared[:20]!r} is not a number.", field="Content-Length",
+                    fix="Send a valid Content-Length.", reason="invalid_content_length",
+                ) from e
             if n > limit:
                 raise PayloadTooLarge(
                     f"The body is {n} bytes; at most {limit} are accepted.",
                     fix="Send smaller batches (Segment's limit is 500 KB per batch, 32 KB per event).",
                     field="Content-Length",
+                    reason="body_too_large",
                 )
             return await request.body()
         chunks: list[bytes] = []
@@ -120,32 +128,42 @@ class Collector:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(f"The body exceeds {limit} bytes.", fix="Send smaller batches.", field="body")
+                raise PayloadTooLarge(
+                    f"The body exceeds {limit} bytes.", fix="Send smaller batches (Segment's limit is 500 KB per batch).",
+                    field="body", reason="body_too_large",
+                )
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _source(self, request: Request, body: dict[str, Any]) -> Source:
-        key = protocol.write_key_from(request.headers.get("authorization"), body)
+    def _source(self, key: str) -> Source:
         source = self.rt.sources.by_write_key(key)
         if source is None:
-            from refinery.errors import AuthError
-
             raise AuthError(
                 "The write key is not valid.",
                 fix="Use the key printed by `refinery sources create NAME` (HTTP Basic user name, empty password).",
                 field="Authorization",
+                reason="invalid_write_key",
             )
         if not source.enabled:
             raise PermissionDenied(
-                f"Source {source.name!r} is disabled.", fix=f"Enable it with: refinery sources enable {source.name}", field="writeKey"
+                f"Source {source.name!r} is disabled.", fix=f"Enable it with: refinery sources enable {source.name}",
+                field="writeKey", reason="source_disabled",
             )
         return source
 
     async def _handle(self, call: str, request: Request, request_id: str) -> Response:
+        # Authenticate from the header before reading the body when we can: strangers never get
+        # their bodies decompressed or parsed.
+        key = protocol.write_key_from_header(request.headers.get("authorization"))
+        source = self._source(key) if key is not None else None
         body_bytes = await self._read_body(request)
         body_bytes = protocol.decode_body(body_bytes, request.headers.get("content-encoding"), self.limits)
         body = protocol.parse_body(body_bytes)
-        source = self._source(request, body)
+        if source is None:
+            body_key = protocol.write_key_from_body(body)
+            if body_key is None:
+                raise protocol.missing_write_key()
+            source = self._source(body_key)
         staged = protocol.stage(call, body, self.limits)
         self.rate.take(source.name, len(staged), source.rate_limit_per_second)
         plans = self.rt.plans

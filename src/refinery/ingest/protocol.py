@@ -26,6 +26,19 @@ _ENVELOPE_KEYS = ("context", "integrations")
 _HASH_EXCLUDED = frozenset({"sentAt", "writeKey", "receivedAt"})
 _ID_FIELDS = ("userId", "anonymousId")
 _OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
+#: How to fix each rule a single call can break (batch items carry the advice in their message).
+_FIXES: dict[str, str] = {
+    "event_too_large": "Keep each event under 32 KB: move large values out of properties and traits.",
+    "unknown_type": "Post to /v1/identify, track, page, screen, group or alias, or set type to one of them.",
+    "invalid_message_id": "Send messageId as a string of 1-255 characters, or leave it out to have one assigned.",
+    "missing_identity": "Set userId for a known user, or anonymousId for an anonymous visitor.",
+    "missing_event": "Set event to the action's name, e.g. \"Order Completed\".",
+    "missing_group_id": "Set groupId to the account's id.",
+    "missing_previous_id": "Set previousId to the id the user had before (e.g. the anonymousId).",
+    "invalid_type": "Send the field with the JSON type named in the message.",
+    "invalid_timestamp": "Send ISO-8601 text (e.g. \"2026-01-31T12:00:00Z\") or epoch seconds/milliseconds.",
+    "too_deep": "Flatten the event; nest objects and arrays at most 64 levels.",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +85,7 @@ def decode_body(body: bytes, content_encoding: str | None, limits: Limits) -> by
             f"Unsupported Content-Encoding {content_encoding!r}.",
             fix="Send the body uncompressed or with Content-Encoding: gzip or deflate.",
             field="Content-Encoding",
+            reason="invalid_encoding",
         )
     wbits = 47 if enc in ("gzip", "x-gzip") else 15  # 47 = auto-detect gzip/zlib header
     d = zlib.decompressobj(wbits)
@@ -81,6 +95,8 @@ def decode_body(body: bytes, content_encoding: str | None, limits: Limits) -> by
             raise PayloadTooLarge(
                 f"The decompressed body exceeds {limits.max_batch_bytes} bytes.",
                 fix=f"Split the batch; at most {limits.max_batch_bytes} bytes after decompression are accepted.",
+                field="body",
+                reason="body_too_large",
             )
         out += d.flush()
     except zlib.error as e:
@@ -88,10 +104,12 @@ def decode_body(body: bytes, content_encoding: str | None, limits: Limits) -> by
             f"The body is not valid {enc} data ({e}).",
             fix="Compress the body with gzip, or drop the Content-Encoding header.",
             field="Content-Encoding",
+            reason="invalid_encoding",
         ) from e
     if not d.eof:
         raise IngestError(
-            f"The {enc} stream is truncated.", fix="Send the complete compressed body.", field="Content-Encoding"
+            f"The {enc} stream is truncated.", fix="Send the complete compressed body.", field="Content-Encoding",
+            reason="invalid_encoding",
         )
     return out
 
@@ -99,52 +117,87 @@ def decode_body(body: bytes, content_encoding: str | None, limits: Limits) -> by
 def parse_body(body: bytes) -> dict[str, Any]:
     """Parse a JSON object body; anything else is a 400 that says what was received."""
     if not body.strip():
-        raise IngestError("The request body is empty.", fix="Send a JSON object, e.g. {\"userId\": \"u1\", ...}.", field="body")
+        raise IngestError(
+            "The request body is empty.", fix='Send a JSON object, e.g. {"userId": "u1", ...}.', field="body", reason="empty_body"
+        )
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         msg = str(e)
-        if "utf-8" in msg.lower() or "surrogate" in msg.lower():
+        low = msg.lower()
+        if "utf-8" in low or "surrogate" in low:
             raise IngestError(
-                f"The body is not valid UTF-8 ({msg}).", fix="Encode the body as UTF-8 JSON.", field="body"
+                f"The body is not valid UTF-8 ({msg}).", fix="Encode the body as UTF-8 JSON.", field="body", reason="invalid_utf8"
             ) from e
-        raise IngestError(f"The body is not valid JSON: {msg}.", fix="Send a JSON object.", field="body") from e
+        if "depth limit" in low or "recursion" in low:
+            raise IngestError(
+                "The body nests objects or arrays too deeply to parse.",
+                fix="Flatten the event; nest at most 64 levels.",
+                field="body",
+                reason="too_deep",
+            ) from e
+        raise IngestError(
+            f"The body is not valid JSON: {msg}.",
+            fix="Send a JSON object; control characters inside strings must be escaped (e.g. \\n).",
+            field="body",
+            reason="invalid_json",
+        ) from e
     if not isinstance(value, dict):
         raise IngestError(
             f"The body is a JSON {_json_kind(value)}, not an object.",
-            fix="Send one JSON object per call, or {\"batch\": [...]} to /v1/batch.",
+            fix='Send one JSON object per call, or {"batch": [...]} to /v1/batch.',
             field="body",
+            reason="not_an_object",
         )
     return value
 
 
+def write_key_from_header(authorization: str | None) -> str | None:
+    """The write key in an Authorization header, or None when the header carries none.
+
+    Segment's scheme is HTTP Basic with the key as user name and an empty password; the colon
+    is optional (some clients send base64("key")). A Bearer token is taken as the key too."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    scheme = scheme.lower()
+    value = value.strip()
+    if scheme == "basic" and value:
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise AuthError(
+                "The Authorization header is not valid Basic credentials.",
+                fix="Send 'Basic ' + base64('<write key>:').",
+                field="Authorization",
+                reason="invalid_authorization",
+            ) from e
+        return decoded.split(":", 1)[0] or None
+    if scheme == "bearer" and value:
+        return value
+    return None
+
+
+def write_key_from_body(body: dict[str, Any]) -> str | None:
+    """The `writeKey` field analytics.js puts in text/plain bodies."""
+    key = body.get("writeKey")
+    return key if isinstance(key, str) and key else None
+
+
 def write_key_from(authorization: str | None, body: dict[str, Any] | None) -> str:
-    """Segment's write-key auth: HTTP Basic with the key as user name (password empty, colon optional),
-    or `writeKey` in the body (what analytics.js sends with text/plain)."""
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() == "basic" and value:
-            try:
-                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-            except (ValueError, UnicodeDecodeError) as e:
-                raise AuthError(
-                    "The Authorization header is not valid Basic credentials.",
-                    fix="Send 'Basic ' + base64('<write key>:').",
-                    field="Authorization",
-                ) from e
-            key = decoded.split(":", 1)[0]
-            if key:
-                return key
-        elif scheme.lower() == "bearer" and value:
-            return value.strip()
-    if body is not None:
-        key = body.get("writeKey")
-        if isinstance(key, str) and key:
-            return key
-    raise AuthError(
+    """Segment's write-key auth: the Authorization header first, then `writeKey` in the body."""
+    key = write_key_from_header(authorization) or (write_key_from_body(body) if body is not None else None)
+    if key is None:
+        raise missing_write_key()
+    return key
+
+
+def missing_write_key() -> AuthError:
+    return AuthError(
         "No write key was sent.",
         fix="Authenticate with HTTP Basic auth (the write key as user name, empty password) or put writeKey in the body.",
         field="Authorization",
+        reason="missing_write_key",
     )
 
 
@@ -170,12 +223,14 @@ def stage(call: str, body: dict[str, Any], limits: Limits, *, new_id: Any = uuid
             f"The body says type {declared!r} but was posted to /v1/{call}.",
             fix=f"Post it to /v1/{declared} or remove the type field.",
             field="type",
+            reason="type_mismatch",
         )
     item["type"] = call
     staged = _stage_item(0, item, None, limits, new_id)
     if staged.failure is not None:
         f = staged.failure
-        raise IngestError(f.message, field=f.field, reason=f.reason)
+        error = PayloadTooLarge if f.reason == "event_too_large" else IngestError
+        raise error(f.message, field=f.field, fix=_FIXES.get(f.reason, "Correct the field named and resend."), reason=f.reason)
     return [staged]
 
 
@@ -186,24 +241,29 @@ def _stage_batch(body: dict[str, Any], limits: Limits, new_id: Any) -> list[Stag
             "A batch needs a 'batch' array of events." if items is None else f"'batch' is a JSON {_json_kind(items)}, not an array.",
             fix="Send {\"batch\": [{\"type\": \"track\", ...}, ...]}.",
             field="/batch",
+            reason="invalid_batch",
         )
     if len(items) > limits.max_batch_events:
         raise PayloadTooLarge(
             f"The batch holds {len(items)} events; at most {limits.max_batch_events} are accepted.",
             fix="Split it into smaller batches.",
             field="/batch",
+            reason="too_many_events",
         )
     envelope = {k: body[k] for k in (*_ENVELOPE_KEYS, "sentAt") if k in body}
     for k in _ENVELOPE_KEYS:
         if k in envelope and not isinstance(envelope[k], dict):
             raise IngestError(
-                f"The batch's '{k}' is a JSON {_json_kind(envelope[k])}, not an object.", fix=f"Send '{k}' as an object.", field=f"/{k}"
+                f"The batch's '{k}' is a JSON {_json_kind(envelope[k])}, not an object.", fix=f"Send '{k}' as an object.", field=f"/{k}",
+                reason="invalid_type",
             )
     envelope_json = orjson.dumps(envelope).decode() if envelope else None
-    return [_stage_item(i, item, envelope or None, limits, new_id) for i, item in enumerate(items)]
+    return [_stage_item(i, item, envelope or None, limits, new_id, envelope_json) for i, item in enumerate(items)]
 
 
-def _stage_item(index: int, item: Any, envelope: dict[str, Any] | None, limits: Limits, new_id: Any) -> StagedEvent:
+def _stage_item(
+    index: int, item: Any, envelope: dict[str, Any] | None, limits: Limits, new_id: Any, envelope_json: str | None = None
+) -> StagedEvent:
     if not isinstance(item, dict):
         raw = orjson.dumps(item).decode()
         return StagedEvent(
@@ -232,7 +292,7 @@ def _stage_item(index: int, item: Any, envelope: dict[str, Any] | None, limits: 
         index,
         message_id,
         raw_bytes.decode(),
-        orjson.dumps(envelope).decode() if envelope else None,
+        envelope_json,
         merged_bytes.decode(),
         _hash(orjson.dumps(hashed, option=orjson.OPT_SORT_KEYS)),
         failure,
