@@ -1,0 +1,105 @@
+"""`refinery demo`: a synthetic world sent through the real collector, with a summary of the zones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from refinery.cli.common import DataDirOption, JsonOption, console, print_json, run, settings_from
+from refinery.demo.run import DEFAULT_PEOPLE, DEFAULT_SEED, Reporter, run_demo
+
+
+class _RichReporter(Reporter):
+    def __init__(self, progress: Progress, quiet: bool):
+        self.progress = progress
+        self.quiet = quiet
+        self.task: Any = None
+
+    def stage(self, text: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(f"[bold cyan]•[/] {escape(text)}")
+
+    def sending(self, total: int) -> None:
+        self.task = self.progress.add_task("Sending events", total=max(total, 1), completed=0 if total else 1)
+
+    def sent(self, n: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, n)
+
+
+def demo(
+    people: int = typer.Option(DEFAULT_PEOPLE, "--people", "-n", min=2, help="How many people the world holds."),
+    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the world: the same seed gives the same world."),
+    data_dir: Path = DataDirOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Generate a synthetic world and send it through the real server.
+
+    People browse anonymously on several devices and later log in; families share a device; some
+    change their email; they buy things and consent to some purposes but not others. Their events
+    go to the collector with the official Segment Python SDK, and a messy CRM export goes through
+    the importer. The ground truth (which identifiers belong to whom) lands in <data dir>/demo/.
+
+    Re-running on the same data dir sends only what is missing.
+    """
+    settings = run(lambda: settings_from(data_dir))
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=as_json, transient=False,
+    ) as progress:
+        summary = run(lambda: run_demo(settings, people=people, seed=seed, reporter=_RichReporter(progress, as_json)))
+    result = summary.to_dict()
+    if as_json:
+        print_json(result)
+        return
+    _print_summary(result)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    ev, crm, gt, zones = s["events"], s["crm"], s["ground_truth"], s["zones"]
+    if s["rerun"]:
+        console.print(
+            f"[yellow]Re-run:[/] this data dir already held the world (seed {s['seed']}); "
+            f"{ev['already_stored']} events were already stored and skipped, {ev['sent']} sent now."
+        )
+    table = Table(title=f"Refinery demo: seed {s['seed']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("People generated", str(s["people"]))
+    table.add_row("Events in the world", f"{ev['generated']} ({ev['sent']} sent now with segment-analytics-python)")
+    table.add_row("Clean events (web + app)", f"{ev['clean']} (expected {ev['expected_clean']})")
+    table.add_row("Quarantined (web + app)", f"{ev['quarantined']} (expected {sum(ev['expected_quarantined'].values())})")
+    table.add_row(
+        "CRM rows",
+        f"{crm['rows']} in the export: {crm['rows_loaded']} loaded, {crm['rows_duplicate']} duplicates, "
+        f"{crm['rows_failed']} failed; {crm['identify_events']} identify events in the clean zone",
+    )
+    table.add_row("Server", f"{s['server']['url']} ({'started and stopped by the demo' if s['server']['started_by_demo'] else 'already running'})")
+    console.print(table)
+
+    failed = Table(title="Quarantined, by reason", title_justify="left")
+    for col in ("source", "stage", "reason", "count"):
+        failed.add_column(col)
+    for f in zones["failed_events"]:
+        failed.add_row(f["source"], f["stage"], f["reason"], str(f["count"]))
+    if zones["failed_events"]:
+        console.print(failed)
+
+    console.print(
+        Panel(
+            f"[bold]{escape(gt['file'])}[/]\n"
+            f"{gt['persons']} people, {gt['identifiers']} identifiers (anonymous ids, user ids, emails, phones, CRM ids, "
+            f"device ids), {gt['shared_devices']} shared devices, {gt['people_who_changed_email']} email changes.\n"
+            f"Per event: {escape(gt['event_truth'])}",
+            title="Ground truth", title_align="left",
+        )
+    )
+    console.print("[bold]Try next:[/]")
+    for cmd in s["next_commands"]:
+        console.print(f"  {escape(cmd)}", soft_wrap=True)

@@ -1,0 +1,308 @@
+"""`refinery demo`, end to end: generate the world, write its files, send it through the real
+server, import the CRM export, and summarise what landed in each zone.
+
+Re-runnable on the same data dir: the first run records the world's seed, size and clock in
+`<data_dir>/demo/world.json`, so a second run regenerates the identical world, skips events the
+raw zone already holds, and re-imports the same CSV (which the importer absorbs as duplicates).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from refinery.api.auth import admin_token
+from refinery.client import RemoteClient
+from refinery.demo import crm, groundtruth
+from refinery.demo.send import send_events
+from refinery.demo.server import demo_server
+from refinery.demo.world import APP_SOURCE, CLEAN, CRM_SOURCE, WEB_SOURCE, World, generate
+from refinery.errors import ConfigurationError, RefineryError
+from refinery.settings import Settings
+
+DEFAULT_PEOPLE = 200
+DEFAULT_SEED = 7
+COLLECTOR_SOURCES = (WEB_SOURCE, APP_SOURCE)
+ALL_SOURCES = (*COLLECTOR_SOURCES, CRM_SOURCE)
+
+#: How the CRM export's columns become identify calls (docs/import.md); also written next to the CSV.
+CRM_MAPPING: dict[str, Any] = {
+    "type": "identify",
+    "user_id": "customer_id",
+    "crm_id": {"column": "customer_id", "name": "crm_id"},
+    "email": "email",
+    "phone": "phone",
+    "timestamp": {"column": "updated_at", "format": "iso"},
+    "traits": {
+        "firstName": "first_name",
+        "lastName": "last_name",
+        "city": "city",
+        "country": "country",
+        "webUserId": "web_user_id",
+        "marketingOptIn": {"column": "marketing_opt_in", "type": "string"},
+        "lifetimeValue": {"column": "lifetime_value", "type": "double"},
+    },
+    "row_key": ["customer_id"],
+}
+
+
+class Reporter:
+    """What the demo tells its caller while it works; the CLI draws these with rich."""
+
+    def stage(self, text: str) -> None: ...
+    def sending(self, total: int) -> None: ...
+    def sent(self, n: int) -> None: ...
+
+
+@dataclass
+class DemoPaths:
+    folder: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / "world.json"
+
+    @property
+    def ground_truth(self) -> Path:
+        return self.folder / "ground_truth.json"
+
+    @property
+    def event_truth(self) -> Path:
+        return self.folder / "event_truth.csv"
+
+    @property
+    def crm_csv(self) -> Path:
+        return self.folder / "crm_export.csv"
+
+    @property
+    def crm_mapping(self) -> Path:
+        return self.folder / "crm_mapping.json"
+
+    @property
+    def server_log(self) -> Path:
+        return self.folder / "server.log"
+
+
+@dataclass
+class DemoSummary:
+    data_dir: str
+    seed: int
+    people: int
+    rerun: bool
+    server: dict[str, Any]
+    events: dict[str, Any]
+    zones: dict[str, Any]
+    crm: dict[str, Any]
+    ground_truth: dict[str, Any]
+    next_commands: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data_dir": self.data_dir, "seed": self.seed, "people": self.people, "rerun": self.rerun, "server": self.server,
+            "events": self.events, "zones": self.zones, "crm": self.crm, "ground_truth": self.ground_truth,
+            "next_commands": self.next_commands,
+        }
+
+
+def run_demo(settings: Settings, *, people: int = DEFAULT_PEOPLE, seed: int = DEFAULT_SEED, reporter: Reporter | None = None) -> DemoSummary:
+    """Generate, send, import and summarise (see the module docstring)."""
+    report = reporter or Reporter()
+    paths = DemoPaths(settings.data_dir / "demo")
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(paths, seed, people)
+    rerun = manifest is not None
+    now = datetime.fromisoformat(manifest["now"]) if manifest else datetime.now(UTC)
+
+    report.stage(f"Generating a world of {people} people (seed {seed})")
+    world = generate(people, seed, now)
+    _write_files(world, paths)
+
+    report.stage("Starting the Refinery server" if _no_server(settings) else "Using the running Refinery server")
+    with demo_server(settings, paths.server_log) as server, RemoteClient(server.url, admin_token(settings)) as api:
+        keys = _ensure_sources(api, paths, manifest, world)
+        present = _present_message_ids(api, len(world.events))
+        to_send = [e for e in world.events if e.message_id not in present]
+        report.stage(f"Sending {len(to_send)} events with segment-analytics-python to {server.url}")
+        report.sending(len(to_send))
+        sent = send_events(server.url, keys, to_send, report.sent) if to_send else 0
+
+        report.stage(f"Importing the CRM export ({len(world.crm_rows)} rows) through the importer")
+        job = api.import_file(paths.crm_csv, CRM_SOURCE, CRM_MAPPING, None)
+        if job.get("status") != "completed":
+            raise RefineryError(
+                f"The CRM import {job.get('import_id')} ended {job.get('status')!r}: {job.get('error') or 'no error given'}.",
+                fix=f"Inspect it with: refinery query \"SELECT * FROM imports\" --data-dir {settings.data_dir}",  # noqa: S608 - advice text
+            )
+        zones = _zone_counts(api)
+    return _summary(settings, world, paths, server.url, server.started_by_demo, rerun, sent, len(present), job, zones)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def _read_manifest(paths: DemoPaths, seed: int, people: int) -> dict[str, Any] | None:
+    if not paths.manifest.exists():
+        return None
+    try:
+        manifest: dict[str, Any] = json.loads(paths.manifest.read_text("utf-8"))
+        earlier = (int(manifest["seed"]), int(manifest["people"]))
+        datetime.fromisoformat(manifest["now"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigurationError(
+            f"{paths.manifest} is not a demo manifest ({e}).", fix="Delete the demo folder's world.json, or use another --data-dir."
+        ) from e
+    if earlier != (seed, people):
+        raise ConfigurationError(
+            f"This data dir already holds the demo world with seed {earlier[0]} and {earlier[1]} people, not seed {seed} and {people}.",
+            fix=f"Re-run with --seed {earlier[0]} --people {earlier[1]}, or use another --data-dir for a different world.",
+            field="people",
+        )
+    return manifest
+
+
+def _write_manifest(paths: DemoPaths, world: World, keys: dict[str, str]) -> None:
+    """Seed, size, clock and the demo sources' write keys (owner-only: the keys let anyone send)."""
+    body = {"seed": world.seed, "people": world.size, "now": world.now.isoformat(), "write_keys": keys}
+    tmp = paths.manifest.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(body, f, indent=2)
+    tmp.replace(paths.manifest)
+
+
+def _write_files(world: World, paths: DemoPaths) -> None:
+    paths.ground_truth.write_text(json.dumps(groundtruth.build(world), indent=1, ensure_ascii=False), "utf-8")
+    with open(paths.event_truth, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(groundtruth.EVENT_TRUTH_COLUMNS)
+        w.writerows(groundtruth.event_truth(world))
+    with open(paths.crm_csv, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=crm.COLUMNS)
+        w.writeheader()
+        w.writerows(r.values for r in world.crm_rows)
+    paths.crm_mapping.write_text(json.dumps(CRM_MAPPING, indent=2), "utf-8")
+
+
+# --- through the server -----------------------------------------------------------------------
+
+def _no_server(settings: Settings) -> bool:
+    from refinery.api.server import running_server
+
+    return running_server(settings) is None
+
+
+def _ensure_sources(api: RemoteClient, paths: DemoPaths, manifest: dict[str, Any] | None, world: World) -> dict[str, str]:
+    """Create the demo's sources if missing; return the collector sources' write keys."""
+    known = {s["name"]: s for s in api.sources()}
+    keys: dict[str, str] = dict((manifest or {}).get("write_keys") or {})
+    for name in COLLECTOR_SOURCES:
+        if name in known and name not in keys:
+            raise ConfigurationError(
+                f"Source {name!r} already exists on this data dir, but the demo does not know its write key ({paths.manifest} is missing).",
+                fix="Run the demo on a fresh --data-dir.",
+            )
+        if name not in known:
+            keys[name] = api.create_source(name=name, kind="collector")["write_key"]
+            _write_manifest(paths, world, keys)
+    if CRM_SOURCE not in known:
+        api.create_source(name=CRM_SOURCE, kind="import")
+    _write_manifest(paths, world, keys)
+    return {name: keys[name] for name in COLLECTOR_SOURCES}
+
+
+def _sources_sql(column: str = "source") -> str:
+    # Constant source names of the demo, not user text.
+    return f"{column} IN ({', '.join(repr(s) for s in ALL_SOURCES)})"
+
+
+def _present_message_ids(api: RemoteClient, expected: int) -> set[str]:
+    """Message ids of the demo's collector sources already in the raw zone (sent by an earlier run)."""
+    sources = ", ".join(repr(s) for s in COLLECTOR_SOURCES)
+    result = api.query(f"SELECT DISTINCT message_id FROM raw_events WHERE source IN ({sources})", expected + 1000)  # noqa: S608
+    return {row[0] for row in result["rows"]}
+
+
+def _zone_counts(api: RemoteClient) -> dict[str, Any]:
+    events = api.query(f"SELECT source, type, count(*) FROM events WHERE {_sources_sql()} GROUP BY 1, 2 ORDER BY 1, 2", None)  # noqa: S608
+    failed = api.query(
+        f"SELECT source, stage, reason, count(*) FROM failed_events WHERE {_sources_sql()} GROUP BY 1, 2, 3 ORDER BY 1, 3", None  # noqa: S608
+    )
+    raw = api.query(f"SELECT source, count(*) FROM raw_events WHERE {_sources_sql()} GROUP BY 1 ORDER BY 1", None)  # noqa: S608
+    by_source: dict[str, dict[str, int]] = {}
+    for source, call, n in events["rows"]:
+        by_source.setdefault(source, {})[call] = int(n)
+    return {
+        "events": by_source,
+        "raw_events": {source: int(n) for source, n in raw["rows"]},
+        "failed_events": [{"source": s, "stage": st, "reason": r, "count": int(n)} for s, st, r, n in failed["rows"]],
+    }
+
+
+def _email_changes(world: World) -> int:
+    """People whose identify calls carry more than one email (what identity resolution must follow)."""
+    emails: dict[str, set[str]] = {}
+    for e in world.events:
+        email = (e.message.get("traits") or {}).get("email")
+        if email:
+            emails.setdefault(e.person_id, set()).add(email)
+    return sum(1 for seen in emails.values() if len(seen) > 1)
+
+
+def _summary(
+    settings: Settings, world: World, paths: DemoPaths, url: str, started: bool, rerun: bool,
+    sent: int, present: int, job: dict[str, Any], zones: dict[str, Any],
+) -> DemoSummary:
+    expected = world.expected_counts()
+    clean = sum(n for source in COLLECTOR_SOURCES for n in zones["events"].get(source, {}).values())
+    truth = groundtruth.build(world)
+    data_dir = str(settings.data_dir)
+    d = shlex.quote(data_dir)
+    return DemoSummary(
+        data_dir=data_dir,
+        seed=world.seed,
+        people=world.size,
+        rerun=rerun,
+        server={"url": url, "started_by_demo": started},
+        events={
+            "generated": len(world.events),
+            "sent": sent,
+            "already_stored": present,
+            "expected_clean": expected.get(CLEAN, 0),
+            "expected_quarantined": {k: v for k, v in expected.items() if k != CLEAN},
+            "clean": clean,
+            "quarantined": sum(f["count"] for f in zones["failed_events"] if f["source"] in COLLECTOR_SOURCES),
+        },
+        zones=zones,
+        crm={
+            "file": str(paths.crm_csv),
+            "mapping": str(paths.crm_mapping),
+            "rows": len(world.crm_rows),
+            "import_id": job.get("import_id"),
+            "status": job.get("status"),
+            "rows_read": job.get("rows_read"),
+            "rows_loaded": job.get("rows_loaded"),
+            "rows_duplicate": job.get("rows_duplicate"),
+            "rows_failed": job.get("rows_failed"),
+            "identify_events": zones["events"].get(CRM_SOURCE, {}).get("identify", 0),
+        },
+        ground_truth={
+            "file": str(paths.ground_truth),
+            "event_truth": str(paths.event_truth),
+            "persons": len(truth["persons"]),
+            "identifiers": len(truth["identifiers"]),
+            "shared_devices": len(truth["shared_devices"]),
+            "people_who_changed_email": _email_changes(world),
+        },
+        next_commands=[
+            # Commands for the user to type (advice text, never executed here).
+            f'refinery query --data-dir {d} "SELECT event, count(*) AS n FROM events WHERE type = \'track\' GROUP BY 1 ORDER BY n DESC"',  # noqa: S608
+            f"refinery catalog --data-dir {d}",
+            f"refinery events failed --data-dir {d}",
+            f'refinery query --data-dir {d} "SELECT user_id, traits ->> \'$.email\' AS email FROM events WHERE source = \'{CRM_SOURCE}\' LIMIT 10"',  # noqa: S608
+        ],
+    )
