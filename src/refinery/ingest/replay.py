@@ -1,24 +1,38 @@
-"""Replay: re-run quarantined events through the same plan checks and cleaning after a fix.
+"""Replay: re-run quarantined events through the same checks and cleaning after a fix.
 
-Replay never duplicates: an event whose messageId is already in the clean zone for its source is
-marked `duplicate`; one that fails again keeps its row, with the new reason and a higher count.
+Each pending row of `failed_events` (never replayed, or `failed_again`) goes through the plan
+check, the protocol rules and `clean_select`, exactly as a new event would. Its outcome is folded
+into the *same* row, never a new one:
+
+- `loaded`: it is now in `events` (the original reason stays, as history);
+- `duplicate`: an event with its source and messageId is already clean (nothing is loaded twice);
+- `failed_again`: it still fails; the row gets the new reason and `replay_count` goes up.
+
+Work runs through the writer in chunks (each chunk one transaction, a handful of set-based
+statements), so a large failed zone never blocks the collector for long.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow as pa
+from sqlglot import exp
 
-from refinery.ingest.store import insert_clean
+from refinery.ingest.clean import EVENT_COLUMNS, clean_select
+from refinery.ingest.protocol import Failure, Limits, check_event
 from refinery.storage.engine import Engine, parse
 
 if TYPE_CHECKING:
     from refinery.runtime import Runtime
 
-_PENDING = "(replay_status IS NULL OR replay_status = 'failed_again')"
+_CONFLICT = "duplicate_message_id_conflict"
+#: Replayed payloads already had the envelope merged in, so only the size rule is relaxed.
+_LIMITS = Limits(max_event_bytes=1 << 40)
+CHUNK_SIZE = 5_000
 
 
 @dataclass
@@ -27,10 +41,15 @@ class ReplayResult:
     loaded: int = 0
     duplicate: int = 0
     failed_again: int = 0
+    not_replayable: int = 0  # no payload or messageId was kept (e.g. unreadable import rows)
     reasons: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def _failed(self, reason: str) -> None:
+        self.failed_again += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
 def list_failed(
@@ -39,7 +58,7 @@ def list_failed(
     rows = engine.fetch_dicts(
         "SELECT failure_id, source, message_id, stage, reason, message, field, received_at, failed_at, file, row_number, "
         "replay_status, replay_count FROM failed_events "
-        f"WHERE (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) AND (NOT ? OR {_PENDING}) "
+        "WHERE (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) AND (NOT ? OR (replay_status IS NULL OR replay_status = 'failed_again')) "
         "ORDER BY failure_id DESC LIMIT ?",
         [source, source, reason, reason, pending_only, limit],
         cursor=engine.reader(),
@@ -53,128 +72,176 @@ def list_failed(
 
 def failure_counts(engine: Engine) -> list[dict[str, Any]]:
     return engine.fetch_dicts(
-        f"SELECT source, stage, reason, count(*) AS count, count(*) FILTER (WHERE {_PENDING}) AS pending "
+        "SELECT source, stage, reason, count(*) AS count, count(*) FILTER (WHERE (replay_status IS NULL OR replay_status = 'failed_again')) AS pending "
         "FROM failed_events GROUP BY ALL ORDER BY count DESC",
         cursor=engine.reader(),
     )
 
 
-def replay(runtime: Runtime, *, source: str | None = None, reason: str | None = None, limit: int | None = None) -> ReplayResult:
-    """Replay pending failed events (optionally of one source or reason) through the writer."""
-    return runtime.writer.call(lambda engine: _replay(runtime, engine, source, reason, limit))
-
-
-def _replay(runtime: Runtime, engine: Engine, source: str | None, reason: str | None, limit: int | None) -> ReplayResult:
+def replay(
+    runtime: Runtime, *, source: str | None = None, reason: str | None = None, limit: int | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> ReplayResult:
+    """Replay pending failed events (optionally of one source or reason), oldest first."""
     result = ReplayResult()
+    result.not_replayable = int(
+        runtime.engine.fetch_all(
+            "SELECT count(*) FROM failed_events WHERE (replay_status IS NULL OR replay_status = 'failed_again') AND (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) "
+            "AND (payload IS NULL OR message_id IS NULL)",
+            [source, source, reason, reason],
+            cursor=runtime.engine.reader(),
+        )[0][0]
+    )
+    after = 0  # rows that fail again stay pending: walk by id so each is seen once per replay
+    while limit is None or result.considered < limit:
+        n = chunk_size if limit is None else min(chunk_size, limit - result.considered)
+        last = runtime.writer.call(partial(_replay_chunk, runtime, result=result, source=source, reason=reason, after=after, n=n))
+        if last is None:
+            break
+        after = last
+    return result
+
+
+def _replay_chunk(
+    runtime: Runtime, engine: Engine, *, result: ReplayResult, source: str | None, reason: str | None, after: int, n: int
+) -> int | None:
+    """Replay up to n pending rows with failure_id > after in the writer's transaction; return the last id."""
     rows = engine.fetch_all(
-        "SELECT failure_id, raw_id, source, message_id, payload, received_at, import_id FROM failed_events "
-        f"WHERE {_PENDING} AND payload IS NOT NULL AND message_id IS NOT NULL "
-        "AND (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) ORDER BY failure_id LIMIT ?",
-        [source, source, reason, reason, limit if limit is not None else 2**62],
+        "SELECT failure_id, raw_id, source, message_id, payload, received_at, import_id, reason FROM failed_events "
+        "WHERE (replay_status IS NULL OR replay_status = 'failed_again') AND payload IS NOT NULL AND message_id IS NOT NULL "
+        "AND (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) AND failure_id > ? "
+        "ORDER BY failure_id LIMIT ?",
+        [source, source, reason, reason, after, n],
     )
     if not rows:
-        return result
+        return None
+    result.considered += len(rows)
     modes = {s.name: s.unplanned_events for s in runtime.sources.list()}
-    ids, raw_ids, sources, mids, payloads, received, import_ids = ([] for _ in range(7))
-    plan_fail: list[tuple[Any, ...]] = []
-    for failure_id, raw_id, src, mid, payload, received_at, import_id in rows:
-        event = orjson.loads(payload)
-        failure = None
-        if isinstance(event, dict):
-            failure = runtime.plans.check(event, modes.get(src))
-        else:
-            failure = None
-        # Protocol rules are re-checked too, so a replay never lets through what the collector refuses.
-        if failure is None and isinstance(event, dict):
-            from refinery.ingest.protocol import Limits, check_event
 
-            failure = check_event(event, event, len(payload), Limits(max_event_bytes=10**9))
-        if failure is not None:
-            plan_fail.append((failure.reason, failure.message, failure.field, failure.stage, failure_id))
-            result.failed_again += 1
-            result.reasons[failure.reason] = result.reasons.get(failure.reason, 0) + 1
-            continue
-        ids.append(failure_id)
-        raw_ids.append(raw_id)
-        sources.append(src)
-        mids.append(mid)
-        payloads.append(payload)
-        received.append(received_at)
-        import_ids.append(import_id)
-    result.considered = len(rows)
-
-    if plan_fail:
-        engine.execute(
-            "UPDATE failed_events SET reason = t.reason, message = t.message, field = t.field, stage = t.stage, "
-            "replay_status = 'failed_again', replayed_at = now(), replay_count = replay_count + 1 "
-            "FROM (SELECT unnest(?) AS reason, unnest(?) AS message, unnest(?) AS field, unnest(?) AS stage, unnest(?) AS id) t "
-            "WHERE failed_events.failure_id = t.id",
-            [list(c) for c in zip(*plan_fail, strict=True)],
-        )
-    if not ids:
-        return result
-
-    table = pa.table(
-        {
-            "failure_id": pa.array(ids, pa.int64()),
-            "raw_id": pa.array(raw_ids, pa.int64()),
-            "source": sources,
-            "message_id": mids,
-            "received_at": pa.array(received, pa.timestamp("us", tz="UTC")),
-            "payload": payloads,
-            "import_id": pa.array(import_ids, pa.string()),
-        }
-    )
-    engine.register("_replay", table)
-    try:
-        # Already clean (e.g. a retry that succeeded later): mark, do not load again.
-        dup_ids = {
-            r[0]
-            for r in engine.fetch_all(
-                "SELECT r.failure_id FROM _replay r JOIN events e ON e.source = r.source AND e.message_id = r.message_id"
-            )
-        }
-        # Clean the rest; the rows cleaning rejects come back as new failed rows, which we fold into the old ones.
-        candidates = parse(
-            "SELECT raw_id, source, message_id, received_at, payload, import_id FROM _replay "
-            "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.source = _replay.source AND e.message_id = _replay.message_id)"
-        )
-        before = engine.fetch_all("SELECT COALESCE(max(failure_id), 0) FROM failed_events")[0][0]
-        rejected = insert_clean(engine, candidates, runtime.clean_rules)
-        rejected_keys = {(src, mid) for src, mid in engine.fetch_all(
-            "SELECT source, message_id FROM failed_events WHERE failure_id > ?", [before]
-        )}
-        # Fold the new failure rows back into the originals.
-        engine.execute(
-            "UPDATE failed_events SET reason = n.reason, message = n.message, field = n.field, stage = n.stage, "
-            "replay_status = 'failed_again', replayed_at = now(), replay_count = failed_events.replay_count + 1 "
-            "FROM (SELECT r.failure_id AS id, f.reason, f.message, f.field, f.stage FROM failed_events f "
-            "JOIN _replay r ON r.source = f.source AND r.message_id = f.message_id WHERE f.failure_id > ?) n "
-            "WHERE failed_events.failure_id = n.id",
-            [before],
-        )
-        engine.execute("DELETE FROM failed_events WHERE failure_id > ?", [before])
-        for _, reason_code, _, _ in rejected:
-            result.reasons[reason_code] = result.reasons.get(reason_code, 0) + 1
-        done_ids: list[int] = []
-        done_status: list[str] = []
-        for fid, src, mid in zip(ids, sources, mids, strict=True):
-            if fid in dup_ids:
-                done_status.append("duplicate")
-                result.duplicate += 1
-            elif (src, mid) in rejected_keys:
+    outcomes: dict[int, tuple[str, Failure | None]] = {}  # failure_id -> (status, new failure)
+    first: dict[tuple[str, str], tuple[int, str]] = {}    # (source, messageId) -> (failure_id, payload)
+    candidates: list[tuple[Any, ...]] = []
+    for failure_id, raw_id, src, mid, payload, received_at, import_id, old_reason in rows:
+        failure = _check(runtime, payload, modes.get(src))
+        key = (src, mid)
+        if failure is None and key in first:
+            # Two quarantined rows share a messageId (an event and a conflicting reuse): load one only.
+            failure = None if first[key][1] == payload else _conflict(mid)
+            if failure is None:
+                outcomes[failure_id] = ("duplicate", None)
                 continue
-            else:
-                done_status.append("loaded")
-                result.loaded += 1
-            done_ids.append(fid)
-        if done_ids:
-            engine.execute(
-                "UPDATE failed_events SET replay_status = t.status, replayed_at = now(), replay_count = replay_count + 1 "
-                "FROM (SELECT unnest(?) AS id, unnest(?) AS status) t WHERE failed_events.failure_id = t.id",
-                [done_ids, done_status],
-            )
-        result.failed_again += len(rejected_keys)
+        if failure is not None:
+            outcomes[failure_id] = ("failed_again", failure)
+            continue
+        first[key] = (failure_id, payload)
+        candidates.append((failure_id, raw_id, src, mid, received_at, payload, import_id, old_reason == _CONFLICT))
+
+    if candidates:
+        _clean_candidates(runtime, engine, candidates, outcomes)
+
+    ids, statuses, reasons, messages, fields, stages = [], [], [], [], [], []
+    for fid, (status, failure) in outcomes.items():
+        ids.append(fid)
+        statuses.append(status)
+        reasons.append(failure.reason if failure else None)
+        messages.append(failure.message if failure else None)
+        fields.append(failure.field if failure else None)
+        stages.append(failure.stage if failure else None)
+        if status == "loaded":
+            result.loaded += 1
+        elif status == "duplicate":
+            result.duplicate += 1
+        else:
+            assert failure is not None
+            result._failed(failure.reason)
+    engine.register(
+        "_replay_out",
+        pa.table({"failure_id": pa.array(ids, pa.int64()), "status": statuses, "reason": pa.array(reasons, pa.string()),
+                  "message": pa.array(messages, pa.string()), "field": pa.array(fields, pa.string()),
+                  "stage": pa.array(stages, pa.string())}),
+    )
+    try:
+        # One statement folds every outcome into its original row; a loaded row keeps why it had failed.
+        engine.execute(
+            "UPDATE failed_events SET replay_status = o.status, replayed_at = now(), replay_count = failed_events.replay_count + 1, "
+            "reason = COALESCE(o.reason, failed_events.reason), message = COALESCE(o.message, failed_events.message), "
+            "field = CASE WHEN o.reason IS NULL THEN failed_events.field ELSE o.field END, "
+            "stage = COALESCE(o.stage, failed_events.stage) "
+            "FROM _replay_out o WHERE failed_events.failure_id = o.failure_id"
+        )
     finally:
-        engine.unregister("_replay")
-    return result
+        engine.unregister("_replay_out")
+    return int(rows[-1][0])
+
+
+def _check(runtime: Runtime, payload: str, unplanned_mode: str | None) -> Failure | None:
+    """The plan and protocol rules a new event would meet at the collector."""
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return Failure("invalid_json", "The stored payload is not JSON and cannot be replayed.", "", "collect")
+    if not isinstance(event, dict):
+        return Failure("not_an_object", "The stored payload is not an event object.", "", "collect")
+    return check_event(event, event, 0, _LIMITS) or runtime.plans.check(event, unplanned_mode)
+
+
+def _clean_candidates(
+    runtime: Runtime, engine: Engine, candidates: list[tuple[Any, ...]], outcomes: dict[int, tuple[str, Failure | None]]
+) -> None:
+    """Clean candidates set-wise: already clean -> duplicate; clean -> loaded into events; else failed_again."""
+    cols = list(zip(*candidates, strict=True))
+    engine.register(
+        "_replay_in",
+        pa.table({
+            "failure_id": pa.array(cols[0], pa.int64()), "raw_id": pa.array(cols[1], pa.int64()),
+            "source": pa.array(cols[2], pa.string()), "message_id": pa.array(cols[3], pa.string()),
+            "received_at": pa.array(cols[4], pa.timestamp("us", tz="UTC")), "payload": pa.array(cols[5], pa.string()),
+            "import_id": pa.array(cols[6], pa.string()), "was_conflict": pa.array(cols[7], pa.bool_()),
+        }),
+    )
+    try:
+        for fid, was_conflict in engine.fetch_all(
+            "SELECT failure_id, was_conflict FROM _replay_in r "
+            "WHERE EXISTS (SELECT 1 FROM events e WHERE e.source = r.source AND e.message_id = r.message_id)"
+        ):
+            # A reused messageId whose first event is clean can never load: it needs its own messageId.
+            outcomes[fid] = ("failed_again", _conflict_from(candidates, fid)) if was_conflict else ("duplicate", None)
+        cleaned = clean_select(
+            parse(
+                "SELECT raw_id, source, message_id, received_at, payload, import_id FROM _replay_in r "
+                "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.source = r.source AND e.message_id = r.message_id)"
+            ),
+            runtime.clean_rules,
+        )
+        create = parse("CREATE OR REPLACE TEMP TABLE _replay_clean AS SELECT 1")
+        create.set("expression", cleaned)
+        engine.execute(create)
+        engine.execute(
+            exp.insert(
+                exp.select(*EVENT_COLUMNS).from_("_replay_clean").where("_reason IS NULL"), "events", columns=list(EVENT_COLUMNS)
+            )
+        )
+        by_key = {(c[2], c[3]): c[0] for c in candidates}
+        for src, mid, reason, message, fld in engine.fetch_all(
+            "SELECT source, message_id, _reason, _message, _field FROM _replay_clean"
+        ):
+            fid = by_key[(src, mid)]
+            outcomes[fid] = ("loaded", None) if reason is None else ("failed_again", Failure(reason, message, fld, "clean"))
+        engine.execute("DROP TABLE _replay_clean")
+    finally:
+        engine.unregister("_replay_in")
+
+
+def _conflict(message_id: str) -> Failure:
+    return Failure(
+        _CONFLICT,
+        f"messageId {message_id!r} was already used for an event with different content; "
+        "give each distinct event its own messageId (retries must resend the same content).",
+        "/messageId",
+        "dedup",
+    )
+
+
+def _conflict_from(candidates: list[tuple[Any, ...]], failure_id: int) -> Failure:
+    mid = next(c[3] for c in candidates if c[0] == failure_id)
+    return _conflict(mid)
