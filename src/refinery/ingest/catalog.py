@@ -1,4 +1,8 @@
-"""The catalog: which events arrive, from which sources, with which properties of which types."""
+"""The catalog: which events arrive, from which sources, with which properties of which types.
+
+One entry per (source, call type, event name): count, first and last event time, and for each
+top-level property its inferred type (the most common non-null JSON type) with every type seen.
+"""
 
 from __future__ import annotations
 
@@ -15,21 +19,19 @@ GROUP BY ALL
 ORDER BY count DESC, source, event_name
 """
 
+# json_each gives each top-level key with its JSON type; keys are never used as paths, so a key
+# like "a.b" or "$" is counted as itself.
 _PROPERTIES_SQL = """
-WITH keyed AS (
-  SELECT source, type, COALESCE(event, name, type) AS event_name, properties, unnest(json_keys(properties)) AS key
-  FROM events
-  WHERE properties IS NOT NULL AND json_type(properties) = 'OBJECT' AND (? IS NULL OR source = ?)
-)
-SELECT source, type, event_name, key, json_type(json_extract(properties, key)) AS json_type, count(*) AS count
-FROM keyed
+SELECT e.source, e.type, COALESCE(e.event, e.name, e.type) AS event_name, p.key AS key, p.type AS json_type, count(*) AS count
+FROM events e, json_each(CASE WHEN json_type(e.properties) = 'OBJECT' THEN e.properties END) p
+WHERE ? IS NULL OR e.source = ?
 GROUP BY ALL
-ORDER BY source, event_name, key, count DESC
+ORDER BY 1, 3, 4, count DESC
 """
 
 _TYPE_NAMES = {
     "VARCHAR": "string", "BIGINT": "integer", "UBIGINT": "integer", "DOUBLE": "number", "BOOLEAN": "boolean",
-    "OBJECT": "object", "ARRAY": "array", "NULL": "null",
+    "OBJECT": "object", "ARRAY": "array", "NULL": "null", "HUGEINT": "integer", "UHUGEINT": "integer",
 }
 
 
@@ -60,7 +62,8 @@ def build(engine: Engine, *, source: str | None = None) -> dict[str, Any]:
         prop["count"] += p["count"]
     for entry in by_event.values():
         for prop in entry["properties"].values():
-            # The inferred type is the most common non-null one.
+            # The inferred type is the most common non-null one (ties: alphabetical, so output is stable).
             non_null = {k: v for k, v in prop["types"].items() if k != "null"} or prop["types"]
-            prop["type"] = max(non_null.items(), key=lambda kv: kv[1])[0]
+            prop["type"] = min(non_null.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+            prop["types"] = dict(sorted(prop["types"].items(), key=lambda kv: (-kv[1], kv[0])))
     return {"events": list(by_event.values())}
