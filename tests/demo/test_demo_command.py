@@ -1,0 +1,113 @@
+"""`refinery demo` end to end, as a user runs it: a real subprocess, a real server, the real SDK.
+
+Expected numbers come from the generator itself (regenerated with the seed and clock the demo
+recorded), never typed in here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from conftest import start_server
+
+from refinery.demo import crm
+from refinery.demo.world import APP_SOURCE, CLEAN, CRM_SOURCE, WEB_SOURCE, World, generate
+
+PEOPLE = 30
+
+
+def refinery(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "refinery", *args], capture_output=True, text=True, timeout=240,
+        env={**os.environ, **(env or {})},
+    )
+    if check:
+        assert proc.returncode == 0, f"refinery {' '.join(args)} ended {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def query(data_dir: Path, sql: str) -> list[dict[str, Any]]:
+    return json.loads(refinery("query", "--json", "--data-dir", str(data_dir), sql).stdout)  # type: ignore[no-any-return]
+
+
+def recorded_world(data_dir: Path) -> World:
+    manifest = json.loads((data_dir / "demo" / "world.json").read_text())
+    return generate(manifest["people"], manifest["seed"], datetime.fromisoformat(manifest["now"]))
+
+
+def crm_ids(data_dir: Path) -> tuple[set[str], int]:
+    with open(data_dir / "demo" / "crm_export.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(crm.COLUMNS)
+    return {r["customer_id"] for r in rows if r["customer_id"]}, sum(1 for r in rows if not r["customer_id"])
+
+
+def check_zones(data_dir: Path, world: World) -> None:
+    expected = world.expected_counts()
+    clean = query(data_dir, f"SELECT count(*) AS n FROM events WHERE source IN ('{WEB_SOURCE}', '{APP_SOURCE}')")
+    assert clean[0]["n"] == expected[CLEAN]
+    stored = {r["message_id"] for r in query(data_dir, f"SELECT message_id FROM events WHERE source IN ('{WEB_SOURCE}', '{APP_SOURCE}')")}
+    assert stored == {e.message_id for e in world.events if e.expected == CLEAN}
+
+    failed = query(data_dir, f"SELECT message_id, reason, stage, message FROM failed_events WHERE source IN ('{WEB_SOURCE}', '{APP_SOURCE}')")
+    assert {(r["message_id"], r["reason"]) for r in failed} == {(e.message_id, e.expected) for e in world.events if e.expected != CLEAN}
+    assert all("timestamp" in r["message"] for r in failed)
+
+    ids, missing = crm_ids(data_dir)
+    identifies = query(data_dir, f"SELECT user_id, type FROM events WHERE source = '{CRM_SOURCE}'")
+    assert {r["type"] for r in identifies} == {"identify"}
+    assert sorted(r["user_id"] for r in identifies) == sorted(ids)
+    crm_failed = query(data_dir, f"SELECT reason FROM failed_events WHERE source = '{CRM_SOURCE}'")
+    assert len(crm_failed) == missing == 1
+
+
+def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = json.loads(refinery("demo", "--people", str(PEOPLE), "--data-dir", str(data_dir), "--json").stdout)
+    world = recorded_world(data_dir)
+    assert first["people"] == PEOPLE and first["rerun"] is False
+    assert first["server"]["started_by_demo"] is True
+    assert first["events"]["sent"] == len(world.events)
+    assert first["events"]["clean"] == world.expected_counts()[CLEAN]
+    truth_file = Path(first["ground_truth"]["file"])
+    assert truth_file.parent == data_dir / "demo"
+    truth = json.loads(truth_file.read_text())
+    assert truth["world"]["people"] == PEOPLE and truth["shared_devices"]
+    assert not (data_dir / "server.json").exists(), "the server the demo started is stopped"
+    check_zones(data_dir, world)
+
+    again = json.loads(refinery("demo", "--people", str(PEOPLE), "--data-dir", str(data_dir), "--json").stdout)
+    assert again["rerun"] is True
+    assert again["events"]["sent"] == 0 and again["events"]["already_stored"] == len(world.events)
+    assert again["crm"]["rows_loaded"] == 0
+    check_zones(data_dir, world)  # nothing doubled
+
+    other = refinery("demo", "--people", str(PEOPLE + 1), "--data-dir", str(data_dir), check=False)
+    assert other.returncode == 2
+    assert f"--people {PEOPLE}" in other.stderr
+
+
+def test_demo_uses_a_running_server_and_leaves_it_running(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    server = start_server(data_dir)
+    try:
+        out = refinery("demo", "--people", "12", "--seed", "3", "--data-dir", str(data_dir), "--json",
+                       env={"REFINERY_ADMIN_TOKEN": server.admin_token})
+        summary = json.loads(out.stdout)
+        assert summary["server"] == {"url": server.url, "started_by_demo": False}
+        assert server.proc.poll() is None
+        world = recorded_world(data_dir)
+        with server.api() as api:
+            r = api.post("/api/query", json={"sql": f"SELECT count(*) FROM events WHERE source IN ('{WEB_SOURCE}', '{APP_SOURCE}')"})
+            assert r.status_code == 200, r.text
+            assert r.json()["rows"][0][0] == world.expected_counts()[CLEAN]
+    finally:
+        server.stop()
