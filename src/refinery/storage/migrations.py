@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from refinery.errors import MigrationError
+from refinery.errors import MigrationError, StorageError
 from refinery.storage.engine import Engine
 
 
@@ -141,24 +141,45 @@ def current_version(engine: Engine) -> int:
     return int(row[0][0] or 0)
 
 
+def _check_sequence(migrations: tuple[Migration, ...]) -> None:
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise MigrationError(
+            f"Migration versions must be 1, 2, 3, ... in order; got {versions}.",
+            fix="Append new migrations with the next version number; never renumber or remove one.",
+        )
+
+
 def migrate(engine: Engine, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
-    """Apply every pending migration in order; return the versions applied."""
+    """Apply every pending migration in order, each in its own transaction; return the versions applied.
+
+    A database newer than this code is refused (running old code on it could corrupt it).
+    """
+    _check_sequence(migrations)
     applied: list[int] = []
     version = current_version(engine)
     newest = migrations[-1].version if migrations else 0
     if version > newest:
         raise MigrationError(
-            f"The database is at storage version {version}, newer than this Refinery ({newest}).",
-            fix="Upgrade Refinery, or point --data-dir at another folder.",
+            f"The database is at storage version {version}, newer than this Refinery understands ({newest}).",
+            fix="Upgrade Refinery (pip install -U refinery-dmp), or point --data-dir at another folder.",
         )
     for m in migrations:
         if m.version <= version:
             continue
-        with engine.transaction():
-            for statement in m.statements:
-                engine.execute(statement)
-            engine.execute(
-                "INSERT INTO schema_migrations VALUES (?, ?, ?)", [m.version, m.description, datetime.now(UTC)]
-            )
+        try:
+            with engine.transaction():
+                for statement in m.statements:
+                    engine.execute(statement)
+                engine.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)", [m.version, m.description, datetime.now(UTC)]
+                )
+        except StorageError as e:
+            raise MigrationError(
+                f"Migration {m.version} ({m.description}) failed and was rolled back: {e.message}",
+                sql=e.sql,
+                fix="The database is unchanged at version "
+                f"{applied[-1] if applied else version}; report this with the SQL above.",
+            ) from e
         applied.append(m.version)
     return applied
