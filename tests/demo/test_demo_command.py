@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from conftest import start_server
-
 from refinery.demo import crm
 from refinery.demo.world import APP_SOURCE, CLEAN, CRM_SOURCE, WEB_SOURCE, World, generate
+
+# The SQL below names the demo's sources literally.
+assert (WEB_SOURCE, APP_SOURCE, CRM_SOURCE) == ("demo-web", "demo-app", "demo-crm")
 
 PEOPLE = 30
 
@@ -51,20 +53,20 @@ def crm_ids(data_dir: Path) -> tuple[set[str], int]:
 
 def check_zones(data_dir: Path, world: World) -> None:
     expected = world.expected_counts()
-    clean = query(data_dir, f"SELECT count(*) AS n FROM events WHERE source IN ('{WEB_SOURCE}', '{APP_SOURCE}')")
+    clean = query(data_dir, "SELECT count(*) AS n FROM events WHERE source IN ('demo-web', 'demo-app')")
     assert clean[0]["n"] == expected[CLEAN]
-    stored = {r["message_id"] for r in query(data_dir, f"SELECT message_id FROM events WHERE source IN ('{WEB_SOURCE}', '{APP_SOURCE}')")}
+    stored = {r["message_id"] for r in query(data_dir, "SELECT message_id FROM events WHERE source IN ('demo-web', 'demo-app')")}
     assert stored == {e.message_id for e in world.events if e.expected == CLEAN}
 
-    failed = query(data_dir, f"SELECT message_id, reason, stage, message FROM failed_events WHERE source IN ('{WEB_SOURCE}', '{APP_SOURCE}')")
+    failed = query(data_dir, "SELECT message_id, reason, stage, message FROM failed_events WHERE source IN ('demo-web', 'demo-app')")
     assert {(r["message_id"], r["reason"]) for r in failed} == {(e.message_id, e.expected) for e in world.events if e.expected != CLEAN}
     assert all("timestamp" in r["message"] for r in failed)
 
     ids, missing = crm_ids(data_dir)
-    identifies = query(data_dir, f"SELECT user_id, type FROM events WHERE source = '{CRM_SOURCE}'")
+    identifies = query(data_dir, "SELECT user_id, type FROM events WHERE source = 'demo-crm'")
     assert {r["type"] for r in identifies} == {"identify"}
     assert sorted(r["user_id"] for r in identifies) == sorted(ids)
-    crm_failed = query(data_dir, f"SELECT reason FROM failed_events WHERE source = '{CRM_SOURCE}'")
+    crm_failed = query(data_dir, "SELECT reason FROM failed_events WHERE source = 'demo-crm'")
     assert len(crm_failed) == missing == 1
 
 
@@ -106,7 +108,7 @@ def test_demo_uses_a_running_server_and_leaves_it_running(tmp_path: Path) -> Non
         assert server.proc.poll() is None
         world = recorded_world(data_dir)
         with server.api() as api:
-            r = api.post("/api/query", json={"sql": f"SELECT count(*) FROM events WHERE source IN ('{WEB_SOURCE}', '{APP_SOURCE}')"})
+            r = api.post("/api/query", json={"sql": "SELECT count(*) FROM events WHERE source IN ('demo-web', 'demo-app')"})
             assert r.status_code == 200, r.text
             assert r.json()["rows"][0][0] == world.expected_counts()[CLEAN]
     finally:

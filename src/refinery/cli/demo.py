@@ -41,12 +41,9 @@ def demo(
 ) -> None:
     """Generate a synthetic world and send it through the real server.
 
-    People browse anonymously on several devices and later log in; families share a device; some
-    change their email; they buy things and consent to some purposes but not others. Their events
-    go to the collector with the official Segment Python SDK, and a messy CRM export goes through
-    the importer. The ground truth (which identifiers belong to whom) lands in <data dir>/demo/.
+    People browse anonymously on several devices and later log in; families share a device; some change their email; they buy things and consent to some purposes but not others. Their events go to the collector with the official Segment Python SDK, and a messy CRM export goes through the importer. The ground truth (which identifiers belong to whom) lands in <data dir>/demo/.
 
-    Re-running on the same data dir sends only what is missing.
+    Re-running on the same data dir sends only what is missing. See docs/demo.md.
     """
     settings = run(lambda: settings_from(data_dir))
     with Progress(

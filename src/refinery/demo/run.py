@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery.api.auth import admin_token
-from refinery.client import RemoteClient
+from refinery.client import Client, RemoteClient
 from refinery.demo import crm, groundtruth
 from refinery.demo.send import send_events
 from refinery.demo.server import demo_server
@@ -182,9 +182,9 @@ def _write_files(world: World, paths: DemoPaths) -> None:
         w.writerow(groundtruth.EVENT_TRUTH_COLUMNS)
         w.writerows(groundtruth.event_truth(world))
     with open(paths.crm_csv, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=crm.COLUMNS)
-        w.writeheader()
-        w.writerows(r.values for r in world.crm_rows)
+        rows = csv.DictWriter(f, fieldnames=crm.COLUMNS)
+        rows.writeheader()
+        rows.writerows(r.values for r in world.crm_rows)
     paths.crm_mapping.write_text(json.dumps(CRM_MAPPING, indent=2), "utf-8")
 
 
@@ -196,7 +196,7 @@ def _no_server(settings: Settings) -> bool:
     return running_server(settings) is None
 
 
-def _ensure_sources(api: RemoteClient, paths: DemoPaths, manifest: dict[str, Any] | None, world: World) -> dict[str, str]:
+def _ensure_sources(api: Client, paths: DemoPaths, manifest: dict[str, Any] | None, world: World) -> dict[str, str]:
     """Create the demo's sources if missing; return the collector sources' write keys."""
     known = {s["name"]: s for s in api.sources()}
     keys: dict[str, str] = dict((manifest or {}).get("write_keys") or {})
@@ -220,14 +220,14 @@ def _sources_sql(column: str = "source") -> str:
     return f"{column} IN ({', '.join(repr(s) for s in ALL_SOURCES)})"
 
 
-def _present_message_ids(api: RemoteClient, expected: int) -> set[str]:
+def _present_message_ids(api: Client, expected: int) -> set[str]:
     """Message ids of the demo's collector sources already in the raw zone (sent by an earlier run)."""
     sources = ", ".join(repr(s) for s in COLLECTOR_SOURCES)
     result = api.query(f"SELECT DISTINCT message_id FROM raw_events WHERE source IN ({sources})", expected + 1000)  # noqa: S608
     return {row[0] for row in result["rows"]}
 
 
-def _zone_counts(api: RemoteClient) -> dict[str, Any]:
+def _zone_counts(api: Client) -> dict[str, Any]:
     events = api.query(f"SELECT source, type, count(*) FROM events WHERE {_sources_sql()} GROUP BY 1, 2 ORDER BY 1, 2", None)  # noqa: S608
     failed = api.query(
         f"SELECT source, stage, reason, count(*) FROM failed_events WHERE {_sources_sql()} GROUP BY 1, 2, 3 ORDER BY 1, 3", None  # noqa: S608

@@ -81,11 +81,11 @@ def _dispatch(client: Any, message: dict[str, Any]) -> tuple[bool, Any]:
     }
     call = m["type"]
     if call == "track":
-        return client.track(event=m["event"], properties=m.get("properties") or {}, **common)  # type: ignore[no-any-return]
+        return client.track(event=m["event"], properties=m.get("properties") or {}, **common)
     if call == "identify":
-        return client.identify(traits=m.get("traits") or {}, **common)  # type: ignore[no-any-return]
+        return client.identify(traits=m.get("traits") or {}, **common)
     if call == "page":
-        return client.page(name=m.get("name"), properties=m.get("properties") or {}, **common)  # type: ignore[no-any-return]
+        return client.page(name=m.get("name"), properties=m.get("properties") or {}, **common)
     if call == "screen":
-        return client.screen(name=m.get("name"), properties=m.get("properties") or {}, **common)  # type: ignore[no-any-return]
+        return client.screen(name=m.get("name"), properties=m.get("properties") or {}, **common)
     raise SendError(f"The demo world has no sender for call type {call!r}.", fix="Add it to refinery.demo.send._dispatch.")

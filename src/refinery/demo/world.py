@@ -497,7 +497,7 @@ class _Session:
             self.view("/pricing", "Pricing", "Membership")
         if not viewed or rng.random() > 0.4:
             return
-        cart = []
+        cart: list[dict[str, Any]] = []
         for product in dict.fromkeys(viewed):
             if rng.random() < 0.7 or not cart:
                 qty = rng.choices((1, 2, 3), (0.8, 0.15, 0.05))[0]
