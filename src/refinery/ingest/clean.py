@@ -60,6 +60,9 @@ class CleanRules:
     max_future_skew_seconds: int = 24 * 3600
 
 
+_SKEW_RANGE = "TIMESTAMPTZ '0001-01-01 00:00:00+00' AND TIMESTAMPTZ '9999-12-31 23:59:59+00'"
+
+
 def _text(path: str) -> exp.Expression:
     return parse(f"NULLIF(TRIM(payload ->> '{path}'), '')")
 
@@ -124,9 +127,14 @@ def clean_select(relation: str | exp.Expression, rules: CleanRules = CleanRules(
     columns["original_timestamp"] = parse("COALESCE(_ts_original, _ts_timestamp)")
     columns["sent_at"] = exp.column("_ts_sent")
     columns["received_at"] = exp.column("received_at")
+    # Skew correction only between finite times of years 1-9999: beyond that (or with 'infinity')
+    # the interval overflows and would abort the whole commit; such events fail the range checks.
     columns["timestamp"] = parse(
         "CASE WHEN COALESCE(_ts_original, _ts_timestamp) IS NULL THEN received_at "
-        "WHEN _ts_sent IS NULL THEN COALESCE(_ts_original, _ts_timestamp) "
+        "WHEN _ts_sent IS NULL "
+        f"OR NOT (_ts_sent BETWEEN {_SKEW_RANGE}) "
+        f"OR NOT (COALESCE(_ts_original, _ts_timestamp) BETWEEN {_SKEW_RANGE}) "
+        "THEN COALESCE(_ts_original, _ts_timestamp) "
         "ELSE received_at - (_ts_sent - COALESCE(_ts_original, _ts_timestamp)) END"
     )
     columns["raw_id"] = exp.column("raw_id")
