@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from refinery.cli.common import DataDirOption, JsonOption, console, print_json, run, settings_from
-from refinery.demo.run import DEFAULT_PEOPLE, DEFAULT_SEED, Reporter, run_demo
+from refinery.demo.run import DEFAULT_PEOPLE, DEFAULT_SEED, DemoSummary, Reporter, run_demo
 
 
 class _RichReporter(Reporter):
@@ -46,12 +46,15 @@ def demo(
     Re-running on the same data dir sends only what is missing. See docs/demo.md.
     """
     settings = run(lambda: settings_from(data_dir))
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=as_json, transient=False,
-    ) as progress:
-        summary = run(lambda: run_demo(settings, people=people, seed=seed, reporter=_RichReporter(progress, as_json)))
-    result = summary.to_dict()
+
+    def with_progress() -> DemoSummary:
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=as_json, transient=False,
+        ) as progress:
+            return run_demo(settings, people=people, seed=seed, reporter=_RichReporter(progress, as_json))
+
+    result = run(with_progress).to_dict()  # errors print after the progress bar has stopped
     if as_json:
         print_json(result)
         return

@@ -207,7 +207,8 @@ def _ensure_sources(api: Client, paths: DemoPaths, manifest: dict[str, Any] | No
                 fix="Run the demo on a fresh --data-dir.",
             )
         if name not in known:
-            keys[name] = api.create_source(name=name, kind="collector")["write_key"]
+            # Accept events without a tracking plan even when the server's default quarantines them.
+            keys[name] = api.create_source(name=name, kind="collector", unplanned_events="accept")["write_key"]
             _write_manifest(paths, world, keys)
     if CRM_SOURCE not in known:
         api.create_source(name=CRM_SOURCE, kind="import")
