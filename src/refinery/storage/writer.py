@@ -57,6 +57,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self.commits = 0
         self.last_group_size = 0
+        self.retried_groups = 0
 
     # --- public ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -87,7 +88,13 @@ class Writer:
         return job.future
 
     def call(self, fn: Callable[[Engine], T]) -> T:
-        """Run `fn` through the writer and wait; runs inline (still in one transaction) when no thread runs."""
+        """Run `fn` through the writer and wait; runs inline (still in one transaction) when no thread runs.
+
+        Called from the writer thread itself (a job calling a helper that uses `call`), `fn` joins the
+        transaction already open instead of queueing behind itself forever.
+        """
+        if threading.current_thread() is self._thread:
+            return fn(self.engine)
         if self._thread is None:
             with self.engine.transaction():
                 return fn(self.engine)
@@ -109,12 +116,21 @@ class Writer:
         self._queue.put(job)
 
     def _run(self) -> None:
+        """The writer loop. It must never die: an unexpected error fails the jobs at hand, not the thread."""
+        while True:
+            try:
+                if self._loop():
+                    return
+            except BaseException as e:  # pragma: no cover - a bug in the loop itself
+                log.error("writer: unexpected %s; continuing", type(e).__name__, exc_info=True)
+
+    def _loop(self) -> bool:
         carry: Any = None
         while True:
             job = carry if carry is not None else self._queue.get()
             carry = None
             if job is _STOP:
-                return
+                return True
             if isinstance(job, _CallJob):
                 self._run_call(job)
                 continue
@@ -153,6 +169,11 @@ class Writer:
             job.future.set_result(result)
 
     def _run_group(self, group: list[_BatchJob[Any, Any]]) -> None:
+        # A request whose client went away before its commit was cancelled: it was never
+        # acknowledged, so it is not written (the SDK retries; dedup absorbs the retry).
+        group = [j for j in group if j.future.running() or j.future.set_running_or_notify_cancel()]
+        if not group:
+            return
         handler = group[0].handler
         items: list[Any] = []
         for j in group:
@@ -167,6 +188,7 @@ class Writer:
                 log.error("writer: a write of %d items failed and was rolled back: %s", len(items), type(e).__name__)
                 group[0].future.set_exception(e)
                 return
+            self.retried_groups += 1
             # One bad request must not fail its neighbours: retry each on its own.
             for j in group:
                 self._run_group([j])
