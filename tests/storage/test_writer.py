@@ -1,0 +1,150 @@
+"""The single writer: group commit, isolation of a failing job, one transaction per call()."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from refinery.errors import StorageError
+from refinery.storage.duckdb_engine import DuckDBEngine
+from refinery.storage.engine import Engine
+from refinery.storage.writer import Writer
+
+
+class RowHandler:
+    """Inserts each item as a row; an item 'bad' makes the whole write fail (a real DuckDB error)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.gate: threading.Event | None = None  # the first write waits for it, so others queue up
+        self.entered = threading.Event()
+
+    def write(self, engine: Engine, items: Sequence[str]) -> list[str]:
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            self.entered.set()
+            gate.wait(10)
+        self.calls.append(len(items))
+        for item in items:
+            engine.execute("INSERT INTO t VALUES (?)", [item])
+            if item == "bad":
+                engine.execute("SELECT * FROM no_such_table")
+        return [f"ok:{i}" for i in items]
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[DuckDBEngine]:
+    e = DuckDBEngine(tmp_path / "w.duckdb")
+    e.execute("CREATE TABLE t (v VARCHAR)")
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def writer(engine: DuckDBEngine) -> Iterator[Writer]:
+    w = Writer(engine, max_group=1000, max_wait_ms=50)
+    w.start()
+    yield w
+    w.stop()
+
+
+def _rows(engine: DuckDBEngine) -> list[str]:
+    return sorted(r[0] for r in engine.fetch_all("SELECT v FROM t", cursor=engine.reader()))
+
+
+def test_group_commit(engine: DuckDBEngine) -> None:
+    writer = Writer(engine, max_group=1000, max_wait_ms=20)
+    handler = RowHandler()
+    gate = threading.Event()
+    handler.gate = gate
+    writer.start()
+    try:
+        first = writer.submit_batch(handler, ["first"])
+        assert handler.entered.wait(10)
+        # While the writer is blocked inside the first commit, 20 requests queue up.
+        futures = [writer.submit_batch(handler, [f"a{i}", f"b{i}"]) for i in range(20)]
+        gate.set()
+        assert first.result(10) == ["ok:first"]
+        for i, f in enumerate(futures):
+            assert f.result(10) == [f"ok:a{i}", f"ok:b{i}"]  # each request gets its own outcomes, in order
+        assert handler.calls == [1, 40]  # the 20 waiting requests were written together
+        assert writer.commits == 2 and writer.last_group_size == 40
+        assert len(_rows(engine)) == 41
+    finally:
+        writer.stop()
+
+
+def test_a_failing_job_does_not_fail_its_neighbours(engine: DuckDBEngine) -> None:
+    writer = Writer(engine, max_group=1000, max_wait_ms=20)
+    handler = RowHandler()
+    gate = threading.Event()
+    handler.gate = gate
+    writer.start()
+    try:
+        blocker = writer.submit_batch(handler, ["first"])
+        assert handler.entered.wait(10)
+        good1 = writer.submit_batch(handler, ["g1"])
+        bad = writer.submit_batch(handler, ["x1", "bad", "x2"])
+        good2 = writer.submit_batch(handler, ["g2", "g3"])
+        gate.set()
+        blocker.result(10)
+        assert good1.result(10) == ["ok:g1"]
+        assert good2.result(10) == ["ok:g2", "ok:g3"]
+        with pytest.raises(StorageError, match="no_such_table"):
+            bad.result(10)
+        # The group was rolled back, the good jobs rewritten alone; nothing of the bad job is on disk.
+        assert _rows(engine) == ["first", "g1", "g2", "g3"]
+        assert writer.submit_batch(handler, ["after"]).result(10) == ["ok:after"]  # the writer lives on
+    finally:
+        writer.stop()
+
+
+def test_call_runs_in_one_transaction_and_rolls_back_on_error(engine: DuckDBEngine, writer: Writer) -> None:
+    def half_then_fail(e: Engine) -> None:
+        e.execute("INSERT INTO t VALUES ('half')")
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        writer.call(half_then_fail)
+    assert _rows(engine) == []
+    assert writer.call(lambda e: e.execute("INSERT INTO t VALUES ('whole')") and "done") == "done"
+    assert _rows(engine) == ["whole"]
+
+
+def test_call_without_a_thread_is_still_one_transaction(engine: DuckDBEngine) -> None:
+    writer = Writer(engine)
+    with pytest.raises(ValueError):
+        writer.call(lambda e: (e.execute("INSERT INTO t VALUES ('x')"), (_ for _ in ()).throw(ValueError("no")))[0])
+    assert _rows(engine) == []
+
+
+def test_a_call_from_inside_the_writer_does_not_deadlock(engine: DuckDBEngine, writer: Writer) -> None:
+    def outer(e: Engine) -> str:
+        return writer.call(lambda inner: inner.execute("INSERT INTO t VALUES ('nested')") and "inner")
+
+    assert writer.submit(outer).result(5) == "inner"
+    assert _rows(engine) == ["nested"]
+
+
+def test_a_cancelled_request_does_not_kill_the_writer(engine: DuckDBEngine) -> None:
+    writer = Writer(engine, max_group=1000, max_wait_ms=20)
+    handler = RowHandler()
+    gate = threading.Event()
+    handler.gate = gate
+    writer.start()
+    try:
+        blocker = writer.submit_batch(handler, ["first"])
+        assert handler.entered.wait(10)
+        gone = writer.submit_batch(handler, ["gone"])
+        kept = writer.submit_batch(handler, ["kept"])
+        assert gone.cancel()  # a client that disconnected before its commit
+        gate.set()
+        blocker.result(10)
+        assert kept.result(10) == ["ok:kept"]
+        assert writer.call(lambda e: "alive") == "alive"
+        assert "gone" not in _rows(engine)  # never acknowledged, so never written
+    finally:
+        writer.stop()
