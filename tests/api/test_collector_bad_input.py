@@ -297,6 +297,29 @@ def test_far_timestamps_in_a_batch(srv: Server) -> None:
     assert events_with(srv, ok, "timestamp")[0]["timestamp"].startswith("2020-06-01T12:00:00")
 
 
+@pytest.mark.parametrize(
+    "fields,reason",
+    [
+        ({"originalTimestamp": "0001-01-01T00:00:00Z", "sentAt": "294000-01-01T00:00:00Z"}, "timestamp_too_old"),
+        ({"timestamp": "-infinity", "sentAt": "infinity"}, "timestamp_too_old"),
+        ({"timestamp": "infinity"}, "timestamp_in_future"),
+        ({"timestamp": 1e20}, "invalid_timestamp"),
+        ({"timestamp": "99999999999999999999"}, "invalid_timestamp"),
+    ],
+    ids=["year-294000-sentAt", "infinities", "infinity", "epoch-1e20", "digits-1e20"],
+)
+def test_extreme_timestamps_do_not_poison_their_batch(srv: Server, fields: dict[str, object], reason: str) -> None:
+    """Times that overflow date arithmetic are quarantined; the batch's other events are stored."""
+    bad, good = uid(), uid()
+    r = post(srv, "/v1/batch", {"batch": [
+        {"type": "track", "userId": "u", "event": "E", "messageId": bad, **fields},
+        {"type": "track", "userId": "u", "event": "E", "messageId": good},
+    ]})
+    assert r.status_code == 200, r.text
+    assert [f["reason"] for f in failed_with(srv, bad)] == [reason]
+    assert len(events_with(srv, good)) == 1
+
+
 @pytest.mark.parametrize("scale", [1, 1000], ids=["seconds", "milliseconds"])
 def test_epoch_number_timestamps(srv: Server, scale: int) -> None:
     mid = uid()

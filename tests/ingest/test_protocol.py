@@ -104,6 +104,8 @@ def test_given_message_id_is_kept() -> None:
     [
         ("track", {"event": "E"}, "missing_identity", "/userId"),
         ("track", {"userId": "u"}, "missing_event", "/event"),
+        ("track", {"userId": "u", "event": "  "}, "missing_event", "/event"),
+        ("group", {"userId": "u", "groupId": " "}, "missing_group_id", "/groupId"),
         ("track", {"userId": "u", "event": 42}, "invalid_type", "/event"),
         ("track", {"userId": True, "event": "E"}, "invalid_type", "/userId"),
         ("group", {"userId": "u"}, "missing_group_id", "/groupId"),

@@ -329,8 +329,8 @@ def check_event(item: dict[str, Any], merged: dict[str, Any], size: int, limits:
     required = {"track": "event", "group": "groupId", "alias": "previousId"}.get(call)
     if required is not None:
         v = item.get(required)
-        if v is None or v == "":
-            return Failure(f"missing_{_snake(required)}", f"A {call} call needs {required}.", f"/{required}")
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return Failure(f"missing_{_snake(required)}", f"A {call} call needs a non-blank {required}.", f"/{required}")
         ok_types: tuple[type, ...] = (str,) if required == "event" else (str, int)
         if isinstance(v, bool) or not isinstance(v, ok_types):
             return Failure("invalid_type", f"{required} must be a string, got {_describe(v)}.", f"/{required}")
