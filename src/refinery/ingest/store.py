@@ -207,7 +207,7 @@ def insert_clean(
     ).from_(cleaned.subquery("_c")).where("_reason IS NOT NULL")
     insert = exp.insert(failed, "failed_events", columns=list(FAILED_COLUMNS))
     rows = engine.fetch_all(insert.sql("duckdb") + " RETURNING raw_id, reason, message, field")
-    return [(int(r[0]), r[1], r[2], r[3]) for r in rows]
+    return [(None if r[0] is None else int(r[0]), r[1], r[2], r[3]) for r in rows]  # imported rows have no raw_id
 
 
 def _conflict(message_id: str) -> Failure:
