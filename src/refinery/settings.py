@@ -7,11 +7,12 @@ Every field has a description; `tests/test_settings.py` checks that each one is 
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from refinery.errors import ConfigurationError
@@ -60,26 +61,42 @@ class Settings(BaseSettings):
         return self.data_dir / "raw" / "imports"
 
 
+CONFIG_ENV = "REFINERY_CONFIG"
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Defaults < `refinery.toml` (or `config_file`) < environment < `overrides` (flags)."""
+    """Defaults < `refinery.toml` (or `config_file`, or `$REFINERY_CONFIG`) < `REFINERY_*` environment < `overrides` (flags).
+
+    The file holds the settings under a `[refinery]` table (or at its top level), with the names
+    of docs/configuration.md: `port = 9000`, `data_dir = "/var/lib/refinery"`.
+    """
+    explicit = config_file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    path = explicit or Path("refinery.toml")
     file_values: dict[str, Any] = {}
-    path = config_file or Path("refinery.toml")
     if path.exists():
         try:
-            file_values = tomllib.loads(path.read_text("utf-8")).get("refinery", {})
-        except tomllib.TOMLDecodeError as e:
+            doc = tomllib.loads(path.read_text("utf-8"))
+        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as e:
             raise ConfigurationError(f"{path} is not valid TOML: {e}.", fix="Correct the file or remove it.") from e
-    elif config_file is not None:
-        raise ConfigurationError(f"Config file {path} does not exist.", fix="Pass an existing file to --config.")
+        file_values = doc["refinery"] if isinstance(doc.get("refinery"), dict) else doc
+        unknown = sorted(set(file_values) - set(Settings.model_fields))
+        if unknown:
+            raise ConfigurationError(
+                f"{path} sets unknown setting(s): {', '.join(unknown)}.",
+                fix="Use the names listed in docs/configuration.md (e.g. port, data_dir).",
+                field=unknown[0],
+            )
+    elif explicit is not None:
+        raise ConfigurationError(f"Config file {path} does not exist.", fix=f"Point {CONFIG_ENV} (or --config) at an existing file.")
 
-    import os
-
-    env_names = {f"REFINERY_{name.upper()}" for name in Settings.model_fields}
-    from_env = {k for k in env_names if k in os.environ}
-    # Environment beats the file: drop file keys that the environment sets.
-    layered = {k: v for k, v in file_values.items() if f"REFINERY_{k.upper()}" not in from_env}
+    # Environment beats the file: drop file keys that the environment sets (names are case-insensitive).
+    in_env = {k.upper() for k in os.environ}
+    layered = {k: v for k, v in file_values.items() if f"REFINERY_{k.upper()}" not in in_env}
     layered.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return Settings(**layered)
-    except Exception as e:  # pydantic.ValidationError, reported with the names users type
-        raise ConfigurationError(f"Invalid settings: {e}", fix="See docs/configuration.md for every setting.") from e
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])} (env REFINERY_{str(err['loc'][0]).upper()}): {err['msg']}" for err in e.errors()
+        )
+        raise ConfigurationError(f"Invalid settings: {problems}.", fix="See docs/configuration.md for every setting.") from e
