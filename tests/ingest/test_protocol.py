@@ -202,3 +202,18 @@ def test_envelope_context_must_be_an_object() -> None:
 
 def test_short_paths_cover_every_call() -> None:
     assert set(protocol.SHORT_PATHS.values()) == {*protocol.CALL_TYPES, "batch"}
+
+
+def test_brackets_inside_strings_do_not_count_as_depth() -> None:
+    [ev] = stage("track", {"userId": "u", "event": "E", "properties": {"s": "{[" * 200}}, LIMITS)
+    assert ev.failure is None
+
+
+def test_depth_exactly_at_the_limit_is_accepted() -> None:
+    nested: object = 1
+    for _ in range(LIMITS.max_json_depth - 2):  # the event object and properties are two levels
+        nested = [nested]
+    [ev] = stage("track", {"userId": "u", "event": "E", "properties": {"p": nested}}, LIMITS)
+    assert ev.failure is None
+    with pytest.raises(IngestError):
+        stage("track", {"userId": "u", "event": "E", "properties": {"p": [nested]}}, LIMITS)

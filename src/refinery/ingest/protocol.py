@@ -286,7 +286,7 @@ def _stage_item(
             f"messageId must be a string of 1-255 characters, got {_describe(mid)}.",
             "/messageId",
         )
-    failure = failure or check_event(item, merged, len(raw_bytes), limits)
+    failure = failure or check_event(item, merged, len(raw_bytes), limits, raw_bytes)
     hashed = {k: v for k, v in item.items() if k not in _HASH_EXCLUDED}
     return StagedEvent(
         index,
@@ -300,7 +300,9 @@ def _stage_item(
     )
 
 
-def check_event(item: dict[str, Any], merged: dict[str, Any], size: int, limits: Limits) -> Failure | None:
+def check_event(
+    item: dict[str, Any], merged: dict[str, Any], size: int, limits: Limits, raw: bytes | None = None
+) -> Failure | None:
     """Segment's per-event rules. Returns the first rule broken, or None."""
     if size > limits.max_event_bytes:
         return Failure(
@@ -348,8 +350,10 @@ def check_event(item: dict[str, Any], merged: dict[str, Any], size: int, limits:
             return Failure(
                 "invalid_timestamp", f"{f} must be an ISO-8601 string or epoch number, got {_describe(v)}.", f"/{f}", "collect"
             )
-    depth = _depth(item, limits.max_json_depth)
-    if depth > limits.max_json_depth:
+    # Counting brackets in the serialised event is an upper bound on its depth (brackets inside
+    # strings only add to it), so the walk runs only for the rare event that could be too deep.
+    may_be_deep = raw is None or raw.count(b"{") + raw.count(b"[") > limits.max_json_depth
+    if may_be_deep and _depth(item, limits.max_json_depth) > limits.max_json_depth:
         return Failure("too_deep", f"The event nests deeper than {limits.max_json_depth} levels.", "")
     return None
 
