@@ -8,7 +8,14 @@ import typer
 
 from refinery.cli.common import DataDirOption, JsonOption, client, console, print_json, print_table
 
-app = typer.Typer(help="Create and manage sources (each has its own write key, plan mode and rate limit).", no_args_is_help=True)
+app = typer.Typer(
+    help=(
+        "Create and manage sources: each producer of events (a website, an app, a CRM export) has its "
+        "own write key, tracking-plan mode and rate limit.\n\n"
+        "Start with: refinery sources create web"
+    ),
+    no_args_is_help=True,
+)
 
 
 @app.command("create")
@@ -23,8 +30,14 @@ def create(
 ) -> None:
     """Create a source and print its write key (shown once; only its hash is stored).
 
-    Point an SDK at Refinery with it, e.g. analytics-python: `analytics.write_key = KEY;
-    analytics.host = "http://127.0.0.1:8088"`.
+    Point an SDK at Refinery with it, e.g. analytics-python:
+      analytics.write_key = KEY; analytics.host = "http://127.0.0.1:8088"
+
+    Examples:
+      refinery sources create web
+      refinery sources create ios --unplanned quarantine --rate-limit 500
+      refinery sources create crm --kind import
+      refinery sources create web --write-key "$SEGMENT_WRITE_KEY" --json
     """
     with client(data_dir) as c:
         src = c.create_source(name=name, kind=kind, write_key=write_key, unplanned_events=unplanned, rate_limit_per_second=rate_limit)
@@ -38,7 +51,12 @@ def create(
 
 @app.command("list")
 def list_(data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
-    """List sources with their state and settings."""
+    """List sources with their state, key prefix, plan mode and rate limit (keys are never shown).
+
+    Examples:
+      refinery sources list
+      refinery sources list --json
+    """
     with client(data_dir) as c:
         rows = c.sources()
     if as_json:
@@ -57,24 +75,44 @@ def _set(name: str, data_dir: Path | None, as_json: bool, **fields: object) -> N
 
 
 @app.command("disable")
-def disable(name: str, data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
-    """Refuse events for a source (its SDKs get 403 until it is enabled again)."""
+def disable(name: str = typer.Argument(..., help="The source to disable."), data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
+    """Refuse events for a source (its SDKs get 403 until it is enabled again).
+
+    Example:
+      refinery sources disable web
+    """
     _set(name, data_dir, as_json, enabled=False)
 
 
 @app.command("enable")
-def enable(name: str, data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
-    """Accept events for a source again."""
+def enable(name: str = typer.Argument(..., help="The source to enable."), data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
+    """Accept events for a source again.
+
+    Example:
+      refinery sources enable web
+    """
     _set(name, data_dir, as_json, enabled=True)
 
 
 @app.command("set")
 def set_(
-    name: str,
-    unplanned: str = typer.Option(None, "--unplanned", help="'accept' or 'quarantine' unplanned events."),
+    name: str = typer.Argument(..., help="The source to change."),
+    unplanned: str = typer.Option(None, "--unplanned", help="'accept' or 'quarantine' track events without a tracking plan."),
     rate_limit: float = typer.Option(None, help="Events per second (0 disables the limit)."),
     data_dir: Path = DataDirOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Change a source's plan mode or rate limit."""
+    """Change a source's tracking-plan mode or rate limit.
+
+    With --unplanned quarantine, track events with no plan file are quarantined as
+    unplanned_event (replay them after adding a plan or switching back to accept).
+
+    Examples:
+      refinery sources set web --unplanned quarantine
+      refinery sources set web --rate-limit 0
+    """
+    if unplanned is not None and unplanned not in ("accept", "quarantine"):
+        raise typer.BadParameter(f"{unplanned!r} is not a mode; use 'accept' or 'quarantine'.", param_hint="--unplanned")
+    if unplanned is None and rate_limit is None:
+        raise typer.BadParameter("Nothing to change: pass --unplanned and/or --rate-limit.")
     _set(name, data_dir, as_json, unplanned_events=unplanned, rate_limit_per_second=rate_limit)
