@@ -43,7 +43,13 @@ def serve(
     port: int = typer.Option(None, help="Port (default 8088, or REFINERY_PORT; 0 picks a free one)."),
     data_dir: Path = DataDirOption,
 ) -> None:
-    """Run the collector (Segment HTTP API at /v1/*), the admin API (/api/*), /health and /metrics."""
+    """Run the collector (Segment HTTP API at /v1/*), the admin API (/api/*), /health and /metrics.
+
+    Examples:
+      refinery serve
+      refinery serve --port 9000 --data-dir /var/lib/refinery
+      REFINERY_HOST=0.0.0.0 refinery serve
+    """
     from refinery.api.server import serve as run_server
 
     settings = run(lambda: settings_from(data_dir, host=host, port=port))
@@ -61,7 +67,13 @@ def query(
 ) -> None:
     """Run read-only SQL over the zones: events, raw_events, failed_events, sources, imports.
 
-    Anything that writes, reads files or the environment is refused.
+    Anything that writes, reads files or the environment is refused. Output as a table, CSV or JSON.
+
+    Examples:
+      refinery query "SELECT type, count(*) AS n FROM events GROUP BY 1 ORDER BY n DESC"
+      refinery query "SELECT reason, count(*) FROM failed_events GROUP BY 1" --format csv > reasons.csv
+      refinery query "SELECT * FROM events ORDER BY timestamp DESC LIMIT 5" --json
+      refinery query "DESCRIBE events"
     """
     with client(data_dir) as c:
         result = c.query(sql, limit)
@@ -88,7 +100,14 @@ def catalog(
     data_dir: Path = DataDirOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Show which events arrive, per source, with counts, first/last seen and property types."""
+    """Show which events arrive, per source, with counts, first/last seen and property types.
+
+    A property's type is its most common JSON type; --json lists every type seen with counts.
+
+    Examples:
+      refinery catalog
+      refinery catalog --source web --json
+    """
     with client(data_dir) as c:
         cat = c.catalog(source)
     if as_json:
@@ -148,7 +167,11 @@ def import_(
 
 @app.command()
 def version() -> None:
-    """Print the Refinery version."""
+    """Print the Refinery version.
+
+    Example:
+      refinery version
+    """
     from refinery import __version__
 
     typer.echo(__version__)
