@@ -164,8 +164,11 @@ class Collector:
             if body_key is None:
                 raise protocol.missing_write_key()
             source = self._source(body_key)
+        # Rate-limit before staging, so a client over its limit costs us no per-event work.
+        batch = body.get("batch") if call == "batch" else None
+        cost = min(len(batch), self.limits.max_batch_events) if isinstance(batch, list) and batch else 1
+        self.rate.take(source.name, cost, source.rate_limit_per_second)
         staged = protocol.stage(call, body, self.limits)
-        self.rate.take(source.name, len(staged), source.rate_limit_per_second)
         plans = self.rt.plans
         if plans.applies_to(source.unplanned_events):
             for ev in staged:
