@@ -78,7 +78,8 @@ def _parse(sql: str, dialect: str) -> exp.Expression:
         sqlglot_log.setLevel(level)
     if len(statements) != 1:
         raise _refuse(f"Send exactly one statement (got {len(statements)}).", "Remove the extra statements.")
-    return statements[0]
+    tree: exp.Expression = statements[0]  # type: ignore[assignment]
+    return tree
 
 
 def _function_name(node: exp.Func) -> str:
@@ -88,13 +89,13 @@ def _function_name(node: exp.Func) -> str:
 def _visible_cte(table: exp.Table) -> exp.CTE | None:
     """The CTE a table name refers to: the nearest enclosing WITH that defines the name."""
     name = table.name.lower()
-    node: exp.Expression | None = table.parent
+    node: Any = table.parent
     while node is not None:
         with_ = node.args.get("with_") or node.args.get("with")
         if isinstance(with_, exp.With):
             for cte in with_.expressions:
                 if cte.alias_or_name.lower() == name:
-                    return cte  # type: ignore[no-any-return]
+                    return cte if isinstance(cte, exp.CTE) else None
         node = node.parent
     return None
 
