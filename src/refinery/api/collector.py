@@ -11,8 +11,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -23,8 +24,9 @@ from refinery.api.metrics import Metrics
 from refinery.api.ratelimit import RateLimiter
 from refinery.errors import AuthError, IngestError, PayloadTooLarge, PermissionDenied, RefineryError
 from refinery.ingest import protocol
+from refinery.ingest.protocol import Failure
 from refinery.ingest.sources import Source
-from refinery.ingest.store import IngestItem
+from refinery.ingest.store import IngestItem, Outcome
 from refinery.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -177,12 +179,9 @@ class Collector:
         received_at = datetime.now(UTC)
         items = [IngestItem(source.name, request_id, received_at, ev) for ev in staged]
         self.metrics.writer_queue.set(self.rt.writer.pending())
-        future = self.rt.writer.submit_batch(self.rt.events, items)
         try:
-            outcomes = await asyncio.wrap_future(future)
-        except RefineryError:
-            raise
-        except Exception as e:
+            outcomes = await commit_isolating(self._write, items, _quarantine)
+        except Exception as e:  # storage errors carry SQL and values: never sent to the client nor logged
             log.error("collector: commit failed for request %s: %s", request_id, type(e).__name__)
             raise _Unavailable() from e
         loaded = dup = 0
@@ -212,6 +211,58 @@ class Collector:
             o = failures[0]
             resp.update(quarantined=True, reason=o.reason, field=o.field, message=o.message)
         return _json(resp, headers={"x-request-id": request_id})
+
+
+    async def _write(self, items: list[IngestItem]) -> list[Outcome]:
+        return await asyncio.wrap_future(self.rt.writer.submit_batch(self.rt.events, items))
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def commit_isolating(
+    write: Callable[[list[T]], Awaitable[list[R]]],
+    items: list[T],
+    quarantine: Callable[[T, Exception], None],
+    *,
+    max_failures: int = 64,
+) -> list[R]:
+    """Write `items`; if the commit fails, bisect to find the items that make it fail, write the
+    rest, and write those marked by `quarantine` (so they land in failed_events).
+
+    One event that trips a storage bug must not fail its whole batch forever: SDKs retry a 5xx a
+    few times and then drop the batch, good events included. An error that is not about the items
+    (disk full) fails every split; after `max_failures` failed commits the error is raised.
+    """
+    failures = 0
+
+    async def attempt(chunk: list[T]) -> list[R]:
+        nonlocal failures
+        try:
+            return await write(chunk)
+        except Exception as e:
+            failures += 1
+            if failures > max_failures:
+                raise
+            if len(chunk) == 1:
+                quarantine(chunk[0], e)
+                return await write(chunk)
+        mid = len(chunk) // 2
+        return [*(await attempt(chunk[:mid])), *(await attempt(chunk[mid:]))]
+
+    return await attempt(items)
+
+
+def _quarantine(item: IngestItem, error: Exception) -> None:
+    log.error("collector: an event of request %s could not be stored (%s); quarantining it", item.request_id, type(error).__name__)
+    item.event.failure = Failure(
+        "storage_error",
+        f"Refinery could not clean or store this event ({type(error).__name__}); it is kept here as received. "
+        "Report it with this row, and replay it once fixed.",
+        None,
+        "clean",
+    )
 
 
 class _Unavailable(RefineryError):
