@@ -16,7 +16,6 @@ import csv
 import difflib
 import gzip
 import hashlib
-import io
 import logging
 import os
 import threading
@@ -350,11 +349,13 @@ def reader_relation(shape: FileShape, mapping: dict[str, Any], rejects_table: st
         structure = orjson.dumps({c: "JSON" for c in needed}).decode()
         inner = _template(
             "SELECT _line IS NULL OR trim(_line) = '' AS _blank, "
-            "_line IS NOT NULL AND trim(_line) <> '' AND NOT coalesce(json_valid(_line) AND json_type(_line) = 'OBJECT', false) AS _not_object, "
+            "_line IS NOT NULL AND trim(_line) <> '' AND NOT _is_object AS _not_object, "
             "left(_line, 20) AS _line_head, "
-            "CASE WHEN json_valid(_line) AND json_type(_line) = 'OBJECT' THEN json_transform(_line, __structure) END AS _obj "
+            "CASE WHEN _is_object THEN json_transform(_line, __structure) END AS _obj "
+            # CASE guards evaluation, so invalid lines are never handed to json_type / json_transform
+            "FROM (SELECT _line, CASE WHEN json_valid(_line) THEN json_type(_line) = 'OBJECT' ELSE false END AS _is_object "
             "FROM read_csv(?, delim = ?, quote = '', escape = '', header = false, encoding = ?, auto_detect = false, "
-            "columns = {'_line': 'VARCHAR'}, store_rejects = true, rejects_table = ?, rejects_scan = ?)",
+            "columns = {'_line': 'VARCHAR'}, store_rejects = true, rejects_table = ?, rejects_scan = ?))",
             structure=_lit(structure),
         )
         # json_transform yields a struct keyed by the column names; expose each as the column name.
@@ -385,11 +386,22 @@ def detect_format(path: Path, mapping: dict[str, Any]) -> str:
     return fmt
 
 
-def _open_text(path: Path, encoding: str) -> io.TextIOBase:
+def _read_header(path: Path, encoding: str, skip: int, max_bytes: int = 1 << 20) -> str:
+    """The header line as text (after `skip` lines). Only the head of the file is read and decoded:
+    a bad byte further down is the reader's business, reported with its row."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rb") as f:
+        head = f.read(max_bytes)
     py_enc = {"utf-8": "utf-8-sig", "utf-16": "utf-16", "latin-1": "latin-1"}[encoding]
-    if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", encoding=py_enc, newline="")  # type: ignore[return-value]
-    return open(path, encoding=py_enc, newline="")  # noqa: SIM115 - closed by the caller
+    text = head.decode(py_enc, errors="replace")
+    lines = text.splitlines()
+    line = lines[skip] if len(lines) > skip else ""
+    if "\ufffd" in line:
+        raise ImportError_(
+            f"The header of {path.name} is not valid {encoding}.",
+            fix="Set encoding in the mapping (e.g. encoding: latin-1), or save the file as UTF-8.", field="encoding",
+        )
+    return line
 
 
 def inspect_file(engine: Engine, path: Path, fmt: str, mapping: dict[str, Any]) -> FileShape:
@@ -397,19 +409,12 @@ def inspect_file(engine: Engine, path: Path, fmt: str, mapping: dict[str, Any]) 
     the first JSON lines. Raises ImportError_ when a mapped column is missing."""
     opts = mapping["csv"]
     if fmt == "csv":
+        line = _read_header(path, mapping["encoding"], opts["skip"])
         try:
-            with _open_text(path, mapping["encoding"]) as f:
-                for _ in range(opts["skip"]):
-                    f.readline()
-                reader = csv.reader(f, delimiter=opts["delimiter"], quotechar=opts["quote"] or None,
-                                    escapechar=None if opts["escape"] in ("", opts["quote"]) else opts["escape"],
-                                    doublequote=opts["escape"] == opts["quote"])
-                header = next(reader, None)
-        except UnicodeDecodeError as e:
-            raise ImportError_(
-                f"The header of {path.name} is not valid {mapping['encoding']} (byte {e.start}).",
-                fix="Set encoding in the mapping (e.g. encoding: latin-1), or save the file as UTF-8.", field="encoding",
-            ) from e
+            reader = csv.reader([line], delimiter=opts["delimiter"], quotechar=opts["quote"] or None,
+                                escapechar=None if opts["escape"] in ("", opts["quote"]) else opts["escape"],
+                                doublequote=opts["escape"] == opts["quote"])
+            header = next(reader, None)
         except csv.Error as e:
             raise ImportError_(f"Cannot read the header of {path.name}: {e}.", fix="Check csv.delimiter and csv.quote.") from e
         if not header:
@@ -433,7 +438,7 @@ def inspect_file(engine: Engine, path: Path, fmt: str, mapping: dict[str, Any]) 
         keys = engine.fetch_all(
             "SELECT DISTINCT unnest(json_keys(_line)) FROM (SELECT _line FROM read_csv(?, delim = ?, quote = '', escape = '', "
             "header = false, encoding = ?, auto_detect = false, columns = {'_line': 'VARCHAR'}, ignore_errors = true) "
-            "WHERE json_valid(_line) AND json_type(_line) = 'OBJECT' LIMIT 1000)",
+            "WHERE CASE WHEN json_valid(_line) THEN json_type(_line) = 'OBJECT' ELSE false END LIMIT 1000)",
             [str(path), _LINE_DELIMITER, mapping["encoding"]], cursor=engine.reader(),
         )
         shape = FileShape("jsonl", {k[0]: "JSON" for k in keys})
