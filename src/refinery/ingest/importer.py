@@ -21,6 +21,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -629,18 +630,25 @@ def _write_chunk(runtime: Runtime, engine: Engine, job: ImportJob, rows: pa.Tabl
     engine.register("_imp_rows", rows)
     file = Path(job.path).name
     try:
+        # Joins against the chunk's own ids (not correlated subqueries): one pass over each zone.
         engine.execute(
             "CREATE OR REPLACE TEMP TABLE _imp_chunk AS "
+            "WITH ids AS (SELECT DISTINCT message_id FROM _imp_rows WHERE message_id IS NOT NULL), "
+            "loaded AS (SELECT DISTINCT e.message_id FROM events e JOIN ids ON ids.message_id = e.message_id WHERE e.source = ?), "
+            "quarantined AS (SELECT DISTINCT f.message_id, CAST(f.payload AS VARCHAR) AS payload FROM failed_events f "
+            "  JOIN ids ON ids.message_id = f.message_id WHERE f.source = ?), "
+            "by_row AS (SELECT DISTINCT f.row_number FROM failed_events f JOIN imports i ON i.import_id = f.import_id "
+            "  WHERE f.source = ? AND f.message_id IS NULL AND i.file_sha256 = ?) "
             "SELECT c.*, CASE "
             "  WHEN coalesce(c._reason, '') = 'blank_line' THEN true "
-            "  WHEN c.message_id IS NULL THEN EXISTS (SELECT 1 FROM failed_events f JOIN imports i ON i.import_id = f.import_id "
-            "       WHERE f.source = ? AND f.message_id IS NULL AND i.file_sha256 = ? AND f.row_number = c.row_number) "
-            "  WHEN EXISTS (SELECT 1 FROM events e WHERE e.source = ? AND e.message_id = c.message_id) THEN true "
-            "  WHEN EXISTS (SELECT 1 FROM failed_events f WHERE f.source = ? AND f.message_id = c.message_id "
-            "       AND CAST(f.payload AS VARCHAR) = c.payload) THEN true "
+            "  WHEN c.message_id IS NULL THEN p.row_number IS NOT NULL "
+            "  WHEN l.message_id IS NOT NULL OR q.message_id IS NOT NULL THEN true "
             "  ELSE row_number() OVER (PARTITION BY c.message_id ORDER BY c.row_number) > 1 END AS _dup "
-            "FROM _imp_rows c",
-            [job.source, job.file_sha256, job.source, job.source],
+            "FROM _imp_rows c "
+            "LEFT JOIN loaded l ON l.message_id = c.message_id "
+            "LEFT JOIN quarantined q ON q.message_id = c.message_id AND q.payload = c.payload "
+            "LEFT JOIN by_row p ON c.message_id IS NULL AND p.row_number = c.row_number",
+            [job.source, job.source, job.source, job.file_sha256],
         )
         blank, dup, failed = engine.fetch_all(
             "SELECT count(*) FILTER (WHERE coalesce(_reason, '') = 'blank_line'), count(*) FILTER (WHERE _dup), "
@@ -674,8 +682,11 @@ def _write_chunk(runtime: Runtime, engine: Engine, job: ImportJob, rows: pa.Tabl
             [job.source, job.import_id, job.import_id],
         )
         engine.execute("DROP TABLE _imp_chunk")
-    finally:
-        engine.unregister("_imp_rows")
+    except BaseException:
+        with suppress(Exception):  # the transaction is aborted; the error that matters is the one raised
+            engine.unregister("_imp_rows")
+        raise
+    engine.unregister("_imp_rows")
     n = rows.num_rows - int(blank)
     job.rows_read += n
     job.rows_duplicate += int(dup) - int(blank)
@@ -743,8 +754,11 @@ def _write_rejects(engine: Engine, job: ImportJob, plan: _Plan, rejected: pa.Tab
             "AND f.row_number = r.row_number)",
             [job.source, job.started_at, job.import_id, file, job.source, job.file_sha256],
         )
-    finally:
-        engine.unregister("_imp_rejects")
+    except BaseException:
+        with suppress(Exception):  # as in _write_chunk
+            engine.unregister("_imp_rejects")
+        raise
+    engine.unregister("_imp_rejects")
     job.rows_read += rejected.num_rows
     job.rows_duplicate += int(dup)
     job.rows_failed += rejected.num_rows - int(dup)
