@@ -8,6 +8,7 @@ starts `python -m refinery serve` on a free loopback port with the same data dir
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -96,11 +97,14 @@ def _exited(proc: subprocess.Popen[bytes], log_path: Path) -> RefineryError:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    """Stop like Ctrl-C: uvicorn re-raises SIGTERM after shutdown, which skips the server's own
+    clean-up (server.json, closing the database); SIGINT lets it run. Escalate if it hangs."""
+    for stop, wait in ((lambda: proc.send_signal(signal.SIGINT), 20.0), (proc.terminate, 10.0), (proc.kill, 5.0)):
+        if proc.poll() is not None:
+            return
+        stop()
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
