@@ -66,8 +66,12 @@ def check_zones(data_dir: Path, world: World) -> None:
     identifies = query(data_dir, "SELECT user_id, type FROM events WHERE source = 'demo-crm'")
     assert {r["type"] for r in identifies} == {"identify"}
     assert sorted(r["user_id"] for r in identifies) == sorted(ids)
-    crm_failed = query(data_dir, "SELECT reason FROM failed_events WHERE source = 'demo-crm'")
+    crm_failed = query(data_dir, "SELECT reason, row_number, file FROM failed_events WHERE source = 'demo-crm'")
     assert len(crm_failed) == missing == 1
+    truth = json.loads((data_dir / "demo" / "ground_truth.json").read_text())
+    lost = [r["line"] for r in truth["crm_rows"] if r["expected"] == "missing_id"]
+    assert [(r["row_number"], r["file"]) for r in crm_failed] == [(lost[0], "crm_export.csv")]
+    assert crm_failed[0]["reason"]
 
 
 def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
