@@ -88,6 +88,20 @@ class Engine(abc.ABC):
     def fetch_dicts(self, sql: SQL, params: Params = None, *, cursor: Any = None) -> list[dict[str, Any]]:
         return self.fetch_arrow(sql, params, cursor=cursor).to_pylist()
 
+    def execute_reused(self, sql: str) -> Any:
+        """Run a constant statement that the writer runs again and again (a group commit's INSERTs).
+
+        An engine that can plan a statement once and reuse the plan does so (planning the cleaning
+        SQL costs more than running it on a few hundred rows); the default simply executes it.
+        Only for parameter-free text that never contains user input; it reads rows staged with
+        `stage`, never a table passed to `register` (a reused plan may hold on to that table).
+        """
+        return self.execute(sql)
+
+    def stage(self, name: str, table: pa.Table) -> None:
+        """Expose `table` under `name` in place of the rows staged there before (the writer's inbox)."""
+        self.register(name, table)
+
     # --- hooks an engine implements -------------------------------------------------------
     @abc.abstractmethod
     def _execute(self, sql: str, params: Params, cursor: Any) -> Any: ...
