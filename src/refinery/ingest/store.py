@@ -8,6 +8,7 @@ messageId and events that broke a protocol or plan rule; clean the rest with `cl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -119,17 +120,17 @@ class EventStore:
             },
             schema=_STAGED_SCHEMA,
         )
-        engine.register("_staged", table)
+        engine.stage("_staged", table)
         try:
-            engine.execute(
+            engine.execute_reused(
                 "INSERT INTO raw_events (raw_id, request_id, source, message_id, received_at, payload, envelope) "
                 "SELECT raw_id, request_id, source, message_id, received_at, payload, envelope FROM _staged"
             )
             # Remember first occurrences; RETURNING gives the ids that were new to the dedup window.
-            new_ids = engine.fetch_all(
+            new_ids = engine.execute_reused(
                 "INSERT INTO message_ids SELECT source, message_id, payload_hash, received_at FROM _staged "
                 "WHERE is_new ON CONFLICT DO NOTHING RETURNING source, message_id"
-            )
+            ).fetchall()
             fresh = {(s, m) for s, m in new_ids}
             seen_before = [i for i, it in enumerate(items) if is_candidate[i] and (it.source, it.event.message_id) not in fresh]
             if seen_before:
@@ -143,30 +144,23 @@ class EventStore:
                     else:
                         failures[i] = _conflict(it.event.message_id)
                 table = _with_failures(table, failures, is_candidate)
-                engine.unregister("_staged")
-                engine.register("_staged", table)
+                engine.stage("_staged", table)
 
             # Quarantine what broke a rule before cleaning (protocol, plan, dedup conflicts).
-            engine.execute(
-                f"INSERT INTO failed_events ({', '.join(FAILED_COLUMNS)}) "
-                "SELECT nextval('failed_event_seq'), raw_id, source, message_id, pre_stage, pre_reason, pre_message, "
-                "pre_field, merged, received_at, now(), NULL, NULL, NULL FROM _staged WHERE pre_reason IS NOT NULL"
-            )
+            if any(f is not None for f in failures):
+                engine.execute_reused(_QUARANTINE_STAGED)
             for i, f in enumerate(failures):
                 if f is not None and outcomes[i] is None:
                     outcomes[i] = Outcome("failed", items[i].event.message_id, f.reason, f.message, f.field)
 
-            cleaned_failures = insert_clean(
-                engine,
-                parse(
-                    "SELECT raw_id, source, message_id, received_at, merged AS payload, "
-                    "CAST(NULL AS VARCHAR) AS import_id FROM _staged WHERE is_new AND pre_reason IS NULL"
-                ),
-                self.rules,
+            to_clean = sum(1 for i, f in enumerate(failures) if f is None and is_candidate[i])
+            cleaned_failures = (
+                insert_clean(engine, _TO_CLEAN, self.rules, expected=to_clean, reuse_plan=True) if to_clean else []
             )
         finally:
-            engine.unregister("_staged")
+            engine.stage("_staged", table.slice(0, 0))  # let go of the rows
         for raw_id, reason, message, field in cleaned_failures:
+            assert raw_id is not None  # the collector's rows always carry one
             i = raw_id - first
             outcomes[i] = Outcome("failed", items[i].event.message_id, reason, message, field)
         return [o if o is not None else Outcome("loaded", items[i].event.message_id) for i, o in enumerate(outcomes)]
@@ -178,36 +172,73 @@ class EventStore:
         for it in items:
             by_source.setdefault(it.source, []).append(it.event.message_id)
         for source, ids in by_source.items():
-            placeholders = ", ".join("?" for _ in ids)  # point lookups on the primary key
             rows = engine.fetch_all(
-                f"SELECT message_id, payload_hash FROM message_ids WHERE source = ? AND message_id IN ({placeholders})",
-                [source, *ids],
+                "SELECT message_id, payload_hash FROM message_ids "
+                "WHERE source = ? AND message_id IN (SELECT unnest(CAST(? AS VARCHAR[])))",
+                [source, ids],
             )
             known.update({(source, m): int(h) for m, h in rows})
         return known
 
 
 def insert_clean(
-    engine: Engine, relation: exp.Expression, rules: CleanRules, *, file: str | None = None
-) -> list[tuple[int, str, str, str]]:
+    engine: Engine,
+    relation: exp.Expression,
+    rules: CleanRules,
+    *,
+    file: str | None = None,
+    expected: int | None = None,
+    reuse_plan: bool = False,
+) -> list[tuple[int | None, str, str, str]]:
     """Clean `relation` into `events`; quarantine what cleaning rejects. Returns the rejected
-    (raw_id, reason, message, field) rows. `relation` has raw_id, source, message_id, received_at,
-    payload, import_id (and optionally row_number)."""
-    cleaned = clean_select(relation, rules)
-    engine.execute(
-        exp.insert(
-            exp.select(*EVENT_COLUMNS).from_(cleaned.subquery("_c")).where("_reason IS NULL"),
-            "events",
-            columns=list(EVENT_COLUMNS),
-        )
+    (raw_id, reason, message, field) rows (raw_id is NULL for imported rows). `relation` has raw_id, source, message_id, received_at,
+    payload, import_id (and optionally row_number).
+
+    When the caller knows how many rows `relation` holds (`expected`) and all of them were clean,
+    the second pass that quarantines rejects is skipped: it would find nothing, and planning the
+    cleaning SQL costs more than running it on a group commit's rows. `reuse_plan` asks the engine
+    to plan the statements once (for a relation whose text never changes, like the collector's).
+    """
+    to_events, to_failed = _clean_insert_sql(engine.render(relation), engine.dialect, rules, file)
+    run = engine.execute_reused if reuse_plan else engine.execute
+    inserted = run(to_events).fetchall()[0][0]
+    if expected is not None and int(inserted) == expected:
+        return []
+    rows = run(to_failed).fetchall()
+    return [(None if r[0] is None else int(r[0]), r[1], r[2], r[3]) for r in rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _clean_insert_sql(relation_sql: str, dialect: str, rules: CleanRules, file: str | None) -> tuple[str, str]:
+    """The two INSERTs of `insert_clean`, rendered once per relation: building the cleaning SQL with
+    sqlglot costs tens of milliseconds, more than running it on a group commit's rows."""
+    cleaned = clean_select(parse(relation_sql, dialect), rules)
+    to_events = exp.insert(
+        exp.select(*EVENT_COLUMNS).from_(cleaned.subquery("_c")).where("_reason IS NULL"),
+        "events",
+        columns=list(EVENT_COLUMNS),
     )
     failed = exp.select(
         "nextval('failed_event_seq')", "raw_id", "source", "message_id", "'clean'", "_reason", "_message", "_field",
         "_payload", "received_at", "now()", "import_id", exp.Literal.string(file) if file else "NULL", "NULL",
     ).from_(cleaned.subquery("_c")).where("_reason IS NOT NULL")
-    insert = exp.insert(failed, "failed_events", columns=list(FAILED_COLUMNS))
-    rows = engine.fetch_all(insert.sql("duckdb") + " RETURNING raw_id, reason, message, field")
-    return [(None if r[0] is None else int(r[0]), r[1], r[2], r[3]) for r in rows]  # imported rows have no raw_id
+    to_failed = exp.insert(failed, "failed_events", columns=list(FAILED_COLUMNS))
+    return to_events.sql(dialect), to_failed.sql(dialect) + " RETURNING raw_id, reason, message, field"
+
+
+_QUARANTINE_STAGED = exp.insert(
+    parse(
+        "SELECT nextval('failed_event_seq'), raw_id, source, message_id, pre_stage, pre_reason, pre_message, "
+        "pre_field, merged, received_at, now(), NULL, NULL, NULL FROM _staged WHERE pre_reason IS NOT NULL"
+    ),
+    "failed_events",
+    columns=list(FAILED_COLUMNS),
+).sql("duckdb")
+
+_TO_CLEAN = parse(
+    "SELECT raw_id, source, message_id, received_at, merged AS payload, "
+    "CAST(NULL AS VARCHAR) AS import_id FROM _staged WHERE is_new AND pre_reason IS NULL"
+)
 
 
 def _conflict(message_id: str) -> Failure:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import sqlglot
+from sqlglot import exp
 
 from refinery.errors import StorageError
 from refinery.storage.engine import Capabilities, Engine, Params
@@ -38,6 +40,8 @@ class DuckDBEngine(Engine):
                 "so the CLI talks to the server instead.",
             ) from e
         self._local = threading.local()
+        self._prepared: dict[str, tuple[str, bool]] = {}
+        self._staged: dict[str, _Staged] = {}
 
     @property
     def connection(self) -> duckdb.DuckDBPyConnection:
@@ -66,6 +70,36 @@ class DuckDBEngine(Engine):
     def _stream_arrow(self, sql: str, params: Params, batch_size: int, cursor: Any) -> pa.RecordBatchReader:
         return self._target(cursor).sql(sql, params=params).to_arrow_reader(batch_size)  # type: ignore[no-any-return]
 
+    def execute_reused(self, sql: str) -> Any:
+        """Plan `sql` once (`PREPARE`) on the writer's connection and `EXECUTE` it from then on.
+
+        `now()` is bound as a constant when a statement is planned, which would force DuckDB to
+        plan again on every run; it is passed in as a parameter instead (evaluated by EXECUTE, so
+        it is still the transaction's start time).
+        """
+        entry = self._prepared.get(sql)
+        try:
+            if entry is None:
+                name = f"refinery_reused_{len(self._prepared) + 1}"
+                text, uses_now = _now_as_parameter(sql)
+                self._con.execute(f"PREPARE {name} AS {text}")
+                entry = self._prepared[sql] = (name, uses_now)
+            name, uses_now = entry
+            return self._con.execute(f"EXECUTE {name}(now())" if uses_now else f"EXECUTE {name}")
+        except duckdb.Error as e:
+            raise StorageError(f"{type(e).__name__}: {e}", sql=sql) from e
+
+    def stage(self, name: str, table: pa.Table) -> None:
+        """Swap the rows behind `name` without re-registering it: DuckDB binds a registered table
+        into a prepared plan, so a reused plan would keep reading the first table it saw. The view
+        reads through a holder that hands out whichever table is staged now."""
+        holder = self._staged.get(name)
+        if holder is None:
+            holder = self._staged[name] = _Staged(table)
+            self._con.register(name, holder)
+        else:
+            holder.table = table
+
     def register(self, name: str, table: pa.Table, *, cursor: Any = None) -> None:
         self._target(cursor).register(name, table)
 
@@ -85,8 +119,35 @@ class DuckDBEngine(Engine):
             con.execute("COMMIT")
 
     def close(self) -> None:
-        try:
+        with suppress(duckdb.Error):
             self._con.execute("CHECKPOINT")
-        except duckdb.Error:
-            pass
         self._con.close()
+
+
+class _Staged:
+    """An Arrow stream source whose rows can be swapped (see `DuckDBEngine.stage`)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        return self.table.__arrow_c_stream__(requested_schema)
+
+
+def _now_as_parameter(sql: str) -> tuple[str, bool]:
+    """`sql` with every `now()` / `current_timestamp` replaced by the parameter `$1`."""
+    tree = sqlglot.parse_one(sql, read="duckdb")
+    found = False
+
+    def swap(node: exp.Expression) -> exp.Expression:
+        nonlocal found
+        is_now = isinstance(node, exp.CurrentTimestamp) or (
+            isinstance(node, exp.Anonymous) and str(node.this).lower() in ("now", "get_current_timestamp")
+        )
+        if not is_now:
+            return node
+        found = True
+        return exp.cast(exp.Placeholder(this="1"), exp.DataType.build("TIMESTAMPTZ", dialect="duckdb"))
+
+    tree = tree.transform(swap)
+    return (tree.sql("duckdb"), True) if found else (sql, False)
