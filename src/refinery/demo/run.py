@@ -128,9 +128,14 @@ def run_demo(settings: Settings, *, people: int = DEFAULT_PEOPLE, seed: int = DE
         keys = _ensure_sources(api, paths, manifest, world)
         present = _present_message_ids(api, len(world.events))
         to_send = [e for e in world.events if e.message_id not in present]
-        report.stage(f"Sending {len(to_send)} events with segment-analytics-python to {server.url}")
-        report.sending(len(to_send))
-        sent = send_events(server.url, keys, to_send, report.sent) if to_send else 0
+        sent = 0
+        if to_send:
+            skipped = f" ({len(present)} already stored)" if present else ""
+            report.stage(f"Sending {len(to_send)} events{skipped} with segment-analytics-python to {server.url}")
+            report.sending(len(to_send))
+            sent = send_events(server.url, keys, to_send, report.sent)
+        else:
+            report.stage(f"All {len(world.events)} events are already stored; nothing to send")
 
         report.stage(f"Importing the CRM export ({len(world.crm_rows)} rows) through the importer")
         job = api.import_file(paths.crm_csv, CRM_SOURCE, CRM_MAPPING, None)
