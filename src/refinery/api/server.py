@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+import uvloop
 
 from refinery.api.app import create_app
 from refinery.runtime import Runtime
@@ -87,7 +88,9 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
             chores.cancel()
 
     try:
-        asyncio.run(main())
+        # uvloop, as the Config asks: asyncio.run() would ignore it and use the stdlib loop, whose
+        # cross-thread wake-ups (the writer resolving futures) cut single-event throughput by 2.5x.
+        uvloop.run(main())
     finally:
         try:
             if path.exists() and json.loads(path.read_text()).get("pid") == os.getpid():
