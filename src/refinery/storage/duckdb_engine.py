@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -15,6 +16,8 @@ from sqlglot import exp
 
 from refinery.errors import StorageError
 from refinery.storage.engine import Capabilities, Engine, Params
+
+log = logging.getLogger(__name__)
 
 
 class DuckDBEngine(Engine):
@@ -42,6 +45,9 @@ class DuckDBEngine(Engine):
         self._local = threading.local()
         self._prepared: dict[str, tuple[str, bool]] = {}
         self._staged: dict[str, _Staged] = {}
+        self._checkpointer: _Checkpointer | None = None
+        if not read_only and self.path != ":memory:":
+            self._checkpointer = _Checkpointer(self._con, Path(self.path + ".wal"))
 
     @property
     def connection(self) -> duckdb.DuckDBPyConnection:
@@ -119,9 +125,52 @@ class DuckDBEngine(Engine):
             con.execute("COMMIT")
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         with suppress(duckdb.Error):
             self._con.execute("CHECKPOINT")
         self._con.close()
+
+
+class _Checkpointer:
+    """Checkpoints from a thread of its own, so the writer's commits do not wait for them.
+
+    DuckDB checkpoints automatically inside the COMMIT that crosses its WAL threshold, and that
+    commit then waits for every changed row group to be rewritten (half a second once the tables
+    hold a few hundred thousand events), stalling every acknowledgement queued behind it. A
+    checkpoint on another connection runs alongside the writer's commits instead. The automatic
+    threshold stays as a backstop, far above ours, in case this thread cannot keep up.
+    """
+
+    WAL_BYTES = 16 * 1024 * 1024
+    BACKSTOP = "1GB"
+    INTERVAL_S = 0.5
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, wal: Path):
+        self._cursor = con.cursor()
+        con.execute(f"SET checkpoint_threshold = '{self.BACKSTOP}'")
+        self._wal = wal
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="refinery-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.INTERVAL_S):
+            try:
+                if self._wal.stat().st_size < self.WAL_BYTES:
+                    continue
+            except OSError:  # no WAL yet
+                continue
+            try:
+                self._cursor.execute("CHECKPOINT")
+            except duckdb.Error as e:  # the WAL stays and the next tick tries again
+                log.debug("background checkpoint skipped: %s", type(e).__name__)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(30)
+        with suppress(duckdb.Error):
+            self._cursor.close()
 
 
 class _Staged:
