@@ -11,7 +11,9 @@ import gc
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,12 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
         finally:
             chores.cancel()
 
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with the default handlers that
+    # kills the process before the finally below can checkpoint the store and remove server.json.
+    # Handlers that only record the signal let the shutdown finish cleanly.
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: None)
     try:
         # uvloop, as the Config asks: asyncio.run() would ignore it and use the stdlib loop, whose
         # cross-thread wake-ups (the writer resolving futures) cut single-event throughput by 2.5x.
