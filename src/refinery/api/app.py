@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, ORJSONResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.responses import Response
@@ -55,7 +55,7 @@ class ImportRequest(BaseModel):
 
 
 def create_app(runtime: Runtime) -> FastAPI:
-    app = FastAPI(title="Refinery", version=__version__, default_response_class=ORJSONResponse)
+    app = FastAPI(title="Refinery", version=__version__)
     metrics = Metrics()
     collector = Collector(runtime, metrics)
     app.state.runtime = runtime
