@@ -50,7 +50,16 @@ def validate_name(name: str) -> str:
     return name
 
 
-_COLUMNS = "name, kind, enabled, write_key_prefix, unplanned_events, rate_limit_per_second, created_at"
+# Constant queries (no interpolation): the columns of `Source`, in its field order.
+_LIST = "SELECT name, kind, enabled, write_key_prefix, unplanned_events, rate_limit_per_second, created_at FROM sources ORDER BY name"
+_BY_NAME = (
+    "SELECT name, kind, enabled, write_key_prefix, unplanned_events, rate_limit_per_second, created_at "
+    "FROM sources WHERE name = ?"
+)
+_BY_KEY = (
+    "SELECT write_key_hash, name, kind, enabled, write_key_prefix, unplanned_events, rate_limit_per_second, created_at "
+    "FROM sources WHERE write_key_hash IS NOT NULL"
+)
 
 
 class SourceRegistry:
@@ -63,11 +72,11 @@ class SourceRegistry:
 
     # --- reads ----------------------------------------------------------------------------
     def list(self) -> list[Source]:
-        rows = self.engine.fetch_all(f"SELECT {_COLUMNS} FROM sources ORDER BY name", cursor=self.engine.reader())
+        rows = self.engine.fetch_all(_LIST, cursor=self.engine.reader())
         return [Source(*r) for r in rows]
 
     def get(self, name: str) -> Source:
-        rows = self.engine.fetch_all(f"SELECT {_COLUMNS} FROM sources WHERE name = ?", [name], cursor=self.engine.reader())
+        rows = self.engine.fetch_all(_BY_NAME, [name], cursor=self.engine.reader())
         if not rows:
             known = ", ".join(s.name for s in self.list()) or "none yet"
             raise NotFoundError(f"No source named {name!r} (known: {known}).", fix=f"Create it: refinery sources create {name}")
@@ -77,7 +86,7 @@ class SourceRegistry:
         with self._lock:
             if self._by_key is None:
                 rows = self.engine.fetch_all(
-                    f"SELECT write_key_hash, {_COLUMNS} FROM sources WHERE write_key_hash IS NOT NULL",
+                    _BY_KEY,
                     cursor=self.engine.reader(),
                 )
                 self._by_key = {r[0]: Source(*r[1:]) for r in rows}
@@ -119,7 +128,7 @@ class SourceRegistry:
         return Source(name, kind, True, key[:7] if key else None, unplanned_events, rate_limit_per_second, now), key
 
     def ensure(self, engine: Engine, name: str, kind: Kind) -> Source:
-        rows = engine.fetch_all(f"SELECT {_COLUMNS} FROM sources WHERE name = ?", [name])
+        rows = engine.fetch_all(_BY_NAME, [name])
         if rows:
             return Source(*rows[0])
         return self.create(engine, name, kind=kind)[0]

@@ -74,7 +74,7 @@ class DuckDBEngine(Engine):
         return con.sql(sql, params=params).to_arrow_table()
 
     def _stream_arrow(self, sql: str, params: Params, batch_size: int, cursor: Any) -> pa.RecordBatchReader:
-        return self._target(cursor).sql(sql, params=params).to_arrow_reader(batch_size)  # type: ignore[no-any-return]
+        return self._target(cursor).sql(sql, params=params).to_arrow_reader(batch_size)
 
     def execute_reused(self, sql: str) -> Any:
         """Plan `sql` once (`PREPARE`) on the writer's connection and `EXECUTE` it from then on.

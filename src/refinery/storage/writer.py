@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Item = TypeVar("Item")
 Outcome = TypeVar("Outcome")
+_ItemIn = TypeVar("_ItemIn", contravariant=True)
 
 
-class BatchHandler(Protocol[Item, Outcome]):
+class BatchHandler(Protocol[_ItemIn, Outcome]):
     """Writes a group of items inside the writer's open transaction; one outcome per item, in order."""
 
-    def write(self, engine: Engine, items: Sequence[Item]) -> list[Outcome]: ...
+    def write(self, engine: Engine, items: Sequence[_ItemIn]) -> list[Outcome]: ...
 
 
 @dataclass
