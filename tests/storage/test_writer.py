@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -51,11 +53,18 @@ def writer(engine: DuckDBEngine) -> Iterator[Writer]:
     w.stop()
 
 
-def _rows(engine: DuckDBEngine) -> list[str]:
-    return sorted(r[0] for r in engine.fetch_all("SELECT v FROM t", cursor=engine.reader()))
+@dataclass
+class Blocked:
+    """A running writer held inside its first commit, so that later submissions queue up behind it."""
+
+    writer: Writer
+    handler: RowHandler
+    gate: threading.Event
+    first: Future[list[str]]
 
 
-def test_group_commit(engine: DuckDBEngine) -> None:
+@pytest.fixture
+def blocked(engine: DuckDBEngine) -> Iterator[Blocked]:
     writer = Writer(engine, max_group=1000, max_wait_ms=20)
     handler = RowHandler()
     gate = threading.Event()
@@ -64,42 +73,43 @@ def test_group_commit(engine: DuckDBEngine) -> None:
     try:
         first = writer.submit_batch(handler, ["first"])
         assert handler.entered.wait(10)
-        # While the writer is blocked inside the first commit, 20 requests queue up.
-        futures = [writer.submit_batch(handler, [f"a{i}", f"b{i}"]) for i in range(20)]
-        gate.set()
-        assert first.result(10) == ["ok:first"]
-        for i, f in enumerate(futures):
-            assert f.result(10) == [f"ok:a{i}", f"ok:b{i}"]  # each request gets its own outcomes, in order
-        assert handler.calls == [1, 40]  # the 20 waiting requests were written together
-        assert writer.commits == 2 and writer.last_group_size == 40
-        assert len(_rows(engine)) == 41
+        yield Blocked(writer, handler, gate, first)
     finally:
+        gate.set()
         writer.stop()
 
 
-def test_a_failing_job_does_not_fail_its_neighbours(engine: DuckDBEngine) -> None:
-    writer = Writer(engine, max_group=1000, max_wait_ms=20)
-    handler = RowHandler()
-    gate = threading.Event()
-    handler.gate = gate
-    writer.start()
-    try:
-        blocker = writer.submit_batch(handler, ["first"])
-        assert handler.entered.wait(10)
-        good1 = writer.submit_batch(handler, ["g1"])
-        bad = writer.submit_batch(handler, ["x1", "bad", "x2"])
-        good2 = writer.submit_batch(handler, ["g2", "g3"])
-        gate.set()
-        blocker.result(10)
-        assert good1.result(10) == ["ok:g1"]
-        assert good2.result(10) == ["ok:g2", "ok:g3"]
-        with pytest.raises(StorageError, match="no_such_table"):
-            bad.result(10)
-        # The group was rolled back, the good jobs rewritten alone; nothing of the bad job is on disk.
-        assert _rows(engine) == ["first", "g1", "g2", "g3"]
-        assert writer.submit_batch(handler, ["after"]).result(10) == ["ok:after"]  # the writer lives on
-    finally:
-        writer.stop()
+def _rows(engine: DuckDBEngine) -> list[str]:
+    return sorted(r[0] for r in engine.fetch_all("SELECT v FROM t", cursor=engine.reader()))
+
+
+def test_group_commit(engine: DuckDBEngine, blocked: Blocked) -> None:
+    writer, handler, gate, first = blocked.writer, blocked.handler, blocked.gate, blocked.first
+    # While the writer is blocked inside the first commit, 20 requests queue up.
+    futures = [writer.submit_batch(handler, [f"a{i}", f"b{i}"]) for i in range(20)]
+    gate.set()
+    assert first.result(10) == ["ok:first"]
+    for i, f in enumerate(futures):
+        assert f.result(10) == [f"ok:a{i}", f"ok:b{i}"]  # each request gets its own outcomes, in order
+    assert handler.calls == [1, 40]  # the 20 waiting requests were written together
+    assert writer.commits == 2 and writer.last_group_size == 40
+    assert len(_rows(engine)) == 41
+
+
+def test_a_failing_job_does_not_fail_its_neighbours(engine: DuckDBEngine, blocked: Blocked) -> None:
+    writer, handler, gate, blocker = blocked.writer, blocked.handler, blocked.gate, blocked.first
+    good1 = writer.submit_batch(handler, ["g1"])
+    bad = writer.submit_batch(handler, ["x1", "bad", "x2"])
+    good2 = writer.submit_batch(handler, ["g2", "g3"])
+    gate.set()
+    blocker.result(10)
+    assert good1.result(10) == ["ok:g1"]
+    assert good2.result(10) == ["ok:g2", "ok:g3"]
+    with pytest.raises(StorageError, match="no_such_table"):
+        bad.result(10)
+    # The group was rolled back, the good jobs rewritten alone; nothing of the bad job is on disk.
+    assert _rows(engine) == ["first", "g1", "g2", "g3"]
+    assert writer.submit_batch(handler, ["after"]).result(10) == ["ok:after"]  # the writer lives on
 
 
 def test_call_runs_in_one_transaction_and_rolls_back_on_error(engine: DuckDBEngine, writer: Writer) -> None:
@@ -129,22 +139,13 @@ def test_a_call_from_inside_the_writer_does_not_deadlock(engine: DuckDBEngine, w
     assert _rows(engine) == ["nested"]
 
 
-def test_a_cancelled_request_does_not_kill_the_writer(engine: DuckDBEngine) -> None:
-    writer = Writer(engine, max_group=1000, max_wait_ms=20)
-    handler = RowHandler()
-    gate = threading.Event()
-    handler.gate = gate
-    writer.start()
-    try:
-        blocker = writer.submit_batch(handler, ["first"])
-        assert handler.entered.wait(10)
-        gone = writer.submit_batch(handler, ["gone"])
-        kept = writer.submit_batch(handler, ["kept"])
-        assert gone.cancel()  # a client that disconnected before its commit
-        gate.set()
-        blocker.result(10)
-        assert kept.result(10) == ["ok:kept"]
-        assert writer.call(lambda e: "alive") == "alive"
-        assert "gone" not in _rows(engine)  # never acknowledged, so never written
-    finally:
-        writer.stop()
+def test_a_cancelled_request_does_not_kill_the_writer(engine: DuckDBEngine, blocked: Blocked) -> None:
+    writer, handler, gate, blocker = blocked.writer, blocked.handler, blocked.gate, blocked.first
+    gone = writer.submit_batch(handler, ["gone"])
+    kept = writer.submit_batch(handler, ["kept"])
+    assert gone.cancel()  # a client that disconnected before its commit
+    gate.set()
+    blocker.result(10)
+    assert kept.result(10) == ["ok:kept"]
+    assert writer.call(lambda e: "alive") == "alive"
+    assert "gone" not in _rows(engine)  # never acknowledged, so never written
