@@ -1,33 +1,24 @@
-"""The catalog over real collected events: names, counts, first/last seen, property types per source."""
+"""The catalog over events collected by a real server: names, counts, first/last seen, property and
+trait types per source, through `GET /api/catalog` and `refinery catalog --json`."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+import json
+import os
+import subprocess
+import sys
 from typing import Any
 
-import pytest
-from starlette.testclient import TestClient
+import httpx
 
-from conftest import WRITE_KEY
-from refinery.api.app import create_app
+from conftest import Server
 from refinery.ingest import catalog
 from refinery.runtime import Runtime
 
 
-def _basic(key: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
-
-
-@pytest.fixture
-def app(runtime: Runtime) -> Iterator[TestClient]:
-    runtime.writer.call(lambda e: runtime.sources.create(e, "ios", write_key="ios-key"))
-    with TestClient(create_app(runtime)) as client:
-        yield client
-
-
-def _send(app: TestClient, batch: list[dict[str, Any]], key: str = WRITE_KEY) -> None:
-    r = app.post("/v1/batch", json={"batch": batch}, headers=_basic(key))
+def _send(server: Server, batch: list[dict[str, Any]], headers: dict[str, str]) -> None:
+    r = httpx.post(server.url + "/v1/batch", json={"batch": batch}, headers=headers)
     assert r.status_code == 200 and r.json()["failed"] == 0, r.text
 
 
@@ -36,22 +27,30 @@ def _entry(cat: dict[str, Any], source: str, event: str) -> dict[str, Any]:
     return entry
 
 
-def test_catalog_types_counts_and_times(runtime: Runtime, app: TestClient) -> None:
+def test_catalog_types_counts_and_times(server: Server) -> None:
+    with server.api() as api:
+        assert api.post("/api/sources", json={"name": "ios", "write_key": "ios-key"}).status_code == 201
+    ios = {"Authorization": "Basic " + base64.b64encode(b"ios-key:").decode()}
     props = [
         {"s": "a", "i": 1, "n": 1.5, "b": True, "o": {"x": 1}, "a": [1], "mixed": 1, "a.b": "dot", "$": "dollar"},
         {"s": "b", "i": 2, "n": 2.0, "b": False, "o": {}, "a": [], "mixed": "one", "nul": None},
         {"s": "c", "i": -3, "n": 0.25, "b": True, "o": {"y": [1]}, "a": ["x"], "mixed": 2, "nul": None},
     ]
     times = ["2026-01-03T00:00:00Z", "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"]
-    _send(app, [
+    _send(server, [
         {"type": "track", "event": "Order Completed", "userId": "u1", "properties": p, "timestamp": t}
         for p, t in zip(props, times, strict=True)
-    ])
-    _send(app, [{"type": "page", "name": "Home", "anonymousId": "a1", "properties": {"path": "/"}}])
-    _send(app, [{"type": "track", "event": "Order Completed", "userId": "u2", "properties": {"s": 1}}], key="ios-key")
+    ], server.basic)
+    _send(server, [{"type": "page", "name": "Home", "anonymousId": "a1", "properties": {"path": "/"}}], server.basic)
+    _send(server, [
+        {"type": "identify", "userId": "u1", "traits": {"plan": "pro", "age": 41}},
+        {"type": "identify", "userId": "u2", "traits": {"plan": "free", "age": None}},
+    ], server.basic)
+    _send(server, [{"type": "track", "event": "Order Completed", "userId": "u2", "properties": {"s": 1}}], ios)
 
-    cat = app.get("/api/catalog", headers={"Authorization": "Bearer test-admin-token"}).json()
-    assert cat == catalog.build(runtime.engine)
+    with server.api() as api:
+        cat = api.get("/api/catalog").json()
+        only_ios = api.get("/api/catalog", params={"source": "ios"}).json()
     order = _entry(cat, "web", "Order Completed")
     assert order["type"] == "track" and order["count"] == 3
     assert order["first_seen"].startswith("2026-01-01") and order["last_seen"].startswith("2026-01-03")
@@ -64,13 +63,24 @@ def test_catalog_types_counts_and_times(runtime: Runtime, app: TestClient) -> No
     assert p["a.b"]["count"] == 1 and p["nul"]["count"] == 2
     # A 2.0 sent as JSON is a number, not an integer: the type follows the JSON, every value counted.
     assert p["n"]["types"] == {"number": 3}
+    assert order["traits"] == {}
 
     assert _entry(cat, "web", "Home")["properties"]["path"]["type"] == "string"
-    ios = _entry(cat, "ios", "Order Completed")
-    assert ios["count"] == 1 and ios["properties"] == {"s": {"types": {"integer": 1}, "count": 1, "type": "integer"}}
+    identify = _entry(cat, "web", "identify")
+    assert identify["count"] == 2 and identify["properties"] == {}
+    assert identify["traits"]["plan"] == {"types": {"string": 2}, "count": 2, "type": "string"}
+    # A trait seen as null once and as an integer once is an integer.
+    assert identify["traits"]["age"] == {"types": {"integer": 1, "null": 1}, "count": 2, "type": "integer"}
 
-    only_ios = app.get("/api/catalog", params={"source": "ios"}, headers={"Authorization": "Bearer test-admin-token"}).json()
+    ios_entry = _entry(cat, "ios", "Order Completed")
+    assert ios_entry["count"] == 1
+    assert ios_entry["properties"] == {"s": {"types": {"integer": 1}, "count": 1, "type": "integer"}}
     assert [(e["source"], e["event"]) for e in only_ios["events"]] == [("ios", "Order Completed")]
+
+    # The CLI, run while the server holds the store, asks the server and prints the same document.
+    env = {**os.environ, "REFINERY_DATA_DIR": str(server.data_dir), "REFINERY_ADMIN_TOKEN": server.admin_token}
+    out = subprocess.run([sys.executable, "-m", "refinery", "catalog", "--json"], env=env, capture_output=True, check=True)
+    assert json.loads(out.stdout) == cat
 
 
 def test_an_empty_store_has_an_empty_catalog(runtime: Runtime) -> None:

@@ -100,9 +100,9 @@ def catalog(
     data_dir: Path = DataDirOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Show which events arrive, per source, with counts, first/last seen and property types.
+    """Show which events arrive, per source, with counts, first/last seen, property and trait types.
 
-    A property's type is its most common JSON type; --json lists every type seen with counts.
+    A property's (or trait's) type is its most common JSON type; --json lists every type seen with counts.
 
     Examples:
       refinery catalog
@@ -118,6 +118,7 @@ def catalog(
             "source": e["source"], "type": e["type"], "event": e["event"], "count": e["count"],
             "first_seen": e["first_seen"], "last_seen": e["last_seen"],
             "properties": ", ".join(f"{k}:{v['type']}" for k, v in sorted(e["properties"].items())),
+            "traits": ", ".join(f"{k}:{v['type']}" for k, v in sorted(e["traits"].items())),
         }
         for e in cat["events"]
     ]
