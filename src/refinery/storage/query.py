@@ -30,7 +30,10 @@ from refinery.storage.engine import Engine
 
 #: Tables a user may read. Each later stage adds its curated tables here.
 QUERYABLE_TABLES: set[str] = {
+    # ingest and storage
     "events", "raw_events", "failed_events", "imports", "schema_migrations", "message_ids",
+    # identity
+    "identities", "identity_edges", "identity_links", "identity_blocked", "profile_merges",
 }
 #: Safe views over tables with secrets (the source list without key hashes).
 QUERYABLE_VIEWS: dict[str, str] = {
