@@ -264,6 +264,33 @@ def test_conflict_inside_one_batch(srv: Server) -> None:
     assert [f["reason"] for f in failed_with(srv, mid)] == ["duplicate_message_id_conflict"]
 
 
+def test_retry_and_conflict_mixed_with_new_events_across_batches(srv: Server) -> None:
+    """A batch holding new events, a retry and a conflicting reuse of stored ids: each gets its own
+    outcome (the writer falls back from its cheap dedup INSERT to the careful one), and so does the
+    plain batch after it."""
+    old, clash = uid(), uid()
+    stored = [{"type": "track", "userId": "u", "event": "E", "messageId": m} for m in (old, clash)]
+    assert post(srv, "/v1/batch", {"batch": stored}).json()["accepted"] == 2
+    fresh = [uid() for _ in range(3)]
+    mixed = [
+        {"type": "track", "userId": "u", "event": "E", "messageId": fresh[0]},
+        stored[0],
+        {"type": "track", "userId": "u", "event": "Other", "messageId": clash},
+        *({"type": "track", "userId": "u", "event": "E", "messageId": m} for m in fresh[1:]),
+    ]
+    r = post(srv, "/v1/batch", {"batch": mixed})
+    assert r.status_code == 200, r.text
+    assert (r.json()["accepted"], r.json()["duplicates"], r.json()["failed"]) == (3, 1, 1)
+    assert [f["index"] for f in r.json()["failures"]] == [2]
+    for m in (old, clash, *fresh):
+        assert len(events_with(srv, m)) == 1
+    assert [f["reason"] for f in failed_with(srv, clash)] == ["duplicate_message_id_conflict"]
+    after = uid()
+    r = post(srv, "/v1/batch", {"batch": [{"type": "track", "userId": "u", "event": "E", "messageId": after}]})
+    assert r.json()["accepted"] == 1 and len(events_with(srv, after)) == 1
+    assert len(select(srv, "raw_events", "message_id", message_id=fresh[0])) == 1  # the aborted try left no raw row
+
+
 def test_dedup_is_per_source(srv: Server) -> None:
     with srv.api() as api:
         key = api.post("/api/sources", json={"name": "second-src"}).json()["write_key"]

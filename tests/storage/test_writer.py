@@ -13,7 +13,8 @@ import pytest
 from refinery.errors import StorageError
 from refinery.storage.duckdb_engine import DuckDBEngine
 from refinery.storage.engine import Engine
-from refinery.storage.writer import Writer
+from refinery.storage.engine import ConstraintViolation
+from refinery.storage.writer import RetryGroup, Writer
 
 
 class RowHandler:
@@ -149,3 +150,78 @@ def test_a_cancelled_request_does_not_kill_the_writer(engine: DuckDBEngine, bloc
     assert kept.result(10) == ["ok:kept"]
     assert writer.call(lambda e: "alive") == "alive"
     assert "gone" not in _rows(engine)  # never acknowledged, so never written
+
+
+class OptimisticHandler:
+    """Tries a plain INSERT into a keyed table first; on a key clash asks for a careful second run."""
+
+    def __init__(self, raise_again: bool = False) -> None:
+        self.careful = False
+        self.raise_again = raise_again
+        self.attempts: list[str] = []
+
+    def write(self, engine: Engine, items: Sequence[str]) -> list[str]:
+        for item in items:
+            engine.execute("INSERT INTO t VALUES (?)", [f"log:{item}"])
+        if self.careful and not self.raise_again:
+            self.attempts.append("careful")
+            rows = engine.fetch_all(
+                "INSERT INTO k SELECT unnest(CAST(? AS VARCHAR[])) ON CONFLICT DO NOTHING RETURNING v", [list(items)]
+            )
+            new = {r[0] for r in rows}
+            return ["new" if i in new else "seen" for i in items]
+        self.attempts.append("optimistic")
+        try:
+            engine.execute("INSERT INTO k SELECT unnest(CAST(? AS VARCHAR[]))", [list(items)])
+        except ConstraintViolation as e:
+            self.careful = True
+            raise RetryGroup() from e
+        return ["new"] * len(items)
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_retry_group_rolls_back_and_writes_again(engine: DuckDBEngine, threaded: bool) -> None:
+    engine.execute("CREATE TABLE k (v VARCHAR PRIMARY KEY)")
+    writer = Writer(engine)
+    if threaded:
+        writer.start()
+    try:
+        handler = OptimisticHandler()
+        assert writer.write_batch(handler, ["a", "b"]) == ["new", "new"]
+        assert writer.write_batch(handler, ["c", "a"]) == ["new", "seen"]
+        assert handler.attempts == ["optimistic", "optimistic", "careful"]
+        assert writer.rewritten_groups == 1
+        # The aborted first attempt left nothing behind: one log row per item written, not two.
+        assert _rows(engine) == ["log:a", "log:a", "log:b", "log:c"]
+        assert sorted(r[0] for r in engine.fetch_all("SELECT v FROM k", cursor=engine.reader())) == ["a", "b", "c"]
+    finally:
+        writer.stop()
+
+
+def test_retry_group_twice_is_an_error_and_nothing_is_written(engine: DuckDBEngine, writer: Writer) -> None:
+    engine.execute("CREATE TABLE k (v VARCHAR PRIMARY KEY)")
+    engine.execute("INSERT INTO k VALUES ('a')")
+    with pytest.raises(RetryGroup):
+        writer.write_batch(OptimisticHandler(raise_again=True), ["a"])
+    assert _rows(engine) == []
+    assert writer.call(lambda e: "alive") == "alive"
+
+
+def test_staged_rows_survive_a_rolled_back_first_group(engine: DuckDBEngine, writer: Writer) -> None:
+    """Staging a name registers a view, and a ROLLBACK drops it: when the very first group to stage
+    rows fails, later groups must still find their staged rows (and re-plan reused statements)."""
+    import pyarrow as pa
+
+    class Staging:
+        def write(self, e: Engine, items: Sequence[str]) -> list[str]:
+            e.stage("_rows", pa.table({"v": list(items)}))
+            e.execute_reused("INSERT INTO t SELECT v FROM _rows")
+            if "bad" in items:
+                raise ValueError("fail after staging")
+            return list(items)
+
+    with pytest.raises(ValueError):
+        writer.write_batch(Staging(), ["bad"])
+    assert writer.write_batch(Staging(), ["x", "y"]) == ["x", "y"]
+    assert writer.write_batch(Staging(), ["z"]) == ["z"]
+    assert _rows(engine) == ["x", "y", "z"]

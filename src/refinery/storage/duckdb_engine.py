@@ -15,7 +15,7 @@ import sqlglot
 from sqlglot import exp
 
 from refinery.errors import StorageError
-from refinery.storage.engine import Capabilities, Engine, Params
+from refinery.storage.engine import Capabilities, ConstraintViolation, Engine, Params
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class DuckDBEngine(Engine):
         self._local = threading.local()
         self._prepared: dict[str, tuple[str, bool]] = {}
         self._staged: dict[str, _Staged] = {}
+        # Registering is a catalog change: a ROLLBACK undoes it, so names first staged inside a
+        # transaction that rolls back must be registered again (see `transaction`).
+        self._staged_in_transaction: list[str] = []
         self._checkpointer: _Checkpointer | None = None
         if not read_only and self.path != ":memory:":
             self._checkpointer = _Checkpointer(self._con, Path(self.path + ".wal"))
@@ -67,7 +70,10 @@ class DuckDBEngine(Engine):
 
     def _execute(self, sql: str, params: Params, cursor: Any) -> Any:
         con = self._target(cursor)
-        return con.execute(sql, params) if params is not None else con.execute(sql)
+        try:
+            return con.execute(sql, params) if params is not None else con.execute(sql)
+        except duckdb.ConstraintException as e:
+            raise ConstraintViolation(f"{type(e).__name__}: {e}", sql=sql) from e
 
     def _fetch_arrow(self, sql: str, params: Params, cursor: Any) -> pa.Table:
         con = self._target(cursor)
@@ -92,6 +98,8 @@ class DuckDBEngine(Engine):
                 entry = self._prepared[sql] = (name, uses_now)
             name, uses_now = entry
             return self._con.execute(f"EXECUTE {name}(now())" if uses_now else f"EXECUTE {name}")
+        except duckdb.ConstraintException as e:
+            raise ConstraintViolation(f"{type(e).__name__}: {e}", sql=sql) from e
         except duckdb.Error as e:
             raise StorageError(f"{type(e).__name__}: {e}", sql=sql) from e
 
@@ -103,6 +111,7 @@ class DuckDBEngine(Engine):
         if holder is None:
             holder = self._staged[name] = _Staged(table)
             self._con.register(name, holder)
+            self._staged_in_transaction.append(name)
         else:
             holder.table = table
 
@@ -116,13 +125,25 @@ class DuckDBEngine(Engine):
     def transaction(self, cursor: Any = None) -> Iterator[Any]:
         con = self._target(cursor)
         con.execute("BEGIN TRANSACTION")
+        mine = con is self._con
+        if mine:
+            self._staged_in_transaction.clear()
         try:
             yield con
         except BaseException:
             con.execute("ROLLBACK")
+            if mine and self._staged_in_transaction:
+                # The rollback dropped those views: register them afresh next time, and plan
+                # again the statements that were bound to them.
+                for name in self._staged_in_transaction:
+                    self._staged.pop(name, None)
+                self._prepared.clear()
             raise
         else:
             con.execute("COMMIT")
+        finally:
+            if mine:
+                self._staged_in_transaction.clear()
 
     def close(self) -> None:
         if self._checkpointer is not None:

@@ -23,6 +23,12 @@ Params = Sequence[Any] | dict[str, Any] | None
 SQL = exp.Expression | str
 
 
+class ConstraintViolation(StorageError):
+    """A statement broke a key or constraint (e.g. a duplicate primary key). Engines raise it for
+    their driver's constraint errors, so callers can tell "this row exists" from a broken store
+    without knowing the driver. The statement's transaction is then aborted: roll it back."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What an engine can do, declared once; consulted by planners, never by `if engine ==`."""

@@ -27,8 +27,21 @@ Outcome = TypeVar("Outcome")
 _ItemIn = TypeVar("_ItemIn", contravariant=True)
 
 
+class RetryGroup(Exception):
+    """Raised by a handler's `write` to have its transaction rolled back and `write` called again,
+    once, with the same items in a fresh transaction.
+
+    It lets a handler try a cheap way first (a plain INSERT that fails if a key exists) and fall
+    back to the careful way only when it must: DuckDB aborts the whole transaction on a
+    constraint error, so the fallback cannot run in the same one. The handler decides, on the
+    second call, to take the careful way; raising again on the second call is an error.
+    """
+
+
 class BatchHandler(Protocol[_ItemIn, Outcome]):
-    """Writes a group of items inside the writer's open transaction; one outcome per item, in order."""
+    """Writes a group of items inside the writer's open transaction; one outcome per item, in order.
+
+    It may raise `RetryGroup` to be called again in a fresh transaction (see there)."""
 
     def write(self, engine: Engine, items: Sequence[_ItemIn]) -> list[Outcome]: ...
 
@@ -59,6 +72,7 @@ class Writer:
         self.commits = 0
         self.last_group_size = 0
         self.retried_groups = 0
+        self.rewritten_groups = 0  # groups a handler asked to write again (RetryGroup)
 
     # --- public ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -103,8 +117,7 @@ class Writer:
 
     def write_batch(self, handler: BatchHandler[Item, Outcome], items: Sequence[Item]) -> list[Outcome]:
         if self._thread is None:
-            with self.engine.transaction():
-                return handler.write(self.engine, items)
+            return self._write_group(handler, items)
         return self.submit_batch(handler, items).result()
 
     def pending(self) -> int:
@@ -169,6 +182,18 @@ class Writer:
         else:
             job.future.set_result(result)
 
+    def _write_group(self, handler: BatchHandler[Item, Outcome], items: Sequence[Item]) -> list[Outcome]:
+        """One transaction for `items`, and a second one if the handler asks for it (`RetryGroup`)."""
+        try:
+            with self.engine.transaction():
+                outcomes = handler.write(self.engine, items)
+        except RetryGroup:
+            self.rewritten_groups += 1
+            with self.engine.transaction():
+                outcomes = handler.write(self.engine, items)
+        self.commits += 1
+        return outcomes
+
     def _run_group(self, group: list[_BatchJob[Any, Any]]) -> None:
         # A request whose client went away before its commit was cancelled: it was never
         # acknowledged, so it is not written (the SDK retries; dedup absorbs the retry).
@@ -180,9 +205,7 @@ class Writer:
         for j in group:
             items.extend(j.items)
         try:
-            with self.engine.transaction():
-                outcomes = handler.write(self.engine, items)
-            self.commits += 1
+            outcomes = self._write_group(handler, items)
             self.last_group_size = len(items)
         except Exception as e:
             if len(group) == 1:
