@@ -12,8 +12,7 @@ import pytest
 
 from refinery.errors import StorageError
 from refinery.storage.duckdb_engine import DuckDBEngine
-from refinery.storage.engine import Engine
-from refinery.storage.engine import ConstraintViolation
+from refinery.storage.engine import ConstraintViolation, Engine
 from refinery.storage.writer import RetryGroup, Writer
 
 
