@@ -48,6 +48,19 @@ class Settings(BaseSettings):
 
     log_level: str = Field("INFO", description="Log level for the server and CLI.")
 
+    identity_rules_file: Path | None = Field(None, description="Identity rules file (YAML or JSON): type priorities and limits, declared identifiers, blocked values. Default: `<data_dir>/identity-rules.yaml` when it exists.")
+    identity_phone_region: str = Field("US", min_length=2, max_length=2, description="Region (ISO 3166 code) for phone numbers written without a country code, when the event's traits carry no `country`.")
+    identity_hub_max_user_ids: int = Field(10, ge=1, description="An identifier seen with more distinct user ids than this is a shared identifier (kiosk, bot, shared inbox) and links nobody.")
+    identity_max_value_length: int = Field(256, ge=8, description="Identifier values longer than this (after normalisation) are blocked as `too_long`.")
+    identity_max_merges_per_profile: int = Field(1000, ge=1, description="Most merges one profile may absorb: a profile that would hold more than this many identifiers plus one is not merged.")
+
+    matching_person_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Person-record links (Splink) below this match probability are not stored.")
+    matching_seed: int = Field(42, description="Seed of the random sample person-record matching estimates u from; the same seed and records give the same model.")
+    matching_u_max_pairs: int = Field(2_000_000, ge=1000, description="Record pairs sampled to estimate u (how often fields agree by chance) in person-record matching.")
+    matching_device_window_seconds: int = Field(1800, ge=1, description="Device signals: two devices active on one IP and user agent within this many seconds of each other count as together.")
+    matching_device_max_per_ip: int = Field(5, ge=2, description="Device signals: an IP seen with more distinct devices than this on one day (office, NAT) links nothing.")
+    matching_device_score_cap: float = Field(0.6, gt=0.0, le=0.6, description="Highest score a device-signal link can have (they are weak evidence).")
+
     @property
     def database_path(self) -> Path:
         return self.data_dir / "refinery.duckdb"
@@ -59,6 +72,10 @@ class Settings(BaseSettings):
     @property
     def raw_files_dir(self) -> Path:
         return self.data_dir / "raw" / "imports"
+
+    @property
+    def identity_rules_path(self) -> Path:
+        return self.identity_rules_file or (self.data_dir / "identity-rules.yaml")
 
 
 CONFIG_ENV = "REFINERY_CONFIG"

@@ -128,6 +128,97 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "identity: identities, identity_edges, profile_merges, identity_blocked, identity_links, identity_resolutions",
+        (
+            # Every identifier seen (normalised), with the profile it resolves to. Rebuilt by
+            # `refinery identity resolve`; see docs/identity.md for the statuses.
+            """CREATE TABLE identities (
+                identifier_type VARCHAR NOT NULL,      -- user_id, email, phone, anonymous_id, crm_id, ...
+                value VARCHAR NOT NULL,                -- normalised (emails lower-cased, phones E.164)
+                profile_id VARCHAR,                    -- NULL when the value is blocked
+                status VARCHAR NOT NULL,               -- linked | shared | ambiguous | detached | blocked
+                reason VARCHAR,                        -- why it is not linked (a reason code), else NULL
+                first_seen TIMESTAMPTZ NOT NULL,
+                last_seen TIMESTAMPTZ NOT NULL,
+                event_count BIGINT NOT NULL,
+                first_message_id VARCHAR,
+                first_source VARCHAR,
+                PRIMARY KEY (identifier_type, value)
+            )""",
+            # One row per pair of identifiers that appeared together, with the evidence of the first
+            # event that linked them. status says whether resolution used the edge.
+            """CREATE TABLE identity_edges (
+                a_type VARCHAR NOT NULL,
+                a_value VARCHAR NOT NULL,
+                b_type VARCHAR NOT NULL,
+                b_value VARCHAR NOT NULL,
+                rule VARCHAR NOT NULL,                 -- same_event | alias | import_row
+                message_id VARCHAR NOT NULL,           -- the first event that linked them
+                source VARCHAR NOT NULL,
+                event_time TIMESTAMPTZ NOT NULL,
+                last_seen TIMESTAMPTZ NOT NULL,
+                event_count BIGINT NOT NULL,
+                status VARCHAR NOT NULL,               -- active | blocked
+                reason VARCHAR                         -- why it was not used, else NULL
+            )""",
+            # Append-only history of merges: which profile id survived, which was absorbed, why.
+            """CREATE TABLE profile_merges (
+                merge_id VARCHAR PRIMARY KEY,
+                surviving_profile_id VARCHAR NOT NULL,
+                merged_profile_id VARCHAR NOT NULL,
+                evidence JSON NOT NULL,                -- the edge that joined them: identifiers, message id, source, time, rule
+                merged_at TIMESTAMPTZ NOT NULL,
+                resolution_id VARCHAR,
+                undone_at TIMESTAMPTZ,
+                undone_reason VARCHAR
+            )""",
+            # What resolution refused to do, with the rule that stopped it.
+            """CREATE TABLE identity_blocked (
+                kind VARCHAR NOT NULL,                 -- identifier | edge | merge
+                reason VARCHAR NOT NULL,               -- blocked_value, too_long, shared_identifier, conflicting_user_id, ...
+                identifier_type VARCHAR NOT NULL,
+                value VARCHAR NOT NULL,
+                other_type VARCHAR,
+                other_value VARCHAR,
+                profile_a VARCHAR,                     -- for merges: the profiles that were kept apart
+                profile_b VARCHAR,
+                message_id VARCHAR,
+                source VARCHAR,
+                event_time TIMESTAMPTZ,
+                evidence JSON
+            )""",
+            # Probabilistic links (Splink person records, device signals), kept apart from edges.
+            """CREATE TABLE identity_links (
+                link_id VARCHAR PRIMARY KEY,
+                a_type VARCHAR NOT NULL,
+                a_value VARCHAR NOT NULL,
+                b_type VARCHAR NOT NULL,
+                b_value VARCHAR NOT NULL,
+                score DOUBLE NOT NULL,                 -- match probability, 0..1
+                method VARCHAR NOT NULL,
+                model_version VARCHAR,
+                evidence JSON,
+                created_at TIMESTAMPTZ NOT NULL,
+                removed_at TIMESTAMPTZ
+            )""",
+            """CREATE TABLE identity_resolutions (
+                resolution_id VARCHAR PRIMARY KEY,
+                mode VARCHAR NOT NULL,                 -- full
+                rules JSON NOT NULL,
+                started_at TIMESTAMPTZ NOT NULL,
+                finished_at TIMESTAMPTZ,
+                identifiers BIGINT,
+                edges BIGINT,
+                profiles BIGINT,
+                merges BIGINT,
+                unmerges BIGINT,
+                blocked BIGINT,
+                iterations INTEGER
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
