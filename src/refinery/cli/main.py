@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from refinery.cli import events, plans, sources
+from refinery.cli import events, identity, plans, sources
 from refinery.cli.common import (
     DataDirOption,
     JsonOption,
@@ -35,6 +35,7 @@ app = typer.Typer(
 app.add_typer(sources.app, name="sources")
 app.add_typer(events.app, name="events")
 app.add_typer(plans.app, name="plans")
+app.add_typer(identity.app, name="identity")
 
 
 @app.command()
