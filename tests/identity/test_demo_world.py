@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from identity_helpers import Identity
 
-from conftest import Identity
 from refinery.demo import crm, groundtruth
 from refinery.demo.run import CRM_MAPPING
 from refinery.demo.world import CRM_SOURCE, World, generate

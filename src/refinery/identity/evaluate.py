@@ -53,7 +53,7 @@ def truth_owners(truth: Mapping[str, Any], default_region: str = "US") -> tuple[
     for item in truth["identifiers"]:
         for pid in item["persons"]:
             n = normalise(item["kind"], item["value"], country.get(pid), default_region)
-            if n.value is not None:
+            if n.reason is None:
                 owners[(item["kind"], n.value)].add(pid)
     single = {k: next(iter(v)) for k, v in owners.items() if len(v) == 1}
     shared = {k for k, v in owners.items() if len(v) > 1}

@@ -28,8 +28,8 @@ _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 
 @dataclass(frozen=True, slots=True)
 class Normalised:
-    value: str | None          # None when blocked
-    reason: str | None = None  # why it is blocked: empty, invalid_phone
+    value: str                 # the normalised value (when blocked: the cleaned text, to show)
+    reason: str | None = None  # why it is blocked (empty, invalid_phone), else None
 
 
 def needs_python(kind: str, raw: str) -> bool:
@@ -51,18 +51,18 @@ def normalise(kind: str, raw: str, region: str | None = None, default_region: st
         text = text.lower()
     if kind == "phone":
         return normalise_phone(text, region, default_region)
-    return Normalised(text) if text else Normalised(None, "empty")
+    return Normalised(text) if text else Normalised(text, "empty")
 
 
 def normalise_phone(text: str, region: str | None, default_region: str) -> Normalised:
     if not text:
-        return Normalised(None, "empty")
+        return Normalised(text, "empty")
     hint = (region or "").strip().upper()
     hint = hint if len(hint) == 2 and hint.isalpha() else default_region.upper()
     try:
         number = phonenumbers.parse(text, hint)
     except phonenumbers.NumberParseException:
-        return Normalised(None, "invalid_phone")
+        return Normalised(text, "invalid_phone")
     if not phonenumbers.is_possible_number(number):
-        return Normalised(None, "invalid_phone")
+        return Normalised(text, "invalid_phone")
     return Normalised(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))

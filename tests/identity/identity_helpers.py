@@ -1,0 +1,81 @@
+"""Identity test helpers (imported by name: a module called conftest would clash with the other
+conftest modules on sys.path): events go in through the real staging and cleaning path (in-process, one
+writer), then `refinery.identity.resolve` runs inside the writer like the CLI runs it."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from refinery.identity import IdentityRules, ResolveReport, resolve
+from refinery.ingest.protocol import Limits, stage
+from refinery.ingest.store import IngestItem
+from refinery.runtime import Runtime
+from refinery.settings import Settings
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+_clock = itertools.count()
+
+
+def event(type_: str = "identify", *, minutes: int | None = None, **fields: Any) -> dict[str, Any]:
+    """A Segment call; `minutes` after T0 sets its timestamp (default: a fresh, later minute)."""
+    at = T0 + timedelta(minutes=next(_clock) if minutes is None else minutes)
+    return {"type": type_, "messageId": uuid.uuid4().hex, "timestamp": at.isoformat(), **fields}
+
+
+class Identity:
+    """A runtime plus helpers to send events and read the identity tables."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def send(self, *events: dict[str, Any], source: str = "web", check: bool = True) -> None:
+        items = []
+        for ev in events:
+            staged = stage("batch", {"batch": [ev]}, Limits())
+            items.extend(IngestItem(source, "req", datetime.now(UTC), s) for s in staged)
+        outcomes = self.rt.writer.call(lambda e: self.rt.events.write(e, items))
+        bad = [o for o in outcomes if o.status != "loaded"]
+        assert not (check and bad), bad
+
+    def resolve(self, rules: IdentityRules | None = None) -> ResolveReport:
+        return self.rt.writer.call(lambda e: resolve(e, rules or IdentityRules()))  # type: ignore[no-any-return]
+
+    def edges(self) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+        return [((r["a_type"], r["a_value"]), (r["b_type"], r["b_value"])) for r in self.rows("SELECT * FROM identity_edges")]
+
+    def rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        return self.rt.engine.fetch_dicts(sql, params, cursor=self.rt.engine.reader())
+
+    def profile(self, kind: str, value: str) -> str | None:
+        rows = self.rows("SELECT profile_id FROM identities WHERE identifier_type = ? AND value = ?", [kind, value])
+        assert rows, f"{kind}={value!r} not in identities"
+        return rows[0]["profile_id"]  # type: ignore[no-any-return]
+
+    def identity(self, kind: str, value: str) -> dict[str, Any]:
+        rows = self.rows("SELECT * FROM identities WHERE identifier_type = ? AND value = ?", [kind, value])
+        assert rows, f"{kind}={value!r} not in identities"
+        return rows[0]
+
+    def blocked(self, reason: str | None = None) -> list[dict[str, Any]]:
+        if reason is None:
+            return self.rows("SELECT * FROM identity_blocked")
+        return self.rows("SELECT * FROM identity_blocked WHERE reason = ?", [reason])
+
+    def assignment(self) -> dict[tuple[str, str], str | None]:
+        return {(r["identifier_type"], r["value"]): r["profile_id"] for r in self.rows("SELECT * FROM identities")}
+
+
+@pytest.fixture
+def ident(tmp_path: Path) -> Iterator[Identity]:
+    rt = Runtime.open(Settings(data_dir=tmp_path / "data", admin_token="t"))
+    try:
+        yield Identity(rt)
+    finally:
+        rt.close()
