@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     matching_device_max_per_ip: int = Field(5, ge=2, description="Device signals: an IP seen with more distinct devices than this on one day (office, NAT) links nothing.")
     matching_device_score_cap: float = Field(0.6, gt=0.0, le=0.6, description="Highest score a device-signal link can have (they are weak evidence).")
 
+    trait_policy: Literal["latest", "first", "source_priority"] = Field("latest", description="How a profile's traits are merged from its identify calls: `latest` (the newest value wins, an explicit null clears the trait), `first` (the first value ever set wins), or `source_priority` (the value from the source listed first in `trait_source_priority` wins, newest first within a source).")
+    trait_source_priority: list[str] = Field(default_factory=list, description="Sources in order of trust for the `source_priority` trait policy, e.g. `[\"crm\", \"web\"]`; sources not listed come after, newest value first.")
+    trait_policies: dict[str, Literal["latest", "first", "source_priority"]] = Field(default_factory=dict, description="Per-trait policy overriding `trait_policy`, e.g. `{\"first_touch_channel\": \"first\", \"plan\": \"source_priority\"}`.")
+
     @property
     def database_path(self) -> Path:
         return self.data_dir / "refinery.duckdb"
