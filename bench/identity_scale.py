@@ -1,0 +1,158 @@
+"""Benchmark: full identity resolution of N identifier edges against python-igraph's connected
+components on the same edge list (the in-memory lower bound), side by side, with peak memory.
+
+The edge list has the demo world's shape, generated in SQL (seeded, deterministic): people with a
+user id (80%) or anonymous only, one to three cookies each, one or two emails, phones for half,
+app device ids for half, families of three sharing a laptop cookie (one in ten), and a kiosk cookie
+seen with 5,000 user ids. Each side runs in its own subprocess so peak RSS (ru_maxrss) is its own:
+
+  igraph     int-encoded edge list (encoded by DuckDB beforehand, not timed) -> Graph -> components
+  refinery   resolve_graph(): numbering, conflicting edges, hubs, label propagation to a fixpoint,
+             merge protection (nearest user id, ambiguous cookies cut), limits, profile ids
+
+Usage: .venv/bin/python bench/identity_scale.py [--edges 10000000] [--memory-limit 6GB]
+Targets (issue 3): refinery <= 60 s for 10 million edges on 2 cores, peak RSS < 8 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Edges per person on average (see GENERATE); people = edges / EDGES_PER_PERSON.
+EDGES_PER_PERSON = 3.85
+
+GENERATE = """
+CREATE OR REPLACE TABLE people AS
+SELECT p, p % 5 <> 0 AS known, 1 + (p * 7919) % 3 AS cookies, p // 3 AS household FROM range(?) t(p);
+CREATE OR REPLACE TABLE edges AS
+WITH e AS (
+    -- known people: a star around the user id
+    SELECT 'user_id' AS a_kind, 'u' || p AS a_value, 'anonymous_id' AS b_kind, 'a' || p || '_' || j AS b_value
+    FROM people, range(3) c(j) WHERE known AND j < cookies
+    UNION ALL SELECT 'user_id', 'u' || p, 'email', 'e' || p || '@shop.io' FROM people WHERE known
+    UNION ALL SELECT 'user_id', 'u' || p, 'email', 'old' || p || '@shop.io' FROM people WHERE known AND p % 7 = 0
+    UNION ALL SELECT 'user_id', 'u' || p, 'phone', '+4477' || lpad(CAST(p AS VARCHAR), 8, '0') FROM people WHERE known AND p % 2 = 0
+    UNION ALL SELECT 'user_id', 'u' || p, 'device_id', 'd' || p FROM people WHERE known AND p % 2 = 1
+    -- anonymous people: cookies around their device
+    UNION ALL SELECT 'device_id', 'd' || p, 'anonymous_id', 'a' || p || '_' || j FROM people, range(3) c(j) WHERE NOT known AND j < cookies
+    -- a family laptop cookie in one household of ten, logged into by everyone in it
+    UNION ALL SELECT 'user_id', 'u' || p, 'anonymous_id', 'fam' || household FROM people WHERE known AND household % 10 = 1
+    -- a kiosk
+    UNION ALL SELECT 'user_id', 'u' || p, 'anonymous_id', 'kiosk' FROM people WHERE known AND p < 25000 AND p % 5 = 1
+)
+SELECT DISTINCT * FROM e;
+"""
+
+
+def generate(db: Path, edges: int) -> dict[str, int]:
+    import duckdb
+
+    con = duckdb.connect(str(db), config={"threads": 2, "memory_limit": "4GB"})
+    people = int(edges / EDGES_PER_PERSON)
+    for statement in GENERATE.strip().split(";\n"):
+        if statement.strip():
+            con.execute(statement, [people] if "range(?)" in statement else None)
+    con.execute("""
+        CREATE OR REPLACE TABLE ids AS
+        SELECT kind, value, TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(hash(kind || value) % 5000000) AS first_seen,
+               row_number() OVER () - 1 AS i
+        FROM (SELECT a_kind AS kind, a_value AS value FROM edges UNION SELECT b_kind, b_value FROM edges) t
+    """)
+    con.execute("""
+        CREATE OR REPLACE TABLE int_edges AS
+        SELECT x.i AS a, y.i AS b FROM edges e
+        JOIN ids x ON x.kind = e.a_kind AND x.value = e.a_value JOIN ids y ON y.kind = e.b_kind AND y.value = e.b_value
+    """)
+    n_edges = con.execute("SELECT count(*) FROM edges").fetchone()[0]  # type: ignore[index]
+    n_ids = con.execute("SELECT count(*) FROM ids").fetchone()[0]  # type: ignore[index]
+    con.close()
+    return {"people": people, "edges": int(n_edges), "identifiers": int(n_ids)}
+
+
+def run_igraph(db: Path) -> dict[str, float]:
+    import duckdb
+    import igraph
+    import numpy as np
+
+    con = duckdb.connect(str(db), read_only=True)
+    n = con.execute("SELECT count(*) FROM ids").fetchone()[0]  # type: ignore[index]
+    arr = con.execute("SELECT a, b FROM int_edges").fetchnumpy()
+    con.close()
+    pairs = np.column_stack([arr["a"], arr["b"]]).astype(np.int64)
+    del arr
+    t0 = time.perf_counter()
+    g = igraph.Graph(n=int(n), edges=pairs)
+    components = g.connected_components()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "components": len(components)}
+
+
+def run_refinery(db: Path, memory_limit: str) -> dict[str, float]:
+    from refinery.identity.graph import resolve_graph
+    from refinery.identity.resolve import assign_profile_ids
+    from refinery.identity.rules import IdentityRules
+    from refinery.storage.duckdb_engine import DuckDBEngine
+
+    engine = DuckDBEngine(db, memory_limit=memory_limit, threads=2)
+    engine.execute("CREATE OR REPLACE TEMP TABLE _idr_ids AS SELECT kind, value, first_seen FROM ids")
+    engine.execute("CREATE OR REPLACE TEMP TABLE _idr_pairs AS SELECT a_kind, a_value, b_kind, b_value FROM edges")
+    t0 = time.perf_counter()
+    stats = resolve_graph(engine, IdentityRules())
+    assign_profile_ids(engine)
+    seconds = time.perf_counter() - t0
+    profiles = engine.fetch_all("SELECT count(DISTINCT profile_id) FROM _idr_prof")[0][0]
+    shared = engine.fetch_all("SELECT count(*) FROM _idr_prof WHERE status <> 'linked'")[0][0]
+    two_users = engine.fetch_all(
+        "SELECT count(*) FROM (SELECT profile_id FROM _idr_prof WHERE kind = 'user_id' GROUP BY 1 HAVING count(*) > 1)"
+    )[0][0]
+    engine.close()
+    return {"seconds": seconds, "profiles": profiles, "not_linked": shared, "profiles_with_two_user_ids": two_users,
+            "iterations": stats.iterations, "hubs": stats.hubs, "ambiguous": stats.ambiguous}
+
+
+def _side(which: str, db: Path, memory_limit: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--side", which, "--db", str(db), "--memory-limit", memory_limit],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--edges", type=int, default=10_000_000)
+    ap.add_argument("--memory-limit", default="6GB", help="DuckDB memory limit for the refinery side.")
+    ap.add_argument("--side", choices=("igraph", "refinery"), help=argparse.SUPPRESS)
+    ap.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        result = run_igraph(args.db) if args.side == "igraph" else run_refinery(args.db, args.memory_limit)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory(prefix="identity-bench-") as tmp:
+        db = Path(tmp) / "edges.duckdb"
+        t0 = time.perf_counter()
+        shape = generate(db, args.edges)
+        print(f"edge list: {shape['edges']:,} edges over {shape['identifiers']:,} identifiers "
+              f"({shape['people']:,} people), generated in {time.perf_counter() - t0:.1f}s")
+        base = _side("igraph", db, args.memory_limit)
+        ours = _side("refinery", db, args.memory_limit)
+    print(f"igraph connected_components : {base['seconds']:8.2f} s  peak RSS {base['peak_rss_mib']:8.0f} MiB  "
+          f"({base['components']:,} components)")
+    print(f"refinery resolve_graph      : {ours['seconds']:8.2f} s  peak RSS {ours['peak_rss_mib']:8.0f} MiB  "
+          f"({ours['profiles']:,} profiles, {ours['iterations']} SQL rounds, {ours['hubs']} hubs, "
+          f"{ours['ambiguous']:,} ambiguous, {ours['profiles_with_two_user_ids']} profiles with two user ids)")
+    print(f"ratio refinery / igraph     : {ours['seconds'] / base['seconds']:8.1f}x")
+    ok_time, ok_mem = ours["seconds"] <= 60, ours["peak_rss_mib"] < 8 * 1024
+    print(f"targets: <= 60 s {'met' if ok_time else 'MISSED'}; peak RSS < 8 GiB {'met' if ok_mem else 'MISSED'}")
+    print(json.dumps({"shape": shape, "igraph": base, "refinery": ours}))
+
+
+if __name__ == "__main__":
+    main()
