@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -19,6 +20,9 @@ from refinery.identity.matching import (
     PersonMatchResult,
     match_person_records,
 )
+from refinery.identity.matching import person_records_from_events as from_events
+from refinery.ingest.importer import run_import
+from refinery.runtime import Runtime
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -146,3 +150,31 @@ def test_a_missing_splink_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(sys.modules, "splink", None)  # what Python does when the package is not installed
     with pytest.raises(MissingExtraError, match=r"refinery-dmp\[ml\]"):
         match_person_records(pa.Table.from_pylist([{"record_id": "1", "id_type": "t", "id_value": "A"}]))
+
+
+def test_person_records_come_from_imported_identify_calls(runtime: Runtime, tmp_path: Path) -> None:
+    """CRM rows imported with a crm_id mapping become person records keyed by that id, and match."""
+    csv = tmp_path / "crm.csv"
+    csv.write_text(
+        "customer_id,first_name,last_name,email,phone,city\n"
+        "C-1,Ann,Lee,ann.lee@example.com,+44 7700 900123,Leeds\n"
+        "C-2,Anne,Lee, ANN.LEE@example.com ,07700 900123,Leeds\n"
+        "C-3,Bob,Ray,bob@example.com,,York\n"
+    )
+    mapping = {
+        "type": "identify", "user_id": "customer_id", "crm_id": {"column": "customer_id", "name": "crm_id"},
+        "email": "email", "phone": "phone",
+        "traits": {"firstName": "first_name", "lastName": "last_name", "city": "city"},
+        "row_key": ["customer_id"],
+    }  # fmt: skip
+    runtime.writer.call(lambda e: runtime.sources.create(e, "crm", kind="import"))
+    run_import(runtime, csv, source="crm", mapping=mapping)
+    records = from_events(runtime.engine, source="crm")
+    rows = sorted(records.to_pylist(), key=lambda r: r["id_value"])
+    assert [(r["id_type"], r["id_value"], r["first_name"], r["city"]) for r in rows] == [
+        ("crm_id", "C-1", "Ann", "Leeds"), ("crm_id", "C-2", "Anne", "Leeds"), ("crm_id", "C-3", "Bob", "York"),
+    ]  # fmt: skip
+    assert rows[1]["email"] and rows[1]["phone"]
+    assert from_events(runtime.engine, source="web").num_rows == 0
+    result = match_person_records(records, PersonMatchConfig(threshold=0.5))
+    assert result.records == 3 and set(result.fields) >= {"first_name", "last_name", "email", "phone", "city"}

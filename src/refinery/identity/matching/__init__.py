@@ -4,6 +4,8 @@
   a scratch DuckDB; needs the `[ml]` extra, imported only when called.
 - `device_signal_links`: anonymous/device ids that share IP and user agent close in time, scored
   low (at most 0.6), over the clean `events` table.
+- `person_records_from_events`: person records from imported identify calls (CRM rows keyed by
+  the external id the import mapping names).
 - `save_links` / `write_links`, `remove_link`, `restore_link`, `active_links`: `identity_links`.
 
 See docs/identity-matching.md and docs/decisions/0007-probabilistic-matching.md.
@@ -15,6 +17,7 @@ from refinery.identity.matching.device import DeviceSignalConfig, device_signal_
 from refinery.identity.matching.errors import LinkNotFound, MatchingError, MissingExtraError
 from refinery.identity.matching.links import DEVICE_SIGNAL, LINK_COLUMNS, LINK_SCHEMA, PERSON_RECORD
 from refinery.identity.matching.person import PersonMatchConfig, PersonMatchResult, match_person_records
+from refinery.identity.matching.records import from_events as person_records_from_events
 from refinery.identity.matching.store import (
     WriteSummary,
     active_links,
@@ -39,6 +42,7 @@ __all__ = [
     "active_links",
     "device_signal_links",
     "match_person_records",
+    "person_records_from_events",
     "remove_link",
     "restore_link",
     "save_links",

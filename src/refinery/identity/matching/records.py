@@ -127,3 +127,32 @@ def stage(engine: Engine, records: Any) -> tuple[int, str, tuple[str, ...]]:
     counts = engine.fetch_dicts(PRESENT_SQL)[0]
     present = tuple(c for c in FIELDS if counts[c])
     return int(n), str(digest), present
+
+
+# Person records from the clean zone: each identify call that names an external id (imports put
+# the CRM id in `context.externalIds`, typed by the mapping's `crm_id.name`) is one record, its
+# traits read under the Segment spec's names (and the snake_case ones imports often use).
+FROM_EVENTS_SQL = """
+SELECT message_id AS record_id,
+       lower(trim(json_extract_string(context, '$.externalIds[0].type'))) AS id_type,
+       trim(json_extract_string(context, '$.externalIds[0].id')) AS id_value,
+       coalesce(traits ->> '$.firstName', traits ->> '$.first_name') AS first_name,
+       coalesce(traits ->> '$.lastName', traits ->> '$.last_name') AS last_name,
+       coalesce(traits ->> '$.birthday', traits ->> '$.dob') AS dob,
+       coalesce(traits ->> '$.address.street', traits ->> '$.street') AS address,
+       coalesce(traits ->> '$.address.city', traits ->> '$.city') AS city,
+       coalesce(traits ->> '$.address.postalCode', traits ->> '$.postcode', traits ->> '$.postal_code') AS postcode,
+       traits ->> '$.email' AS email,
+       traits ->> '$.phone' AS phone
+FROM events
+WHERE type = 'identify'
+  AND nullif(trim(json_extract_string(context, '$.externalIds[0].id')), '') IS NOT NULL
+  AND nullif(trim(json_extract_string(context, '$.externalIds[0].type')), '') IS NOT NULL
+  AND ($source IS NULL OR source = $source)
+ORDER BY message_id
+"""
+
+
+def from_events(engine: Engine, *, source: str | None = None) -> pa.Table:
+    """Person records read from identify events that carry an external id (CRM rows), on a reader cursor."""
+    return engine.fetch_arrow(FROM_EVENTS_SQL, {"source": source}, cursor=engine.reader())
