@@ -204,6 +204,16 @@ def test_options_preflight(srv: Server, path: str) -> None:
     assert "authorization" in allowed and "content-type" in allowed
 
 
+def test_collector_paths_with_other_methods_and_the_rest_of_the_app_still_route(srv: Server) -> None:
+    """The server hands POST/OPTIONS on collector paths straight to the collector; everything else
+    still goes through the application's routing."""
+    assert httpx.get(srv.url + "/v1/track", timeout=10).status_code == 405
+    assert httpx.post(srv.url + "/v1/nope", content=b"{}", timeout=10).status_code == 404
+    assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+    with srv.api() as api:
+        assert api.get("/api/sources").status_code == 200
+
+
 def test_errors_carry_cors_headers_so_browsers_can_read_them(srv: Server) -> None:
     r = post(srv, "/v1/track", {"userId": "u", "event": "E"}, headers={"Origin": "https://shop.example"})
     assert r.status_code == 401

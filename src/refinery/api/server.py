@@ -22,6 +22,7 @@ import uvicorn
 import uvloop
 
 from refinery.api.app import create_app
+from refinery.api.collector import collector_first
 from refinery.runtime import Runtime
 from refinery.settings import Settings
 
@@ -46,6 +47,7 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
     """Run until interrupted. `on_ready(url)` is called once the socket accepts connections."""
     runtime = Runtime.open(settings)
     app = create_app(runtime)
+    asgi = collector_first(app, app.router.routes)
     # Move start-up objects (imports, app, caches) out of the collector's way: otherwise every
     # full collection walks them all and stalls acknowledgements by 50-130 ms (p99 58 -> 26 ms at 1k req/s).
     gc.collect()
@@ -54,7 +56,7 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     config = uvicorn.Config(
-        app,
+        asgi,
         loop="uvloop",
         http="httptools",
         lifespan="off",

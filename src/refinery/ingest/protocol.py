@@ -26,6 +26,9 @@ _ENVELOPE_KEYS = ("context", "integrations")
 _HASH_EXCLUDED = frozenset({"sentAt", "writeKey", "receivedAt"})
 _ID_FIELDS = ("userId", "anonymousId")
 _OBJECT_FIELDS = ("properties", "traits", "context", "integrations")
+_TIME_FIELDS = ("timestamp", "originalTimestamp", "sentAt")
+#: The field each call type needs besides an identity.
+_REQUIRED = {"track": "event", "group": "groupId", "alias": "previousId"}
 #: How to fix each rule a single call can break (batch items carry the advice in their message).
 _FIXES: dict[str, str] = {
     "event_too_large": "Keep each event under 32 KB: move large values out of properties and traits.",
@@ -271,8 +274,12 @@ def _stage_item(
             Failure("not_an_object", f"Batch item {index} is a JSON {_json_kind(item)}, not an event object.", f"/batch/{index}"),
         )
     raw_bytes = orjson.dumps(item)
-    merged = _merge(item, envelope) if envelope else item
-    merged_bytes = raw_bytes if merged is item else orjson.dumps(merged)
+    raw_json = raw_bytes.decode()
+    if envelope:
+        merged = _merge(item, envelope)
+        merged_json = orjson.dumps(merged).decode()
+    else:
+        merged, merged_json = item, raw_json
     mid = item.get("messageId")
     failure = None
     if isinstance(mid, str) and mid.strip() and len(mid) <= 255:
@@ -287,17 +294,16 @@ def _stage_item(
             "/messageId",
         )
     failure = failure or check_event(item, merged, len(raw_bytes), limits, raw_bytes)
-    hashed = {k: v for k, v in item.items() if k not in _HASH_EXCLUDED}
-    return StagedEvent(
-        index,
-        message_id,
-        raw_bytes.decode(),
-        envelope_json,
-        merged_bytes.decode(),
-        _hash(orjson.dumps(hashed, option=orjson.OPT_SORT_KEYS)),
-        failure,
-        merged,
-    )
+    return StagedEvent(index, message_id, raw_json, envelope_json, merged_json, content_hash(item), failure, merged)
+
+
+def content_hash(item: dict[str, Any]) -> int:
+    """The event's content, ignoring what an SDK re-stamps on a retry (sentAt, writeKey,
+    receivedAt) and the order of keys, as a 64-bit hash: equal for a retry, different for a
+    reused messageId with other content."""
+    if _HASH_EXCLUDED.isdisjoint(item):
+        return _hash(orjson.dumps(item, option=orjson.OPT_SORT_KEYS))
+    return _hash(orjson.dumps({k: v for k, v in item.items() if k not in _HASH_EXCLUDED}, option=orjson.OPT_SORT_KEYS))
 
 
 def check_event(
@@ -328,7 +334,7 @@ def check_event(
             "userId or anonymousId is required: set userId for a known user, or anonymousId for a visitor.",
             "/userId",
         )
-    required = {"track": "event", "group": "groupId", "alias": "previousId"}.get(call)
+    required = _REQUIRED.get(call)
     if required is not None:
         v = item.get(required)
         if v is None or (isinstance(v, str) and not v.strip()):
@@ -344,7 +350,7 @@ def check_event(
         v = merged.get(f)
         if v is not None and not isinstance(v, dict):
             return Failure("invalid_type", f"{f} must be a JSON object, got {_describe(v)}.", f"/{f}")
-    for f in ("timestamp", "originalTimestamp", "sentAt"):
+    for f in _TIME_FIELDS:
         v = merged.get(f)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int, float))):
             return Failure(
@@ -386,8 +392,8 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def _hash(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+def _hash(data: bytes, _blake2b: Any = hashlib.blake2b, _from_bytes: Any = int.from_bytes) -> int:
+    return _from_bytes(_blake2b(data, digest_size=8).digest(), "big")
 
 
 def _json_kind(v: Any) -> str:

@@ -141,7 +141,17 @@ class Writer:
     def _loop(self) -> bool:
         carry: Any = None
         while True:
-            job = carry if carry is not None else self._queue.get()
+            # Work already waiting when the writer comes free means requests are arriving faster
+            # than single commits: take what is queued and commit at once (more arrives during the
+            # commit and forms the next group). Only an idle writer waits `max_wait` for company.
+            backlog = True
+            job = carry
+            if job is None:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    backlog = False
+                    job = self._queue.get()
             carry = None
             if job is _STOP:
                 return True
@@ -150,7 +160,7 @@ class Writer:
                 continue
             group = [job]
             size = len(job.items)
-            deadline = time.monotonic() + self.max_wait
+            deadline = time.monotonic() + (0.0 if backlog else self.max_wait)
             while size < self.max_group:
                 try:
                     nxt = self._queue.get_nowait()
