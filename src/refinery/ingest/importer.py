@@ -2,52 +2,70 @@
 
 The file is copied into the raw zone under its SHA-256 and recorded in `imports`. DuckDB then
 streams it (read_csv / read_parquet; JSON lines are read as lines and parsed in SQL, so a bad
-line becomes a failed row instead of stopping the scan) through one SELECT, built with sqlglot,
-that turns each row into a Segment-shaped payload with a deterministic message id and, for rows
-that cannot become an event, a reason. Python only moves Arrow batches: each batch of about
-200k rows is one writer call that drops duplicates, quarantines failed rows (stage `import`, with
-file and row number) and hands the rest to `insert_clean`, the collector's own cleaning.
-See docs/import.md and docs/decisions/0003-import-raw-zone.md.
+line becomes a failed row instead of stopping the scan) through one SELECT built by
+`import_clean.import_select`, which yields rows ready for `events` (cleaned from the typed
+columns, no JSON round trip) with a deterministic message id and, for rows that cannot be
+loaded, a reason. A reader thread pulls Arrow batches of about 200k rows (and runs tracking
+plans over track rows when a plan applies); the writer takes each batch in one transaction:
+drops duplicates, quarantines failed rows (with file and row number) and appends the rest.
+See docs/import.md, docs/decisions/0003-import-raw-zone.md and 0005-import-from-typed-columns.md.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
+import functools
 import gzip
 import hashlib
 import logging
 import os
+import queue
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlglot import exp
 
 from refinery.errors import ImportError_, NotFoundError, RefineryError
+from refinery.ingest.clean import EVENT_COLUMNS
+from refinery.ingest.import_clean import (
+    LINE_DELIMITER,
+    FileShape,
+    ImportContext,
+    import_select,
+    quoted_table,
+    reader_relation,
+    template,
+)
 from refinery.ingest.mapping import column_uses, validate_mapping
-from refinery.ingest.store import insert_clean
-from refinery.storage.engine import Engine, parse
+from refinery.ingest.replay import with_pending
+from refinery.storage.engine import Engine
 
 if TYPE_CHECKING:
     from refinery.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 200_000
-LIBRARY = {"name": "refinery-import", "version": "1"}
+CHUNK_ROWS = 2 * 122_880  # whole DuckDB row groups: written straight to the file, not the WAL
 _EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
                ".parquet": "parquet", ".pq": "parquet"}
-#: JSON text never holds a raw U+001F (control characters must be escaped), so splitting JSON lines on
-#: it yields whole lines; a line that does contain one is not JSON and is rejected with its number.
-_LINE_DELIMITER = "\x1f"
+#: Imports running in this process (the only one that can write the store): any other import
+#: recorded as new/started was cut off by a stop and is reported, then marked, as interrupted.
+_RUNNING: set[str] = set()
+_RUNNING_LOCK = threading.Lock()
+#: One import per source at a time, so their duplicate checks see each other's rows.
+_SOURCE_LOCKS: dict[str, threading.Lock] = {}
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -77,296 +95,6 @@ class ImportJob:
         for k in ("started_at", "finished_at"):
             d[k] = d[k].isoformat() if d[k] else None
         return d
-
-
-# --- the pure part: mapping + file shape -> SQL ------------------------------------------------
-
-@dataclass(frozen=True)
-class FileShape:
-    """What the importer learnt about a file before reading it: format, columns (in order) and types."""
-
-    format: str
-    columns: dict[str, str]
-    header_lines: int = 0  # lines before the first data row (CSV: skip + header)
-
-
-def _template(sql: str, **slots: exp.Expression) -> exp.Expression:
-    """Parse a constant SQL template and put sqlglot expressions where `__name` placeholders stand."""
-    tree = parse(sql)
-    for col in list(tree.find_all(exp.Column)):
-        name = col.name
-        if name.startswith("__") and name[2:] in slots:
-            value = slots[name[2:]].copy()
-            atomic = isinstance(value, (exp.Column, exp.Literal, exp.Func, exp.Cast, exp.Case, exp.Paren, exp.Array))
-            col.replace(value if atomic else exp.Paren(this=value))
-    for table in list(tree.find_all(exp.Table)):
-        if table.name.startswith("__") and table.name[2:] in slots:
-            table.replace(slots[table.name[2:]].copy())
-    return tree
-
-
-def _lit(value: str) -> exp.Expression:
-    return exp.Literal.string(value)
-
-
-def _json_object(pairs: list[tuple[str, exp.Expression]]) -> exp.Expression:
-    args: list[exp.Expression] = []
-    for k, v in pairs:
-        args.extend((_lit(k), v))
-    return exp.Anonymous(this="json_object", expressions=args)
-
-
-class _Columns:
-    """How to read one column as text and as a JSON value, per format (CSV: all text; JSON lines:
-    JSON values; Parquet: native types)."""
-
-    def __init__(self, shape: FileShape):
-        self.shape = shape
-
-    def ref(self, name: str) -> exp.Expression:
-        return exp.column(exp.to_identifier(name, quoted=True))
-
-    def text(self, name: str) -> exp.Expression:
-        c = self.ref(name)
-        if self.shape.format == "csv":
-            return c
-        if self.shape.format == "jsonl":
-            return _template("__c ->> '$'", c=c)
-        return exp.cast(c, "VARCHAR")
-
-    def value(self, name: str, kind: str) -> exp.Expression:
-        """The value to embed in the payload (NULL when a declared type does not fit)."""
-        text = self.text(name)
-        if kind in ("integer", "double", "boolean"):
-            sql_type = {"integer": "BIGINT", "double": "DOUBLE", "boolean": "BOOLEAN"}[kind]
-            return exp.TryCast(this=text, to=exp.DataType.build(sql_type))
-        if kind == "string":
-            return text
-        if kind == "json":
-            if self.shape.format == "jsonl":
-                return self.ref(name)
-            if self.shape.format == "csv":
-                return _template("CASE WHEN json_valid(__t) THEN CAST(__t AS JSON) END", t=text)
-            return _template("to_json(__c)", c=self.ref(name))
-        # auto: text for CSV, the JSON value for JSON lines, the native value for Parquet
-        return text if self.shape.format == "csv" else self.ref(name)
-
-
-def _timestamp_expr(cols: _Columns, spec: dict[str, str]) -> exp.Expression:
-    text = cols.text(spec["column"])
-    fmt = spec["format"]
-    if fmt == "iso":
-        return _template("TRY_CAST(__t AS TIMESTAMPTZ)", t=text)
-    if fmt in ("epoch_s", "epoch_ms"):
-        scale = "1.0" if fmt == "epoch_s" else "1000.0"
-        return _template(
-            f"CASE WHEN abs(TRY_CAST(__t AS DOUBLE) / {scale}) < 1e11 THEN to_timestamp(TRY_CAST(__t AS DOUBLE) / {scale}) END", t=text
-        )
-    return _template("CAST(try_strptime(__t, __f) AS TIMESTAMPTZ)", t=text, f=_lit(fmt))
-
-
-def _truncated(text: exp.Expression) -> exp.Expression:
-    return _template("to_json(CASE WHEN length(__t) > 40 THEN left(__t, 37) || '...' ELSE __t END)", t=text)
-
-
-def payload_select(mapping: dict[str, Any], shape: FileShape, source: str, relation: exp.Expression) -> exp.Select:
-    """SELECT message_id, payload, _reason, _message, _field over `relation` (the file's rows).
-
-    A NULL `_reason` means the payload is ready for cleaning. `message_id` is
-    'imp-' + sha256(source, call type, row key values) so a re-import yields the same ids; rows
-    whose key is empty get no message id (they are tracked by file and row number instead).
-    """
-    cols = _Columns(shape)
-    call = mapping["type"]
-    checks: list[tuple[exp.Expression, str, exp.Expression, str]] = []  # (condition, reason, message, field)
-
-    key_texts = [cols.text(c) for c in mapping["row_key"]]
-    key_list = exp.Array(expressions=key_texts)
-    all_key_null = exp.and_(*[exp.Is(this=t.copy(), expression=exp.Null()) for t in key_texts])
-    checks.append((
-        all_key_null, "missing_row_key",
-        _lit(f"The row key ({', '.join(mapping['row_key'])}) is empty, so the row cannot get a stable message id; "
-             "fill the column in the file or choose row_key columns that always have a value."),
-        "/" + mapping["row_key"][0],
-    ))
-    message_id = _template(
-        "CASE WHEN __nokey THEN NULL ELSE 'imp-' || substr(sha256(__src || chr(31) || __call || chr(31) || CAST(to_json(__keys) AS VARCHAR)), 1, 32) END",
-        nokey=all_key_null.copy(), src=_lit(source), call=_lit(call), keys=key_list,
-    )
-
-    ids: dict[str, exp.Expression] = {}
-    for key, field_name in (("user_id", "userId"), ("anonymous_id", "anonymousId")):
-        if mapping.get(key):
-            ids[field_name] = _template("NULLIF(trim(__t), '')", t=cols.text(mapping[key]))
-    mapped_ids = [f"'{mapping[k]}' ({k})" for k in ("user_id", "anonymous_id") if mapping.get(k)]
-    checks.append((
-        exp.and_(*[exp.Is(this=v.copy(), expression=exp.Null()) for v in ids.values()]),
-        "missing_identity",
-        _lit(f"The row has no user: column {' and '.join(mapped_ids)} is empty. Fill it in the file, or map "
-             "anonymous_id to a column that always has a value."),
-        "/userId" if mapping.get("user_id") else "/anonymousId",
-    ))
-
-    event: exp.Expression | None = None
-    if call == "track":
-        spec = mapping["event"]
-        if "value" in spec:
-            event = _lit(spec["value"])
-        else:
-            event = _template("NULLIF(trim(__t), '')", t=cols.text(spec["column"]))
-            checks.append((
-                exp.Is(this=event.copy(), expression=exp.Null()), "missing_event",
-                _lit(f"Column '{spec['column']}' (event) is empty; a track call needs an event name. "
-                     "Fill it in the file or set event to a constant in the mapping."),
-                "/event",
-            ))
-
-    ts_text: exp.Expression | None = None
-    ts_out: exp.Expression | None = None
-    if mapping.get("timestamp"):
-        ts = mapping["timestamp"]
-        ts_text = cols.text(ts["column"])
-        parsed = _timestamp_expr(cols, ts)
-        fmt_hint = "an ISO-8601 time such as 2026-01-31T12:00:00Z" if ts["format"] == "iso" else (
-            f"{ts['format']} (epoch)" if ts["format"].startswith("epoch") else f"the format '{ts['format']}'")
-        checks.append((
-            exp.Is(this=ts_text.copy(), expression=exp.Null()), "missing_timestamp",
-            _lit(f"Column '{ts['column']}' (timestamp) is empty. Fill it in the file, or remove timestamp from the "
-                 "mapping to use the import time."),
-            "/timestamp",
-        ))
-        checks.append((
-            exp.Is(this=parsed.copy(), expression=exp.Null()), "invalid_timestamp",
-            _template(
-                "'Column ' || __col || ' (timestamp) holds ' || __val || ', which is not ' || __hint || "
-                "'; fix the value in the file or set timestamp.format in the mapping (e.g. ''%d/%m/%Y %H:%M'').'",
-                col=_lit(f"'{ts['column']}'"), val=_truncated(ts_text), hint=_lit(fmt_hint),
-            ),
-            "/timestamp",
-        ))
-        # Failed rows keep the text as found, so a replay cannot load them with the import time.
-        ts_out = _template("COALESCE(strftime(__p, '%Y-%m-%dT%H:%M:%S.%fZ'), __t)", p=parsed, t=ts_text.copy())
-
-    def fields(group: str, where: str) -> list[tuple[str, exp.Expression]]:
-        out: list[tuple[str, exp.Expression]] = []
-        for name, spec in mapping.get(group, {}).items():
-            if "value" in spec:
-                out.append((name, _template("CAST(__j AS JSON)", j=_lit(orjson.dumps(spec["value"]).decode()))))
-                continue
-            value = cols.value(spec["column"], spec["type"])
-            if spec["type"] not in ("auto", "string"):
-                text = cols.text(spec["column"])
-                checks.append((
-                    _template("__t IS NOT NULL AND __v IS NULL", t=text, v=value),
-                    "invalid_value",
-                    _template(
-                        "'Column ' || __col || ' (' || __where || ') holds ' || __val || ', which is not ' || __type || "
-                        "'; fix the value in the file or change its type in the mapping.'",
-                        col=_lit(f"'{spec['column']}'"), where=_lit(f"{where}.{name}"), val=_truncated(text.copy()),
-                        type=_lit("a " + spec["type"] if spec["type"] != "integer" else "an integer"),
-                    ),
-                    f"/{where}/{name}",
-                ))
-                # keep the text as found in failed payloads, like timestamps
-                value = _template("CASE WHEN __v IS NULL AND __t IS NOT NULL THEN to_json(__t) ELSE to_json(__v) END",
-                                  v=value, t=text.copy())
-            out.append((name, value))
-        return out
-
-    traits = fields("traits", "traits")
-    properties = fields("properties", "properties")
-    context: list[tuple[str, exp.Expression]] = [("library", _json_object([(k, _lit(v)) for k, v in LIBRARY.items()]))]
-    if mapping.get("crm_id"):
-        crm = mapping["crm_id"]
-        crm_text = cols.text(crm["column"])
-        traits.append((crm["name"], crm_text))
-        context.append(("externalIds", _template(
-            "CASE WHEN __t IS NULL THEN NULL ELSE json_array(json_object('id', __t, 'type', __n, 'collection', 'users', 'encoding', 'none')) END",
-            t=crm_text, n=_lit(crm["name"]),
-        )))
-
-    payload: list[tuple[str, exp.Expression]] = [("type", _lit(call))]
-    if event is not None:
-        payload.append(("event", event))
-    payload.extend(ids.items())
-    if call == "identify":
-        payload.append(("traits", _json_object(traits)))
-    else:
-        payload.append(("properties", _json_object(properties)))
-        if traits:
-            context.append(("traits", _json_object(traits)))
-    payload.append(("context", _json_object(context)))
-    if ts_out is not None:
-        payload.append(("timestamp", ts_out))
-    payload.append(("messageId", message_id.copy()))
-
-    reason: exp.Case = exp.Case()
-    message: exp.Case = exp.Case()
-    fld: exp.Case = exp.Case()
-    for cond, code, msg, ptr in checks:
-        reason = reason.when(cond, _lit(code))
-        message = message.when(cond.copy(), msg)
-        fld = fld.when(cond.copy(), _lit(ptr))
-
-    select = exp.select(
-        message_id.as_("message_id"),
-        exp.cast(_json_object(payload), "VARCHAR").as_("payload"),
-        reason.as_("_reason"),
-        message.as_("_message"),
-        fld.as_("_field"),
-    ).from_(relation)
-    if shape.format == "jsonl":
-        # Lines that are blank or not JSON objects: no payload, a reason, no message id.
-        select = _jsonl_guard(select)
-    return select
-
-
-def _jsonl_guard(select: exp.Select) -> exp.Select:
-    inner = select.select("_blank", "_not_object", "_line_head", append=True)
-    return exp.select(
-        parse("CASE WHEN _blank OR _not_object THEN NULL ELSE message_id END").as_("message_id"),
-        parse("CASE WHEN _blank OR _not_object THEN NULL ELSE payload END").as_("payload"),
-        parse("CASE WHEN _blank THEN 'blank_line' WHEN _not_object THEN 'invalid_json' ELSE _reason END").as_("_reason"),
-        parse(
-            "CASE WHEN _blank THEN 'The line is blank.' WHEN _not_object THEN 'The line is not a JSON object (it starts ' || "
-            "to_json(_line_head) || '); write one JSON object per line, e.g. {\"user_id\": \"u1\"}.' ELSE _message END"
-        ).as_("_message"),
-        parse("CASE WHEN _blank OR _not_object THEN '' ELSE _field END").as_("_field"),
-        parse("_blank").as_("_blank"),
-    ).from_(inner.subquery("_rows"))
-
-
-def reader_relation(shape: FileShape, mapping: dict[str, Any], rejects_table: str) -> tuple[exp.Expression, list[Any]]:
-    """The file as a relation (a table function call with bound parameters) and its parameters."""
-    opts = mapping["csv"]
-    if shape.format == "csv":
-        sql = ("SELECT * FROM read_csv(?, delim = ?, quote = ?, escape = ?, header = true, skip = ?, encoding = ?, "
-               "auto_detect = false, all_varchar = true, columns = ?, store_rejects = true, rejects_table = ?, rejects_scan = ?)")
-        params = [None, opts["delimiter"], opts["quote"], opts["escape"], opts["skip"], mapping["encoding"],
-                  {c: "VARCHAR" for c in shape.columns}, rejects_table, rejects_table + "_scan"]
-        return parse(sql).subquery("_file"), params
-    if shape.format == "jsonl":
-        needed = column_uses(mapping)
-        structure = orjson.dumps({c: "JSON" for c in needed}).decode()
-        inner = _template(
-            "SELECT _line IS NULL OR trim(_line) = '' AS _blank, "
-            "_line IS NOT NULL AND trim(_line) <> '' AND NOT _is_object AS _not_object, "
-            "left(_line, 20) AS _line_head, "
-            "CASE WHEN _is_object THEN json_transform(_line, __structure) END AS _obj "
-            # CASE guards evaluation, so invalid lines are never handed to json_type / json_transform
-            "FROM (SELECT _line, CASE WHEN json_valid(_line) THEN json_type(_line) = 'OBJECT' ELSE false END AS _is_object "
-            "FROM read_csv(?, delim = ?, quote = '', escape = '', header = false, encoding = ?, auto_detect = false, "
-            "columns = {'_line': 'VARCHAR'}, store_rejects = true, rejects_table = ?, rejects_scan = ?))",
-            structure=_lit(structure),
-        )
-        # json_transform yields a struct keyed by the column names; expose each as the column name.
-        outer = exp.select("_blank", "_not_object", "_line_head").from_(inner.subquery("_lines"))
-        for c in needed:
-            outer = outer.select(
-                exp.StructExtract(this=exp.column("_obj"), expression=_lit(c)).as_(exp.to_identifier(c, quoted=True)), append=True
-            )
-        return outer.subquery("_file"), [None, _LINE_DELIMITER, mapping["encoding"], rejects_table, rejects_table + "_scan"]
-    return parse("SELECT * FROM read_parquet(?)").subquery("_file"), [None]
 
 
 # --- looking at the file -----------------------------------------------------------------------
@@ -440,7 +168,7 @@ def inspect_file(engine: Engine, path: Path, fmt: str, mapping: dict[str, Any]) 
             "SELECT DISTINCT unnest(json_keys(_line)) FROM (SELECT _line FROM read_csv(?, delim = ?, quote = '', escape = '', "
             "header = false, encoding = ?, auto_detect = false, columns = {'_line': 'VARCHAR'}, ignore_errors = true) "
             "WHERE CASE WHEN json_valid(_line) THEN json_type(_line) = 'OBJECT' ELSE false END LIMIT 1000)",
-            [str(path), _LINE_DELIMITER, mapping["encoding"]], cursor=engine.reader(),
+            [str(path), LINE_DELIMITER, mapping["encoding"]], cursor=engine.reader(),
         )
         shape = FileShape("jsonl", {k[0]: "JSON" for k in keys})
     _check_columns(path, shape, mapping)
@@ -511,6 +239,7 @@ def _prepare(runtime: Runtime, path: str | Path, source: str, mapping: dict[str,
     fmt = detect_format(p, spec)
     shape = inspect_file(runtime.engine, p, fmt, spec)
     job = ImportJob(import_id="imp_" + uuid.uuid4().hex[:16], source=source, path=str(p), format=fmt)
+    recover_interrupted(runtime)
     runtime.writer.call(lambda e: _record_start(runtime, e, job, spec))
     return _Plan(job, spec, shape, p)
 
@@ -552,10 +281,29 @@ def get_import(engine: Engine, import_id: str) -> ImportJob:
     )
     if not rows:
         raise NotFoundError(f"No import with id {import_id!r}.", fix="List imports with: refinery query \"SELECT * FROM imports\"")
-    return ImportJob(**rows[0])
+    job = ImportJob(**rows[0])
+    with _RUNNING_LOCK:
+        cut_off = job.status in ("new", "started") and job.import_id not in _RUNNING
+    if cut_off:  # not marked yet (that happens when the next import starts): say what it is
+        job.status = "interrupted"
+        job.error = f"The import stopped before it finished (the server or command was stopped) after {job.rows_read} rows. {_INTERRUPTED_FIX}"
+    return job
 
 
 def _execute(runtime: Runtime, plan: _Plan, progress: Progress | None) -> None:
+    job = plan.job
+    with _RUNNING_LOCK:
+        _RUNNING.add(job.import_id)
+        source_lock = _SOURCE_LOCKS.setdefault(job.source, threading.Lock())
+    try:
+        with source_lock:
+            _run_locked(runtime, plan, progress)
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(job.import_id)
+
+
+def _run_locked(runtime: Runtime, plan: _Plan, progress: Progress | None) -> None:
     job = plan.job
     try:
         sha, stored = store_raw_file(plan.original, runtime.settings.raw_files_dir)
@@ -585,114 +333,458 @@ def _save_counts(engine: Engine, job: ImportJob) -> None:
     )
 
 
+_INTERRUPTED_FIX = ("Import the file again to finish it: rows already loaded count as duplicates, so nothing is "
+                    "loaded twice.")
+
+
+def recover_interrupted(runtime: Runtime) -> int:
+    """Mark imports that were cut off by a stop (status new/started, not running in this process)
+    as `interrupted`, with how to finish them; returns how many. Safe to call at any time."""
+    with _RUNNING_LOCK:
+        running = sorted(_RUNNING)
+
+    def mark(engine: Engine) -> int:
+        rows = engine.fetch_all(
+            "UPDATE imports SET status = 'interrupted', finished_at = now(), "
+            "error = 'The import stopped before it finished (the server or command was stopped) after ' || rows_read || "
+            "' rows. ' || ? WHERE status IN ('new', 'started') AND NOT list_contains(?, import_id) RETURNING import_id",
+            [_INTERRUPTED_FIX, running],
+        )
+        return len(rows)
+
+    n = runtime.writer.call(mark)
+    if n:
+        log.warning("%d interrupted import(s) marked; import their files again to finish them", n)
+    return n
+
+
+# --- numbering rows by their line in the file ----------------------------------------------------
+
+@dataclass
+class LineScan:
+    """What one sequential pass over a text file learns: its line count, its blank lines
+    (1-based), and whether the quote character occurs at all (else no value spans lines)."""
+
+    lines: int = 0
+    blanks: list[int] = field(default_factory=list)
+    has_quote: bool = False
+
+
+def _blank_starts(block: bytes, after_newline: bool) -> list[int]:
+    """Offsets in `block` where a blank line ("\\n" or "\\r\\n" alone) begins; C-speed finds, no regex."""
+    found: list[int] = []
+    if after_newline and (block.startswith(b"\n") or block.startswith(b"\r\n")):
+        found.append(0)
+    for pattern in (b"\n\n", b"\n\r\n"):
+        i = block.find(pattern)
+        while i >= 0:
+            found.append(i + 1)
+            i = block.find(pattern, i + 1)
+    return sorted(found)
+
+
+def scan_lines(path: Path, encoding: str, quote: str) -> LineScan:
+    """Count lines and find blank ones, reading the file once in large blocks."""
+    scan = LineScan()
+    opener: Callable[..., Any] = gzip.open if path.suffix.lower() == ".gz" else open
+    if encoding == "utf-16":  # not byte-oriented: decode (rare, and slower)
+        with opener(path, "rt", encoding="utf-16", newline="") as text:
+            for n, line in enumerate(text, 1):
+                scan.lines = n
+                if line in ("\n", "\r\n", "\r"):
+                    scan.blanks.append(n)
+                scan.has_quote = scan.has_quote or (bool(quote) and quote in line)
+        return scan
+    q = quote.encode("latin-1") if quote else b""
+    after_newline = True  # the start of the file is the start of a line
+    with opener(path, "rb") as f:
+        while block := f.read(1 << 22):
+            base, pos, counted = scan.lines, 0, 0
+            for start in _blank_starts(block, after_newline):
+                counted += block.count(b"\n", pos, start)
+                pos = start
+                scan.blanks.append(base + counted + 1)
+            scan.lines += block.count(b"\n")
+            scan.has_quote = scan.has_quote or (bool(q) and q in block)
+            after_newline = block.endswith(b"\n")
+    if not after_newline:
+        scan.lines += 1  # a last line without a line break
+    return scan
+
+
+class RowNumbers:
+    """Gives each accepted row its line number as the CSV reader counts lines (the header is line 1,
+    each blank line counts one, a record whose quoted values span lines counts one): the physical
+    line unless quoted values span lines. The reader skips blank lines and rejected records, so
+    they are put back here; `rejects` are the reader's own line numbers of rejected records
+    (known when there are blank lines; otherwise they are put back after the scan)."""
+
+    def __init__(self, first: int, blanks: list[int] | None = None, rejects: list[tuple[int, int]] | None = None):
+        self.line = first      # the line number of the next row
+        self.phys = first      # the physical line where it starts
+        self.blanks = blanks or []
+        self.rejects = rejects or []  # (line, physical lines it spans)
+        self.bi = self.ri = 0
+
+    def assign(self, n: int, newlines: np.ndarray | None) -> np.ndarray:
+        out = np.empty(n, np.int64)
+        multi = np.flatnonzero(newlines) if newlines is not None else np.empty(0, np.int64)
+        mi, i = 0, 0
+        while i < n:
+            self._skip_gaps()
+            steps = n - i
+            if self.bi < len(self.blanks):
+                steps = min(steps, self.blanks[self.bi] - self.phys)
+            if self.ri < len(self.rejects):
+                steps = min(steps, self.rejects[self.ri][0] - self.line)
+            if mi < len(multi):
+                steps = min(steps, int(multi[mi]) - i)
+            if steps > 0:
+                out[i:i + steps] = np.arange(self.line, self.line + steps)
+                self.line += steps
+                self.phys += steps
+                i += steps
+                continue
+            # row i spans several physical lines
+            assert newlines is not None and mi < len(multi) and multi[mi] == i
+            out[i] = self.line
+            self.line += 1
+            self.phys += 1 + int(newlines[i])
+            mi += 1
+            i += 1
+        return out
+
+    def _skip_gaps(self) -> None:
+        while True:
+            if self.ri < len(self.rejects) and self.rejects[self.ri][0] == self.line:
+                self.line += 1
+                self.phys += self.rejects[self.ri][1]
+                self.ri += 1
+            elif self.bi < len(self.blanks) and self.blanks[self.bi] < self.phys:
+                self.bi += 1  # inside a quoted value of an earlier record
+            elif self.bi < len(self.blanks) and self.blanks[self.bi] == self.phys:
+                self.line += 1
+                self.phys += 1
+                self.bi += 1
+            else:
+                return
+
+
+# --- duplicates inside one file ------------------------------------------------------------------
+
+class SeenIds:
+    """Message ids this import has already met, as a fixed-size Bloom filter over their 64-bit
+    hashes: memory stays at `bits / 8` bytes whatever the file's size. A hit is only a candidate;
+    the writer confirms it against this import's rows (false positives cost a query, never a row)."""
+
+    def __init__(self, bits_log2: int = 28, k: int = 3):
+        self.mask = np.uint64((1 << bits_log2) - 1)
+        self.bits = np.zeros(1 << (bits_log2 - 3), np.uint8)
+        self.k = k
+
+    def _positions(self, h: np.ndarray) -> list[np.ndarray]:
+        a = h & self.mask
+        b = (h >> np.uint64(32)) | np.uint64(1)
+        return [(a + np.uint64(i) * b) & self.mask for i in range(self.k)]
+
+    def seen(self, h: np.ndarray) -> np.ndarray:
+        hit = np.ones(len(h), bool)
+        for p in self._positions(h):
+            hit &= (self.bits[p >> np.uint64(3)] >> (p & np.uint64(7)).astype(np.uint8)) & 1 == 1
+        return hit
+
+    def add(self, h: np.ndarray) -> None:
+        for p in self._positions(h):
+            np.bitwise_or.at(self.bits, p >> np.uint64(3), (np.uint8(1) << (p & np.uint64(7)).astype(np.uint8)))
+
+
+def _first_in_chunk(ids: list[str | None], h: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """True for rows whose message id occurred earlier in the same chunk (first one wins)."""
+    dup = np.zeros(len(h), bool)
+    idx = np.flatnonzero(valid)
+    if not len(idx):
+        return dup
+    _, first, counts = np.unique(h[idx], return_index=True, return_counts=True)
+    if (counts == 1).all():
+        return dup
+    shared = set(h[idx][first[counts > 1]].tolist())
+    seen: set[str] = set()
+    for i in idx:
+        if int(h[i]) in shared:
+            mid = ids[i]
+            assert mid is not None
+            if mid in seen:
+                dup[i] = True
+            seen.add(mid)
+    return dup
+
+
+# --- streaming -----------------------------------------------------------------------------------
+
+_DONE = object()
+
+
+@dataclass
+class _Chunk:
+    rows: pa.Table
+    in_chunk_dup: np.ndarray
+    candidates: np.ndarray  # the Bloom filter saw the id in an earlier chunk
+
+
+def _plan_mode(runtime: Runtime, mapping: dict[str, Any], source: str) -> str | None | bool:
+    """The source's unplanned-events mode when tracking plans apply to this import, else False."""
+    if mapping["type"] != "track":
+        return False
+    mode = runtime.sources.get(source).unplanned_events
+    return mode if runtime.plans.applies_to(mode) else False
+
+
 def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | None) -> None:
-    job, engine = plan.job, runtime.engine
+    job, engine, shape = plan.job, runtime.engine, plan.shape
     rejects = "_rejects_" + job.import_id
-    relation, params = reader_relation(plan.shape, plan.mapping, rejects)
-    params[0] = str(stored)
-    select = payload_select(plan.mapping, plan.shape, job.source, relation)
-    if plan.shape.format == "parquet":
+    numbers: RowNumbers
+    known_rejects = False
+    if shape.format == "parquet":
         job.rows_total = int(engine.fetch_all("SELECT sum(num_rows) FROM parquet_file_metadata(?)", [str(stored)],
                                               cursor=engine.reader())[0][0] or 0)
-    cursor = engine.reader()
-    batches = engine.stream_arrow(select, params, batch_size=CHUNK_ROWS, cursor=cursor)
-    next_row = plan.shape.header_lines + 1
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        rows = pa.Table.from_batches([batch]).append_column(
-            "row_number", pa.array(range(next_row, next_row + batch.num_rows), pa.int64()))
-        next_row += batch.num_rows
-        runtime.writer.call(lambda e, t=rows: _write_chunk(runtime, e, job, t))
-        if progress:
-            progress(job.to_dict())
-    del batches
-    if plan.shape.format in ("csv", "jsonl"):
-        rejected = engine.fetch_arrow(
-            _template(
-                "SELECT line, arg_min(error_type, _rank) AS error_type, arg_min(column_name, _rank) AS column_name, "
-                "arg_min(csv_line, _rank) AS csv_line FROM (SELECT *, CASE error_type WHEN 'UNQUOTED VALUE' THEN 0 "
-                "WHEN 'INVALID ENCODING' THEN 1 ELSE 2 END AS _rank FROM __t) GROUP BY line ORDER BY line",
-                t=exp.to_table(exp.to_identifier(rejects, quoted=True)),  # a name we generated, quoted anyway
-            ),
-            cursor=cursor,
-        )
-        for name in (rejects, rejects + "_scan"):
-            engine.execute(_template("DROP TABLE IF EXISTS __t", t=exp.to_table(exp.to_identifier(name, quoted=True))), cursor=cursor)
-        if rejected.num_rows:
-            runtime.writer.call(lambda e: _write_rejects(e, job, plan, rejected))
+        numbers = RowNumbers(1)
+    else:
+        scan = scan_lines(stored, plan.mapping["encoding"], plan.mapping["csv"]["quote"] if shape.format == "csv" else "")
+        blanks = [b for b in scan.blanks if b > shape.header_lines]
+        job.rows_total = max(scan.lines - shape.header_lines - len(blanks), 0)
+        if shape.format == "csv" and blanks:
+            shape = dataclasses.replace(shape, count_newlines=scan.has_quote)
+            known_rejects = True
+            numbers = RowNumbers(shape.header_lines + 1, blanks, _reader_rejects(engine, shape, plan.mapping, stored, rejects + "_pre"))
+        else:
+            numbers = RowNumbers(shape.header_lines + 1)
+    mode = _plan_mode(runtime, plan.mapping, job.source)
+    ctx = ImportContext(job.source, job.import_id, job.started_at, runtime.clean_rules, with_payload=mode is not False)
+    relation, params = reader_relation(shape, plan.mapping, str(stored), rejects)
+    select = import_select(plan.mapping, shape, ctx, relation)
+
+    chunks: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        cursor = engine.reader()
+        try:
+            for rows in _batches(engine, cursor, select, params, numbers):
+                if mode is not False:
+                    rows = _check_plans(runtime, rows, mode)
+                while not stop.is_set():
+                    try:
+                        chunks.put(rows, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            rejected = None
+            if shape.format in ("csv", "jsonl"):
+                rejected = engine.fetch_arrow(_rejects_sql(rejects), cursor=cursor)
+                for name in (rejects, rejects + "_scan"):
+                    engine.execute(template("DROP TABLE IF EXISTS __t", t=quoted_table(name)), cursor=cursor)
+            chunks.put(("rejects", rejected))
+        except BaseException as e:  # handed to the consumer, which raises it
+            chunks.put(("error", e))
+
+    producer = threading.Thread(target=produce, name=f"import-read-{job.import_id}", daemon=True)
+    producer.start()
+    seen = SeenIds()
+    prefill(engine, seen, job.source)
+    try:
+        while True:
+            item = chunks.get()
+            if isinstance(item, tuple):
+                kind, value = item
+                if kind == "error":
+                    raise value
+                if value is not None and value.num_rows:
+                    runtime.writer.call(functools.partial(_write_rejects, job=job, plan=plan, rejected=value, shift=not known_rejects))
+                    if progress:
+                        progress(job.to_dict())
+                break
+            rows = item
+            h = rows.column("_h").to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
+            valid = rows.column("message_id").is_valid().to_numpy(zero_copy_only=False)
+            ids = rows.column("message_id").to_pylist() if valid.any() else []
+            chunk = _Chunk(rows, _first_in_chunk(ids, h, valid), seen.seen(h) & valid)
+            seen.add(h[valid])
+            runtime.writer.call(functools.partial(_write_chunk, job=job, chunk=chunk))
             if progress:
                 progress(job.to_dict())
+    finally:
+        stop.set()
+        producer.join(30)
 
 
-def _write_chunk(runtime: Runtime, engine: Engine, job: ImportJob, rows: pa.Table) -> None:
-    """One chunk, inside one writer transaction: flag duplicates, quarantine failed rows, clean the rest."""
-    engine.register("_imp_rows", rows)
+def _rejects_sql(table: str) -> Any:
+    """The reader's rejects, one row per line (the most telling error first)."""
+    return template(
+        "SELECT line, arg_min(error_type, _rank) AS error_type, arg_min(column_name, _rank) AS column_name, "
+        "arg_min(csv_line, _rank) AS csv_line FROM (SELECT *, CASE error_type WHEN 'UNQUOTED VALUE' THEN 0 "
+        "WHEN 'INVALID ENCODING' THEN 1 ELSE 2 END AS _rank FROM __t) GROUP BY line ORDER BY line",
+        t=quoted_table(table),
+    )
+
+
+def _reader_rejects(engine: Engine, shape: FileShape, mapping: dict[str, Any], stored: Path, table: str) -> list[tuple[int, int]]:
+    """Scan the file once for the records the reader rejects: (line, physical lines spanned), so rows
+    can be numbered while they stream (needed only when blank lines shift the numbering)."""
+    cursor = engine.reader()
+    relation, params = reader_relation(shape, mapping, str(stored), table)
+    engine.fetch_all(template("SELECT count(*) FROM __r", r=relation), params, cursor=cursor)
+    rejected = engine.fetch_arrow(_rejects_sql(table), cursor=cursor)
+    for name in (table, table + "_scan"):
+        engine.execute(template("DROP TABLE IF EXISTS __t", t=quoted_table(name)), cursor=cursor)
+    return [(int(line), 1 + (text or "").rstrip("\r\n").count("\n"))
+            for line, text in zip(rejected.column("line").to_pylist(), rejected.column("csv_line").to_pylist(), strict=True)]
+
+
+def _batches(engine: Engine, cursor: Any, select: Any, params: list[Any], numbers: RowNumbers) -> Iterator[pa.Table]:
+    reader = engine.stream_arrow(select, params, batch_size=CHUNK_ROWS, cursor=cursor)
+    for batch in reader:
+        if batch.num_rows == 0:
+            continue
+        nl = batch.column("_nl").to_numpy(zero_copy_only=False)
+        rows = pa.Table.from_batches([batch]).append_column(
+            "row_number", pa.array(numbers.assign(batch.num_rows, nl if nl.any() else None), pa.int64()))
+        yield rows
+
+
+def _check_plans(runtime: Runtime, rows: pa.Table, mode: str | None | bool) -> pa.Table:
+    """Tracking plans over track rows that are otherwise loadable, as the collector checks them."""
+    unplanned = mode if isinstance(mode, str) else None
+    cols = {c: rows.column(c).to_pylist() for c in ("_reason", "_message", "_field", "_stage", "event", "properties")}
+    changed = False
+    for i, reason in enumerate(cols["_reason"]):
+        if reason is not None:
+            continue
+        props = cols["properties"][i]
+        failure = runtime.plans.check(
+            {"type": "track", "event": cols["event"][i], "properties": orjson.loads(props) if props else {}}, unplanned)
+        if failure is not None:
+            changed = True
+            cols["_reason"][i], cols["_message"][i], cols["_field"][i], cols["_stage"][i] = (
+                failure.reason, failure.message, failure.field, failure.stage)
+    if not changed:
+        return rows
+    for c in ("_reason", "_message", "_field", "_stage"):
+        rows = rows.set_column(rows.schema.get_field_index(c), c, pa.array(cols[c], pa.string()))
+    return rows
+
+
+_INSERT_EVENTS = exp.insert(
+    exp.select(*EVENT_COLUMNS).from_("_imp_chunk").where("_ok"), "events", columns=list(EVENT_COLUMNS)
+)
+_INSERT_FAILED = (
+    "INSERT INTO failed_events (failure_id, raw_id, source, message_id, stage, reason, message, field, payload, "
+    "received_at, failed_at, import_id, file, row_number) SELECT nextval('failed_event_seq'), NULL, source, message_id, "
+    "_stage, _reason, _message, _field, CAST(payload AS JSON), received_at, now(), import_id, ?, row_number "
+    "FROM _imp_chunk WHERE _fail"
+)
+#: Rows quarantined by an earlier import and loaded now (the file was fixed): no longer pending.
+_RESOLVE = with_pending(
+    "UPDATE failed_events SET replay_status = 'loaded', replayed_at = now(), replay_count = replay_count + 1 "
+    "WHERE source = ? AND __pending AND import_id IS DISTINCT FROM ? "
+    "AND message_id IN (SELECT message_id FROM _imp_chunk WHERE _ok AND _was_failed)"
+)
+
+
+def _write_chunk(engine: Engine, job: ImportJob, chunk: _Chunk) -> None:
+    """One chunk, inside one writer transaction: drop duplicates, quarantine failed rows, load the rest."""
+    rows = chunk.rows
     file = Path(job.path).name
+    reason = rows.column("_reason")
+    has_reason = reason.is_valid().to_numpy(zero_copy_only=False)
+    blank = pc.fill_null(pc.equal(reason, "blank_line"), False).to_numpy(zero_copy_only=False)
+    ids = rows.column("message_id")
+    no_id = ~ids.is_valid().to_numpy(zero_copy_only=False) & ~blank
+    dup = chunk.in_chunk_dup.copy()
+    was_failed = np.zeros(rows.num_rows, bool)
+
+    check = chunk.candidates & ~dup
+    if check.any():  # the filter's candidates: really loaded or quarantined before?
+        cand = pc.filter(ids, pa.array(check)).to_pylist()
+        loaded, failed_before, failed_here, prior = set(), set(), set(), set()
+        for mid, where, imp, payload in engine.fetch_all(_KNOWN, [job.source, cand, job.source, cand]):
+            if where == "events":
+                loaded.add(mid)
+            elif imp == job.import_id:
+                failed_here.add(mid)  # an earlier row of this file: the first one wins
+            else:
+                failed_before.add(mid)
+                prior.add((mid, payload))
+        mids = ids.to_pylist()
+        payloads = rows.column("payload").to_pylist() if prior else []
+        for i in np.flatnonzero(check):
+            mid = mids[i]
+            if mid in loaded or mid in failed_here:
+                dup[i] = True
+            elif mid in failed_before:
+                was_failed[i] = True
+                # failing again as before (same payload): already quarantined
+                if has_reason[i] and ((mid, payloads[i]) in prior or (mid, _canonical(payloads[i])) in prior):
+                    dup[i] = True
+    if no_id.any():  # rows without a key are known by the file's hash and their row number
+        numbers = pc.filter(rows.column("row_number"), pa.array(no_id)).to_pylist()
+        done = {r[0] for r in engine.fetch_all(
+            "SELECT DISTINCT f.row_number FROM failed_events f JOIN imports i ON i.import_id = f.import_id "
+            "WHERE f.source = ? AND f.message_id IS NULL AND i.file_sha256 = ? AND list_contains(?, f.row_number)",
+            [job.source, job.file_sha256, numbers])}
+        if done:
+            dup |= no_id & pc.is_in(rows.column("row_number"), pa.array(sorted(done), pa.int64())).to_numpy(zero_copy_only=False)
+
+    live = ~dup & ~blank
+    ok = live & ~has_reason
+    fail = live & has_reason
+    table = rows.append_column("_ok", pa.array(ok)).append_column("_fail", pa.array(fail)).append_column(
+        "_was_failed", pa.array(was_failed))
+    engine.register("_imp_chunk", table)
     try:
-        # Joins against the chunk's own ids (not correlated subqueries): one pass over each zone.
-        engine.execute(
-            "CREATE OR REPLACE TEMP TABLE _imp_chunk AS "
-            "WITH ids AS (SELECT DISTINCT message_id FROM _imp_rows WHERE message_id IS NOT NULL), "
-            "loaded AS (SELECT DISTINCT e.message_id FROM events e JOIN ids ON ids.message_id = e.message_id WHERE e.source = ?), "
-            "quarantined AS (SELECT DISTINCT f.message_id, CAST(f.payload AS VARCHAR) AS payload FROM failed_events f "
-            "  JOIN ids ON ids.message_id = f.message_id WHERE f.source = ?), "
-            "by_row AS (SELECT DISTINCT f.row_number FROM failed_events f JOIN imports i ON i.import_id = f.import_id "
-            "  WHERE f.source = ? AND f.message_id IS NULL AND i.file_sha256 = ?) "
-            "SELECT c.*, CASE "
-            "  WHEN coalesce(c._reason, '') = 'blank_line' THEN true "
-            "  WHEN c.message_id IS NULL THEN p.row_number IS NOT NULL "
-            "  WHEN l.message_id IS NOT NULL OR q.message_id IS NOT NULL THEN true "
-            "  ELSE row_number() OVER (PARTITION BY c.message_id ORDER BY c.row_number) > 1 END AS _dup "
-            "FROM _imp_rows c "
-            "LEFT JOIN loaded l ON l.message_id = c.message_id "
-            "LEFT JOIN quarantined q ON q.message_id = c.message_id AND q.payload = c.payload "
-            "LEFT JOIN by_row p ON c.message_id IS NULL AND p.row_number = c.row_number",
-            [job.source, job.source, job.source, job.file_sha256],
-        )
-        blank, dup, failed = engine.fetch_all(
-            "SELECT count(*) FILTER (WHERE coalesce(_reason, '') = 'blank_line'), count(*) FILTER (WHERE _dup), "
-            "count(*) FILTER (WHERE NOT _dup AND _reason IS NOT NULL) FROM _imp_chunk"
-        )[0]
-        engine.execute(
-            "INSERT INTO failed_events (failure_id, raw_id, source, message_id, stage, reason, message, field, payload, "
-            "received_at, failed_at, import_id, file, row_number) SELECT nextval('failed_event_seq'), NULL, ?, message_id, 'import', _reason, _message, _field, "
-            "CAST(payload AS JSON), ?, now(), ?, ?, row_number FROM _imp_chunk WHERE NOT _dup AND _reason IS NOT NULL",
-            [job.source, job.started_at, job.import_id, file],
-        )
-        relation = _template(
-            "SELECT CAST(NULL AS BIGINT) AS raw_id, __src AS source, message_id, CAST(__at AS TIMESTAMPTZ) AS received_at, "
-            "payload, __id AS import_id FROM _imp_chunk WHERE NOT _dup AND _reason IS NULL",
-            src=_lit(job.source), at=_lit(job.started_at.isoformat()), id=_lit(job.import_id),
-        )
-        rejected = insert_clean(engine, relation, runtime.clean_rules, file=file)
-        if rejected:
-            # Cleaning does not know row numbers; give its rejects theirs (and the import stage's file).
-            engine.execute(
-                "UPDATE failed_events SET row_number = c.row_number FROM _imp_chunk c "
-                "WHERE failed_events.import_id = ? AND failed_events.row_number IS NULL AND failed_events.message_id = c.message_id",
-                [job.import_id],
-            )
-        # Rows quarantined by an earlier import and loaded now (the file was fixed): no longer pending.
-        engine.execute(
-            "UPDATE failed_events SET replay_status = 'loaded', replayed_at = now(), replay_count = replay_count + 1 "
-            "WHERE source = ? AND (replay_status IS NULL OR replay_status = 'failed_again') AND import_id IS DISTINCT FROM ? "
-            "AND message_id IN (SELECT message_id FROM _imp_chunk WHERE NOT _dup AND _reason IS NULL) "
-            "AND message_id NOT IN (SELECT message_id FROM failed_events WHERE import_id = ? AND message_id IS NOT NULL)",
-            [job.source, job.import_id, job.import_id],
-        )
-        engine.execute("DROP TABLE _imp_chunk")
-    except BaseException:
-        with suppress(Exception):  # the transaction is aborted; the error that matters is the one raised
-            engine.unregister("_imp_rows")
-        raise
-    engine.unregister("_imp_rows")
-    n = rows.num_rows - int(blank)
-    job.rows_read += n
-    job.rows_duplicate += int(dup) - int(blank)
-    job.rows_failed += int(failed) + len(rejected)
-    job.rows_loaded += n - (int(dup) - int(blank)) - int(failed) - len(rejected)
+        if ok.any():
+            engine.execute(_INSERT_EVENTS)
+        if fail.any():
+            engine.execute(_INSERT_FAILED, [file])
+        if (ok & was_failed).any():
+            engine.execute(_RESOLVE, [job.source, job.import_id])
+    finally:
+        with suppress(Exception):  # an aborted transaction: the error that matters is the one raised
+            engine.unregister("_imp_chunk")
+    n_blank = int(blank.sum())
+    job.rows_read += rows.num_rows - n_blank
+    job.rows_duplicate += int((dup & ~blank).sum())
+    job.rows_failed += int(fail.sum())
+    job.rows_loaded += int(ok.sum())
     _save_counts(engine, job)
+
+
+_KNOWN = (
+    "SELECT message_id, 'events', NULL, NULL FROM events WHERE source = ? AND list_contains(?, message_id) UNION ALL "
+    "SELECT message_id, 'failed', import_id, CAST(payload AS VARCHAR) FROM failed_events WHERE source = ? "
+    "AND list_contains(?, message_id)"
+)
+
+
+def prefill(engine: Engine, seen: SeenIds, source: str) -> int:
+    """Put the source's loaded and quarantined message ids into the filter (streamed: bounded memory)."""
+    n = 0
+    reader = engine.stream_arrow(
+        "SELECT hash(message_id) AS h FROM events WHERE source = ? UNION ALL "
+        "SELECT hash(message_id) FROM failed_events WHERE source = ? AND message_id IS NOT NULL",
+        [source, source], batch_size=1 << 20, cursor=engine.reader(),
+    )
+    for batch in reader:
+        h = batch.column(0).to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
+        seen.add(h)
+        n += len(h)
+    return n
+
+
+def _canonical(payload: str | None) -> str | None:
+    """A payload as DuckDB's JSON column gives it back (it is stored as JSON)."""
+    return None if payload is None else orjson.dumps(orjson.loads(payload)).decode()
 
 
 _REJECT_REASONS = {
@@ -712,18 +804,19 @@ _REJECT_REASONS = {
 }
 
 
-def _write_rejects(engine: Engine, job: ImportJob, plan: _Plan, rejected: pa.Table) -> None:
-    """Rows the reader could not parse: quarantine them with their line numbers, and move the row
-    numbers of earlier failed rows of this import past them (they were counted without them)."""
+def _write_rejects(engine: Engine, job: ImportJob, plan: _Plan, rejected: pa.Table, *, shift: bool) -> None:
+    """Rows the reader could not parse: quarantine them with their line numbers. When the rows were
+    numbered without knowing them (`shift`), move the numbers of this import's failed rows past them."""
     file = Path(job.path).name
     opts = plan.mapping["csv"]
     lines = rejected.column("line").to_pylist()
-    slots = [line - k for k, line in enumerate(lines)]
-    engine.execute(
-        "UPDATE failed_events SET row_number = row_number + (SELECT count(*) FROM (SELECT unnest(?) AS slot) s "
-        "WHERE s.slot <= failed_events.row_number) WHERE import_id = ? AND row_number IS NOT NULL",
-        [slots, job.import_id],
-    )
+    if shift:
+        slots = [line - k for k, line in enumerate(lines)]
+        engine.execute(
+            "UPDATE failed_events SET row_number = row_number + (SELECT count(*) FROM (SELECT unnest(?) AS slot) s "
+            "WHERE s.slot <= failed_events.row_number) WHERE import_id = ? AND row_number IS NOT NULL",
+            [slots, job.import_id],
+        )
     is_jsonl = plan.shape.format == "jsonl"
     reasons, messages, fields, payloads = [], [], [], []
     for etype, col, text in zip(rejected.column("error_type").to_pylist(), rejected.column("column_name").to_pylist(),
@@ -731,8 +824,8 @@ def _write_rejects(engine: Engine, job: ImportJob, plan: _Plan, rejected: pa.Tab
         if is_jsonl and etype in ("TOO MANY COLUMNS", "MISSING COLUMNS"):
             code, msg = "invalid_json", "The line holds a raw control character (U+001F), so it is not JSON; escape it as \\u001f."
         else:
-            code, template = _REJECT_REASONS.get(etype, ("unreadable_row", "The reader could not parse this row ({etype})."))
-            msg = template.format(col=repr(col) if col else "?", enc=plan.mapping["encoding"], delim=opts["delimiter"], etype=etype)
+            code, message = _REJECT_REASONS.get(etype, ("unreadable_row", "The reader could not parse this row ({etype})."))
+            msg = message.format(col=repr(col) if col else "?", enc=plan.mapping["encoding"], delim=opts["delimiter"], etype=etype)
         reasons.append(code)
         messages.append(msg)
         fields.append("/" + col if col else "")
@@ -754,11 +847,9 @@ def _write_rejects(engine: Engine, job: ImportJob, plan: _Plan, rejected: pa.Tab
             "AND f.row_number = r.row_number)",
             [job.source, job.started_at, job.import_id, file, job.source, job.file_sha256],
         )
-    except BaseException:
+    finally:
         with suppress(Exception):  # as in _write_chunk
             engine.unregister("_imp_rejects")
-        raise
-    engine.unregister("_imp_rejects")
     job.rows_read += rejected.num_rows
     job.rows_duplicate += int(dup)
     job.rows_failed += rejected.num_rows - int(dup)

@@ -33,6 +33,18 @@ _CONFLICT = "duplicate_message_id_conflict"
 #: Replayed payloads already had the envelope merged in, so only the size rule is relaxed.
 _LIMITS = Limits(max_event_bytes=1 << 40)
 CHUNK_SIZE = 5_000
+#: The one definition of "still pending replay" (never replayed, or failed again), over
+#: failed_events' columns; the importer uses it too when a re-import resolves old failures.
+PENDING = parse("replay_status IS NULL OR replay_status = 'failed_again'")
+
+
+def with_pending(sql: str) -> exp.Expression:
+    """A constant SQL template with `__pending` standing for the PENDING condition."""
+    tree = parse(sql)
+    for col in list(tree.find_all(exp.Column)):
+        if col.name == "__pending":
+            col.replace(exp.Paren(this=PENDING.copy()))
+    return tree
 
 
 @dataclass
@@ -56,10 +68,12 @@ def list_failed(
     engine: Engine, *, source: str | None = None, reason: str | None = None, pending_only: bool = True, limit: int = 100
 ) -> list[dict[str, Any]]:
     rows = engine.fetch_dicts(
-        "SELECT failure_id, source, message_id, stage, reason, message, field, received_at, failed_at, file, row_number, "
-        "replay_status, replay_count FROM failed_events "
-        "WHERE (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) AND (NOT ? OR (replay_status IS NULL OR replay_status = 'failed_again')) "
-        "ORDER BY failure_id DESC LIMIT ?",
+        with_pending(
+            "SELECT failure_id, source, message_id, stage, reason, message, field, received_at, failed_at, file, row_number, "
+            "replay_status, replay_count FROM failed_events "
+            "WHERE (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) AND (NOT ? OR __pending) "
+            "ORDER BY failure_id DESC LIMIT ?"
+        ),
         [source, source, reason, reason, pending_only, limit],
         cursor=engine.reader(),
     )
@@ -72,8 +86,10 @@ def list_failed(
 
 def failure_counts(engine: Engine) -> list[dict[str, Any]]:
     return engine.fetch_dicts(
-        "SELECT source, stage, reason, count(*) AS count, count(*) FILTER (WHERE (replay_status IS NULL OR replay_status = 'failed_again')) AS pending "
-        "FROM failed_events GROUP BY ALL ORDER BY count DESC",
+        with_pending(
+            "SELECT source, stage, reason, count(*) AS count, count(*) FILTER (WHERE __pending) AS pending "
+            "FROM failed_events GROUP BY ALL ORDER BY count DESC"
+        ),
         cursor=engine.reader(),
     )
 
@@ -86,8 +102,10 @@ def replay(
     result = ReplayResult()
     result.not_replayable = int(
         runtime.engine.fetch_all(
-            "SELECT count(*) FROM failed_events WHERE (replay_status IS NULL OR replay_status = 'failed_again') AND (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) "
-            "AND (payload IS NULL OR message_id IS NULL)",
+            with_pending(
+            "SELECT count(*) FROM failed_events WHERE __pending AND (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) "
+            "AND (payload IS NULL OR message_id IS NULL)"
+        ),
             [source, source, reason, reason],
             cursor=runtime.engine.reader(),
         )[0][0]
@@ -107,10 +125,12 @@ def _replay_chunk(
 ) -> int | None:
     """Replay up to n pending rows with failure_id > after in the writer's transaction; return the last id."""
     rows = engine.fetch_all(
-        "SELECT failure_id, raw_id, source, message_id, payload, received_at, import_id, reason FROM failed_events "
-        "WHERE (replay_status IS NULL OR replay_status = 'failed_again') AND payload IS NOT NULL AND message_id IS NOT NULL "
-        "AND (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) AND failure_id > ? "
-        "ORDER BY failure_id LIMIT ?",
+        with_pending(
+            "SELECT failure_id, raw_id, source, message_id, payload, received_at, import_id, reason FROM failed_events "
+            "WHERE __pending AND payload IS NOT NULL AND message_id IS NOT NULL "
+            "AND (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) AND failure_id > ? "
+            "ORDER BY failure_id LIMIT ?"
+        ),
         [source, source, reason, reason, after, n],
     )
     if not rows:
