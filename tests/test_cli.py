@@ -17,8 +17,8 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from conftest import Server
 from refinery.cli.main import app
+from support import Server
 
 #: Commands owned elsewhere whose help has no examples yet (see the report); they must still render.
 _NO_EXAMPLES_YET = {"import", "demo"}

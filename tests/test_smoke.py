@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from conftest import Server
+from support import Server
 
 
 def test_server_accepts_a_track_call_and_stores_it(server: Server) -> None:

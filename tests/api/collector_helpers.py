@@ -17,7 +17,7 @@ import httpx
 import pytest
 from sqlglot import exp
 
-from conftest import WRITE_KEY, Server, start_server
+from support import WRITE_KEY, Server, start_server
 
 
 def shared_server_fixture() -> Any:

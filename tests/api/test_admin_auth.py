@@ -7,10 +7,10 @@ import re
 import httpx
 import pytest
 
-from conftest import Server
 from refinery.api.app import create_app
 from refinery.runtime import Runtime
 from refinery.settings import Settings
+from support import Server
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from collector_helpers import (
     uid,
 )
 
-from conftest import Server
+from support import Server
 
 srv = shared_server_fixture()
 

@@ -24,7 +24,7 @@ from collector_helpers import (
     uid,
 )
 
-from conftest import WRITE_KEY, Server
+from support import WRITE_KEY, Server
 
 srv = shared_server_fixture()
 

@@ -16,7 +16,7 @@ import rudderstack.analytics as rudder_analytics
 import segment.analytics as segment_analytics
 from collector_helpers import select, shared_server_fixture, uid
 
-from conftest import WRITE_KEY, Server
+from support import WRITE_KEY, Server
 
 srv = shared_server_fixture()
 

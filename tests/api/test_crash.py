@@ -10,7 +10,7 @@ import httpx
 import pytest
 from collector_helpers import query, uid
 
-from conftest import Server, start_server
+from support import Server, start_server
 
 
 class _Sender(threading.Thread):

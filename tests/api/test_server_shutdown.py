@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import Server, start_server
+from support import Server, start_server
 
 
 def test_sigterm_shuts_down_cleanly_and_keeps_data(server: Server) -> None:

@@ -15,9 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from conftest import start_server
 from refinery.demo import crm
 from refinery.demo.world import APP_SOURCE, CLEAN, CRM_SOURCE, WEB_SOURCE, World, generate
+from support import start_server
 
 # The SQL below names the demo's sources literally.
 assert (WEB_SOURCE, APP_SOURCE, CRM_SOURCE) == ("demo-web", "demo-app", "demo-crm")

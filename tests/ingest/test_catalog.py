@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 
-from conftest import Server
 from refinery.ingest import catalog
 from refinery.runtime import Runtime
+from support import Server
 
 
 def _send(server: Server, batch: list[dict[str, Any]], headers: dict[str, str]) -> None:

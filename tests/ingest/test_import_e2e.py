@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import Server
+from support import Server
 
 DATA = Path(__file__).parent / "data"
 REFINERY = [sys.executable, "-m", "refinery"]

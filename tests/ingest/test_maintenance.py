@@ -4,9 +4,9 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from conftest import Server
 from refinery.ingest.maintenance import prune_message_ids
 from refinery.runtime import Runtime
+from support import Server
 
 
 def _track(server: Server, mid: str) -> httpx.Response:

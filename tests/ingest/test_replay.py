@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from conftest import WRITE_KEY, Server
 from refinery.api.app import create_app
 from refinery.ingest.replay import replay
 from refinery.runtime import Runtime
+from support import WRITE_KEY, Server
 
 BASIC = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
 PLAN = {"type": "object", "required": ["total"], "properties": {"total": {"type": "number"}}}
