@@ -638,7 +638,7 @@ def _reader_rejects(engine: Engine, shape: FileShape, mapping: dict[str, Any], s
     rejected = engine.fetch_arrow(_rejects_sql(table), cursor=cursor)
     for name in (table, table + "_scan"):
         engine.execute(template("DROP TABLE IF EXISTS __t", t=quoted_table(name)), cursor=cursor)
-    return [(int(line), 1 + (text or "").rstrip("\r\n").count("\n"))
+    return [(int(line), 1 + (text or "").strip("\r\n").count("\n"))
             for line, text in zip(rejected.column("line").to_pylist(), rejected.column("csv_line").to_pylist(), strict=True)]
 
 
@@ -829,7 +829,7 @@ def _write_rejects(engine: Engine, job: ImportJob, plan: _Plan, rejected: pa.Tab
         reasons.append(code)
         messages.append(msg)
         fields.append("/" + col if col else "")
-        payloads.append(orjson.dumps({"line": text}).decode())
+        payloads.append(orjson.dumps({"line": text.lstrip("\r\n") if text else text}).decode())  # not blank lines before it
     table = pa.table({"row_number": pa.array(lines, pa.int64()), "reason": reasons, "message": messages, "field": fields,
                       "payload": payloads})
     engine.register("_imp_rejects", table)
