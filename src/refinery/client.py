@@ -35,6 +35,16 @@ class Client(abc.ABC):
     def replay(self, **filters: Any) -> dict[str, Any]: ...
     @abc.abstractmethod
     def import_file(self, path: Path, source: str, mapping: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def resolve_identities(self) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def profile(self, profile_id: str) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def profile_lookup(self, identifier: str) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def profile_events(self, profile_id: str, limit: int, before: str | None) -> list[dict[str, Any]]: ...
+    @abc.abstractmethod
+    def explain(self, identifier: str) -> dict[str, Any]: ...
     def close(self) -> None:  # noqa: B027 - clients without resources need not close anything
         return None
 
@@ -97,6 +107,38 @@ class LocalClient(Client):
 
         return run_import(self.rt, path, source=source, mapping=mapping, progress=progress).to_dict()
 
+    def _rules(self) -> Any:
+        from refinery.identity import rules_from_settings
+
+        return rules_from_settings(self.rt.settings)
+
+    def resolve_identities(self) -> dict[str, Any]:
+        from refinery.profiles.build import resolve_and_build
+        from refinery.profiles.policy import TraitPolicy
+
+        rules, policy = self._rules(), TraitPolicy.from_settings(self.rt.settings)
+        return self.rt.writer.call(lambda e: resolve_and_build(e, rules, policy))
+
+    def profile(self, profile_id: str) -> dict[str, Any]:
+        from refinery.profiles import read
+
+        return read.get(self.rt.engine, profile_id)
+
+    def profile_lookup(self, identifier: str) -> dict[str, Any]:
+        from refinery.profiles import read
+
+        return read.lookup(self.rt.engine, identifier, self._rules())
+
+    def profile_events(self, profile_id: str, limit: int, before: str | None) -> list[dict[str, Any]]:
+        from refinery.profiles import read
+
+        return read.timeline(self.rt.engine, profile_id, limit=limit, before=before)
+
+    def explain(self, identifier: str) -> dict[str, Any]:
+        from refinery.profiles.explain import explain
+
+        return explain(self.rt.engine, identifier, self._rules())
+
     def close(self) -> None:
         self.rt.close()
 
@@ -157,6 +199,22 @@ class RemoteClient(Client):
         if progress:
             progress(job)
         return job  
+
+    def resolve_identities(self) -> dict[str, Any]:
+        return self._call("POST", "/api/identity/resolve")  
+
+    def profile(self, profile_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/profiles/{profile_id}")  
+
+    def profile_lookup(self, identifier: str) -> dict[str, Any]:
+        return self._call("GET", "/api/profiles", params={"identifier": identifier})  
+
+    def profile_events(self, profile_id: str, limit: int, before: str | None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"before": before} if before else {})}
+        return self._call("GET", f"/api/profiles/{profile_id}/events", params=params)["events"]  
+
+    def explain(self, identifier: str) -> dict[str, Any]:
+        return self._call("GET", "/api/identity/explain", params={"identifier": identifier})  
 
     def close(self) -> None:
         self.http.close()

@@ -134,4 +134,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
         return fetch(runtime.engine, import_id).to_dict()
 
+    from refinery.api.profiles import router as profiles_router
+
+    app.include_router(profiles_router(runtime))
     return app

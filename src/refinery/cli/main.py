@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from refinery.cli import events, identity, plans, sources
+from refinery.cli import events, identity, plans, profiles, sources
 from refinery.cli.common import (
     DataDirOption,
     JsonOption,
@@ -36,6 +36,7 @@ app.add_typer(sources.app, name="sources")
 app.add_typer(events.app, name="events")
 app.add_typer(plans.app, name="plans")
 app.add_typer(identity.app, name="identity")
+app.add_typer(profiles.app, name="profiles")
 
 
 @app.command()

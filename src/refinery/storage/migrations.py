@@ -219,6 +219,33 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        3,
+        "profiles: event_profiles, profiles",
+        (
+            # Which profile each clean event belongs to: the profile of its highest-priority linked
+            # identifier. Rebuilt with the profiles after every resolution.
+            """CREATE TABLE event_profiles (
+                source VARCHAR NOT NULL,
+                message_id VARCHAR NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                identifier_type VARCHAR NOT NULL,      -- the identifier that placed the event
+                timestamp TIMESTAMPTZ NOT NULL
+            )""",
+            # The unified profile: identifiers, traits merged by the trait policy, activity.
+            """CREATE TABLE profiles (
+                profile_id VARCHAR PRIMARY KEY,
+                identifiers JSON NOT NULL,             -- {"user_id": ["u1"], "email": ["a@b.c"], ...}
+                traits JSON NOT NULL,                  -- merged by the trait policy
+                trait_sources JSON NOT NULL,           -- per trait: source, message_id, time and policy of the winning value
+                first_seen TIMESTAMPTZ,
+                last_seen TIMESTAMPTZ,
+                event_count BIGINT NOT NULL,
+                sources JSON NOT NULL,                 -- the sources its events came from
+                updated_at TIMESTAMPTZ NOT NULL
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

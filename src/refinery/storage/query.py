@@ -33,7 +33,9 @@ QUERYABLE_TABLES: set[str] = {
     # ingest and storage
     "events", "raw_events", "failed_events", "imports", "schema_migrations", "message_ids",
     # identity
-    "identities", "identity_edges", "identity_links", "identity_blocked", "profile_merges",
+    "identities", "identity_edges", "identity_links", "identity_blocked", "profile_merges", "identity_resolutions",
+    # profiles
+    "profiles", "event_profiles",
 }
 #: Safe views over tables with secrets (the source list without key hashes).
 QUERYABLE_VIEWS: dict[str, str] = {

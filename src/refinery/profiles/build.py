@@ -1,0 +1,125 @@
+"""Build the curated profiles from the identity graph: attribute events, merge traits.
+
+`build(engine, rules, policy)` runs inside the writer, after a resolution, and rebuilds
+`event_profiles` and `profiles` from the clean zone and `identities` (a re-run on the same data
+gives the same rows). An event belongs to the profile of its highest-priority identifier that is
+linked to one: a family member's `identify` carrying their user id and the shared laptop's cookie
+belongs to that member, whoever the cookie ended up with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlglot import exp
+
+from refinery.identity import sql
+from refinery.identity.extract import extract
+from refinery.identity.rules import IdentityRules
+from refinery.profiles.policy import TraitPolicy
+from refinery.storage.engine import Engine
+
+_TEMP_TABLES = ("_prf_attr", "_prf_traits")
+
+
+@dataclass
+class BuildReport:
+    profiles: int
+    events_attributed: int
+    events_unattributed: int
+    traits: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def attribute_events(engine: Engine, rules: IdentityRules) -> None:
+    """`event_profiles`: each event's profile, from the identifiers `_idr_occ` found in it."""
+    rank = sql.case_map(exp.column("kind", table="o"), {t: i for i, t in enumerate(rules.priority)}, len(rules.priority))
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE _prf_attr AS
+        SELECT source, message_id, profile_id, kind AS identifier_type, ts FROM (
+            SELECT o.source, o.message_id, i.profile_id, o.kind, o.ts,
+                   row_number() OVER (PARTITION BY o.source, o.message_id ORDER BY __rank, o.kind, o.value) AS rn
+            FROM _idr_occ o JOIN identities i ON i.identifier_type = o.kind AND i.value = o.value
+            WHERE o.reason IS NULL AND i.profile_id IS NOT NULL
+        ) t WHERE rn = 1
+    """, rank=rank)
+    engine.execute("DELETE FROM event_profiles")
+    engine.execute("INSERT INTO event_profiles SELECT source, message_id, profile_id, identifier_type, ts FROM _prf_attr")
+
+
+def merge_traits(engine: Engine, policy: TraitPolicy) -> None:
+    """`_prf_traits`: the winning value of every (profile, trait) under the trait policy."""
+    key = exp.column("key", table="j")
+    source = exp.column("source", table="e")
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE _prf_traits AS
+        SELECT profile_id, key, value, source, message_id, ts, policy FROM (
+            SELECT a.profile_id, j.key, j.value, e.source, e.message_id, e.timestamp AS ts, __policy AS policy,
+                   row_number() OVER (
+                       PARTITION BY a.profile_id, j.key
+                       ORDER BY CASE WHEN __policy = 'source_priority' THEN __srank ELSE 0 END,
+                                CASE WHEN __policy = 'first' THEN epoch_us(e.timestamp) ELSE -epoch_us(e.timestamp) END,
+                                e.source, e.message_id
+                   ) AS rn
+            FROM events e
+            JOIN event_profiles a ON a.source = e.source AND a.message_id = e.message_id,
+            json_each(CASE WHEN json_type(e.traits) = 'OBJECT' THEN e.traits END) j
+            WHERE e.type = 'identify'
+        ) t WHERE rn = 1
+    """, policy=policy.policy_expression(key), srank=policy.source_rank(source))
+
+
+def write_profiles(engine: Engine, now: datetime) -> None:
+    engine.execute("DELETE FROM profiles")
+    engine.execute("""
+        INSERT INTO profiles
+        WITH ids AS (
+            SELECT profile_id, identifier_type, list(value ORDER BY first_seen, value) AS vals
+            FROM identities WHERE profile_id IS NOT NULL GROUP BY ALL
+        ), idj AS (
+            SELECT profile_id, json_group_object(identifier_type, to_json(vals)) AS identifiers FROM ids GROUP BY profile_id
+        ), tr AS (
+            SELECT profile_id,
+                   json_group_object(key, value) AS traits,
+                   json_group_object(key, json_object('source', source, 'message_id', message_id, 'at', ts, 'policy', policy))
+                       AS trait_sources
+            FROM _prf_traits WHERE json_type(value) <> 'NULL'  -- a winning null clears the trait
+            GROUP BY profile_id
+        ), act AS (
+            SELECT profile_id, min(timestamp) AS first_seen, max(timestamp) AS last_seen, count(*) AS n,
+                   to_json(list(DISTINCT source ORDER BY source)) AS sources
+            FROM event_profiles GROUP BY profile_id
+        )
+        SELECT idj.profile_id, idj.identifiers, coalesce(tr.traits, '{}'), coalesce(tr.trait_sources, '{}'),
+               act.first_seen, act.last_seen, coalesce(act.n, 0), coalesce(act.sources, '[]'), ?
+        FROM idj LEFT JOIN tr ON tr.profile_id = idj.profile_id LEFT JOIN act ON act.profile_id = idj.profile_id
+    """, [now])
+
+
+def build(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, now: datetime | None = None) -> BuildReport:
+    """Rebuild `event_profiles` and `profiles` (call inside the writer, after a resolution)."""
+    extract(engine, rules)
+    attribute_events(engine, rules)
+    merge_traits(engine, policy)
+    write_profiles(engine, now or datetime.now(UTC))
+    profiles, attributed, traits = engine.fetch_all(
+        "SELECT (SELECT count(*) FROM profiles), (SELECT count(*) FROM event_profiles), (SELECT count(*) FROM _prf_traits)"
+    )[0]
+    total = engine.fetch_all("SELECT count(*) FROM events")[0][0]
+    # On failure the writer rolls the transaction back, and the temporary tables with it.
+    for t in (*_TEMP_TABLES, "_idr_occ", "_idr_raw", "_idr_norm"):
+        engine.execute(f"DROP TABLE IF EXISTS {t}")  # constant names, no user text
+    return BuildReport(profiles, attributed, total - attributed, traits)
+
+
+def resolve_and_build(engine: Engine, rules: IdentityRules, policy: TraitPolicy) -> dict[str, Any]:
+    """A full identity resolution followed by the profiles it implies (call inside the writer)."""
+    from refinery.identity import resolve
+
+    identity = resolve(engine, rules)
+    profiles = build(engine, rules, policy)
+    return {"identity": identity.to_dict(), "profiles": profiles.to_dict()}
