@@ -8,9 +8,10 @@ only when the group commit that holds them is on disk.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -55,6 +56,13 @@ class Collector:
         self.limits = protocol.Limits(s.max_event_bytes, s.max_batch_bytes, s.max_batch_events, s.max_json_depth)
         self.rate = RateLimiter(s.rate_limit_per_second, s.rate_limit_burst)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # Request ids: 64 random bits per process, then a counter (32 hex digits, like a UUID's
+        # hex): unique across restarts without a random-number syscall per request.
+        self._id_prefix = secrets.token_hex(8)
+        self._id_counter = itertools.count(1)
+
+    def _request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     def _metric(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered: the lookup costs more than the increment."""
@@ -75,7 +83,7 @@ class Collector:
 
     async def handle(self, call: str, request: Request) -> Response:
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
+        request_id = self._request_id()
         status = 200
         try:
             response = await self._handle(call, request, request_id)
