@@ -58,8 +58,8 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
 BLOCKING: tuple[tuple[str, ...], ...] = (
     ("first_name", "last_name"),
     ("dob",),
-    ("postcode", "first_name"),
-    ("postcode", "last_name"),
+    ("postcode", "substr(first_name, 1, 1)"),  # the initials survive most typos; the full
+    ("postcode", "substr(last_name, 1, 1)"),  # names need not
     ("city", "last_name"),
     ("address",),
     ("email",),
@@ -198,7 +198,12 @@ def match_person_records(
 
 
 def _usable(rules: tuple[tuple[str, ...], ...], fields: tuple[str, ...]) -> list[list[str]]:
-    return [list(r) for r in rules if all(f in fields for f in r)]
+    """The rules whose every term (a field, or an expression over one: `substr(last_name, 1, 1)`) has data."""
+    return [list(r) for r in rules if all(_field_of(term) in fields for term in r)]
+
+
+def _field_of(term: str) -> str:
+    return next((f for f in records.FIELDS if term == f or f"({f}," in term), term)
 
 
 def _comparison(column: str, kind: str) -> Any:
