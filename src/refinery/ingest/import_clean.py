@@ -16,8 +16,8 @@ The SELECT has no join: DuckDB then keeps the file's order while it scans in par
 row numbers rely on.
 
 Cleaning works on the typed columns directly: no per-row JSON payload is built and parsed again,
-which is what the collector must do. The values are the same as the collector's cleaning gives
-for the payload the importer would have sent (see tests/ingest/test_import_clean.py).
+which is what the collector must do. The values are meant to equal what the collector's cleaning
+gives the payload the importer would have sent (docs/decisions/0005-import-from-typed-columns.md).
 """
 
 from __future__ import annotations
