@@ -129,8 +129,10 @@ def _guarantee(rows: list[CrmRow], world: World, rng: random.Random) -> None:
             r = rows[i]
             rows[i] = CrmRow({**r.values, "email": _email_typo(r.values["email"], rng)}, r.person_id, (*r.issues, "email_typo"), r.expected)
     if "missing_email" not in kinds:
-        r = rows[-1]
-        rows[-1] = CrmRow({**r.values, "email": ""}, r.person_id, (*r.issues, "missing_email"), r.expected)
+        # The last row whose email is not the one showing a typo.
+        j = max(k for k, r in enumerate(rows) if "email_typo" not in r.issues)
+        r = rows[j]
+        rows[j] = CrmRow({**r.values, "email": ""}, r.person_id, (*r.issues, "missing_email"), r.expected)
     if "duplicate_customer" not in kinds:
         r = rows[len(rows) // 2]
         person = world.person(r.person_id)
@@ -153,6 +155,16 @@ def _typo(word: str, rng: random.Random) -> str:
 
 
 def _email_typo(email: str, rng: random.Random) -> str:
+    """A slip that really changes the address (a typo that only changes case would not be one)."""
+    for _ in range(8):
+        typo = _one_email_typo(email, rng)
+        if typo.strip().lower() != email.strip().lower():
+            return typo
+    local, _, domain = email.strip().partition("@")
+    return f"{local}{local[-1:]}@{domain}"
+
+
+def _one_email_typo(email: str, rng: random.Random) -> str:
     local, _, domain = email.strip().partition("@")
     choice = rng.random()
     if choice < 0.4:

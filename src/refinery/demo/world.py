@@ -31,6 +31,12 @@ TOO_OLD_REASON = "timestamp_too_old"
 CLEAN = "clean"
 
 
+#: US area codes the demo's fictional 555-01xx numbers are spread over.
+_US_AREA_CODES: tuple[str, ...] = (
+    "202", "206", "212", "213", "214", "305", "310", "312", "404", "415", "503", "512", "602", "617", "702", "713",
+    "720", "801", "818", "860", "904", "919", "949", "971",
+)
+
 @dataclass
 class Device:
     """A physical device. Web devices carry a cookie (anonymous id) per browser profile; apps an install id."""
@@ -166,6 +172,7 @@ class _Builder:
         self.devices: dict[str, Device] = {}
         self.events: list[DemoEvent] = []
         self._emails: set[str] = set()
+        self._phones: set[str] = set()
         self._ids: set[str] = set()
 
     # identifiers ---------------------------------------------------------------------------
@@ -197,11 +204,23 @@ class _Builder:
         return candidate
 
     def phone(self, country: str) -> str:
+        """A number from the ranges reserved for fiction where they exist, unique in the world: people
+        do not share phone numbers here (a shared number would be a true identity collision, and the
+        ground truth would then hold two people under one identifier by accident)."""
+        for attempt in range(64):
+            candidate = self._phone_candidate(country, wide=attempt >= 16)
+            if candidate not in self._phones:
+                self._phones.add(candidate)
+                return candidate
+        raise RuntimeError("phone numbers exhausted")  # pragma: no cover - 10^4 per area code
+
+    def _phone_candidate(self, country: str, *, wide: bool) -> str:
         prefix = cat.COUNTRIES[country][3]
-        if country == "GB":
-            return f"{prefix}7700900{self.rng.randint(0, 999):03d}"
-        if country == "US":
-            return f"{prefix}{self.rng.choice(('202', '312', '415', '512'))}5550{self.rng.randint(100, 199)}"
+        if country == "GB":  # Ofcom's drama range 07700 900000-900999, then the rest of 07700 9xxxxx
+            return f"{prefix}77009{self.rng.randint(0, 99999):05d}" if wide else f"{prefix}7700900{self.rng.randint(0, 999):03d}"
+        if country == "US":  # 555-0100..0199 is reserved for fiction in every area code
+            area = self.rng.choice(_US_AREA_CODES)
+            return f"{prefix}{area}555{self.rng.randint(0, 9999):04d}" if wide else f"{prefix}{area}5550{self.rng.randint(100, 199)}"
         return f"{prefix}15{self.rng.randint(10, 99)}{self.rng.randint(1000000, 9999999)}"
 
     def consent(self) -> dict[str, bool]:
