@@ -46,7 +46,7 @@ class Runtime:
         if start_writer:
             writer.start()
         rules = CleanRules(settings.min_event_time, settings.max_future_skew_seconds)
-        return cls(
+        runtime = cls(
             settings=settings,
             engine=engine,
             writer=writer,
@@ -54,6 +54,12 @@ class Runtime:
             events=EventStore(rules),
             plans=TrackingPlans(settings.plans_dir, default_mode=settings.unplanned_events),
         )
+        # This process holds the database alone (DuckDB's file lock), so an import still marked as
+        # running was cut off by a stop: say so now rather than leave it 'started' forever.
+        from refinery.ingest.importer import recover_interrupted
+
+        recover_interrupted(runtime)
+        return runtime
 
     @property
     def clean_rules(self) -> CleanRules:
