@@ -221,6 +221,10 @@ class _Builder:
         if country == "US":  # 555-0100..0199 is reserved for fiction in every area code
             area = self.rng.choice(_US_AREA_CODES)
             return f"{prefix}{area}555{self.rng.randint(0, 9999):04d}" if wide else f"{prefix}{area}5550{self.rng.randint(100, 199)}"
+        if country == "FR":  # ARCEP's range for fiction, 01 99 00 xx xx, then mobiles 06 xx xx xx xx
+            return f"{prefix}6{self.rng.randint(0, 99999999):08d}" if wide else f"{prefix}19900{self.rng.randint(0, 9999):04d}"
+        if country == "NL":  # mobiles, 06 xxxxxxxx
+            return f"{prefix}6{self.rng.randint(10000000, 99999999)}"
         return f"{prefix}15{self.rng.randint(10, 99)}{self.rng.randint(1000000, 9999999)}"
 
     def consent(self) -> dict[str, bool]:
