@@ -224,3 +224,24 @@ def test_staged_rows_survive_a_rolled_back_first_group(engine: DuckDBEngine, wri
     assert writer.write_batch(Staging(), ["x", "y"]) == ["x", "y"]
     assert writer.write_batch(Staging(), ["z"]) == ["z"]
     assert _rows(engine) == ["x", "y", "z"]
+
+
+def test_async_submissions_are_answered_on_their_loop_despite_a_failing_or_cancelled_neighbour(engine: DuckDBEngine, blocked: Blocked) -> None:
+    import asyncio
+
+    writer, handler, gate = blocked.writer, blocked.handler, blocked.gate
+
+    async def main() -> list[list[str]]:
+        waiters = [writer.submit_batch_async(handler, [f"x{i}"]) for i in range(5)]
+        gone = writer.submit_batch_async(handler, ["gone"])
+        gone.cancel()  # the requester gave up before the write began: not written
+        bad = writer.submit_batch_async(handler, ["bad"])
+        gate.set()
+        with pytest.raises(StorageError, match="no_such_table"):
+            await bad
+        return list(await asyncio.gather(*waiters))
+
+    assert asyncio.run(main()) == [[f"ok:x{i}"] for i in range(5)]
+    assert blocked.first.result(10) == ["ok:first"]
+    assert "gone" not in _rows(engine) and "bad" not in _rows(engine)
+    assert [f"x{i}" for i in range(5)] == [r for r in _rows(engine) if r.startswith("x")]

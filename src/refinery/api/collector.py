@@ -7,7 +7,6 @@ only when the group commit that holds them is on disk.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import secrets
@@ -225,7 +224,7 @@ class Collector:
 
 
     async def _write(self, items: list[IngestItem]) -> list[Outcome]:
-        return await asyncio.wrap_future(self.rt.writer.submit_batch(self.rt.events, items))
+        return await self.rt.writer.submit_batch_async(self.rt.events, items)
 
 
 class CollectorEndpoint:
