@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     identity_max_value_length: int = Field(256, ge=8, description="Identifier values longer than this (after normalisation) are blocked as `too_long`.")
     identity_max_merges_per_profile: int = Field(1000, ge=1, description="Most merges one profile may absorb: a profile that would hold more than this many identifiers plus one is not merged.")
 
-    matching_person_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Person-record links (Splink) below this match probability are not stored.")
+    matching_person_threshold: float = Field(0.99, gt=0.0, le=1.0, description="Person-record links (Splink) below this match probability are not stored.")
     matching_seed: int = Field(42, description="Seed of the random sample person-record matching estimates u from; the same seed and records give the same model.")
     matching_u_max_pairs: int = Field(2_000_000, ge=1000, description="Record pairs sampled to estimate u (how often fields agree by chance) in person-record matching.")
     matching_device_window_seconds: int = Field(1800, ge=1, description="Device signals: two devices active on one IP and user agent within this many seconds of each other count as together.")

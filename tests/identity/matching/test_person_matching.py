@@ -178,3 +178,13 @@ def test_person_records_come_from_imported_identify_calls(runtime: Runtime, tmp_
     assert from_events(runtime.engine, source="web").num_rows == 0
     result = match_person_records(records, PersonMatchConfig(threshold=0.5))
     assert result.records == 3 and set(result.fields) >= {"first_name", "last_name", "email", "phone", "city"}
+
+
+def test_a_changed_comparison_level_is_a_new_model_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from refinery.identity.matching import person
+
+    fields = ("first_name", "last_name", "email")
+    before = person.model_version(PersonMatchConfig(), fields, "digest")
+    assert person.model_version(PersonMatchConfig(threshold=0.5), fields, "digest") == before
+    monkeypatch.setattr(person, "COMPARISONS", (("first_name", "name"), ("last_name", "name"), ("email", "code")))
+    assert person.model_version(PersonMatchConfig(), fields, "digest") != before

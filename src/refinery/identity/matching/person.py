@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from refinery.settings import Settings
 
 # Bump when the pipeline changes in a way the settings below do not capture: it is part of the version.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 
 # Field -> kind of comparison. The kinds are built in `_comparison`; their levels are listed in
 # docs/identity-matching.md and argued for in docs/decisions/0007-probabilistic-matching.md.
@@ -50,13 +50,15 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("address", "street"),
     ("city", "place"),
     ("postcode", "code"),
+    ("country", "exact"),
     ("email", "email"),
     ("phone", "phone"),
 )
 
 # Pairs are scored when they agree exactly on any of these field sets (a union, deduplicated).
 BLOCKING: tuple[tuple[str, ...], ...] = (
-    ("first_name", "last_name"),
+    ("first_name", "substr(last_name, 1, 1)"),  # one name exact, the other's initial: a typo in
+    ("last_name", "substr(first_name, 1, 1)"),  # either name still meets its pair
     ("dob",),
     ("postcode", "substr(first_name, 1, 1)"),  # the initials survive most typos; the full
     ("postcode", "substr(last_name, 1, 1)"),  # names need not
@@ -94,7 +96,7 @@ PRIOR_RULES: tuple[tuple[str, ...], ...] = (
 class PersonMatchConfig:
     """The knobs of person-record matching; all but `threshold` and `threads` are part of the model version."""
 
-    threshold: float = 0.9  # links below this match probability are not kept
+    threshold: float = 0.99  # links below this match probability are not kept
     seed: int = 42  # the u sample
     u_max_pairs: int = 2_000_000  # pairs sampled to estimate u
     prior_recall: float = 0.7  # share of true matches PRIOR_RULES are assumed to find
@@ -158,8 +160,10 @@ def model_version(config: PersonMatchConfig, fields: tuple[str, ...], digest: st
     spec = {
         "pipeline": PIPELINE_VERSION,
         "splink": _splink.version(),
-        "comparisons": [c for c in COMPARISONS if c[0] in fields],
-        "blocking": _usable(BLOCKING, fields),
+        # Every comparison level's SQL and every blocking rule, as Splink will run them: a changed
+        # level or rule is a new version without anyone having to remember to bump one.
+        "model": _settings(fields, prior=0.0).create_settings_dict("duckdb"),
+        "guard": GUARD,
         "training": _usable(TRAINING, fields),
         "prior_rules": _usable(PRIOR_RULES, fields),
         "config": config.model_parts(),
@@ -211,8 +215,6 @@ def _comparison(column: str, kind: str) -> Any:
     cll = _splink.require("splink.comparison_level_library")
     if kind == "date":
         return cl.DateOfBirthComparison(column, input_is_string=True, datetime_format="%Y-%m-%d")
-    if kind == "email":
-        return cl.EmailComparison(column)
     levels: dict[str, Callable[[], list[Any]]] = {
         "name": lambda: [
             cll.ExactMatchLevel(column),
@@ -225,7 +227,29 @@ def _comparison(column: str, kind: str) -> Any:
             cll.JaroWinklerLevel(column, 0.9),
             cll.JaroWinklerLevel(column, 0.8),
         ],
+        # Not Splink's EmailComparison: its user-name and Jaro-Winkler levels reward
+        # `ann.lee@a.example` vs `annlee@b.example`, which mostly repeats the name agreement
+        # (user names are made of names) and joins namesakes. Near misses count only as typos:
+        # the same user name with the domain one edit away (`gmial.com`, `example.nte`), or the
+        # same domain with the user name one edit away in its letters. A difference in
+        # separators alone (`liam.nguyen@` vs `liam_nguyen@`) is as often two people as one.
+        "email": lambda: [
+            cll.ExactMatchLevel(column, term_frequency_adjustments=True),
+            cll.CustomLevel(
+                f"split_part(\"{column}_l\", '@', 1) = split_part(\"{column}_r\", '@', 1) AND "
+                f"damerau_levenshtein(split_part(\"{column}_l\", '@', 2), split_part(\"{column}_r\", '@', 2)) <= 1",
+                label_for_charts=f"Same user name, {column} domain one typo apart",
+            ),
+            cll.CustomLevel(
+                f"split_part(\"{column}_l\", '@', 2) = split_part(\"{column}_r\", '@', 2) AND "
+                f"damerau_levenshtein(split_part(\"{column}_l\", '@', 1), split_part(\"{column}_r\", '@', 1)) <= 1 AND "
+                f"regexp_replace(split_part(\"{column}_l\", '@', 1), '[._+-]', '', 'g') <> "
+                f"regexp_replace(split_part(\"{column}_r\", '@', 1), '[._+-]', '', 'g')",
+                label_for_charts=f"Same domain, {column} user name one typo apart",
+            ),
+        ],
         "place": lambda: [cll.ExactMatchLevel(column), cll.JaroWinklerLevel(column, 0.9)],
+        "exact": lambda: [cll.ExactMatchLevel(column)],
         "code": lambda: [cll.ExactMatchLevel(column), cll.DamerauLevenshteinLevel(column, 1)],
         "phone": lambda: [
             cll.ExactMatchLevel(column),
@@ -239,6 +263,20 @@ def _comparison(column: str, kind: str) -> Any:
         raise MatchingError(f"Unknown comparison kind {kind!r} for {column}.", fix=f"Use one of {sorted(levels)}.")
     return cl.CustomComparison(
         comparison_levels=[cll.NullLevel(column), *levels[kind](), cll.ElseLevel()], output_column_name=column
+    )
+
+
+def _settings(fields: tuple[str, ...], *, prior: float) -> Any:
+    splink = _splink.require()
+    return splink.SettingsCreator(
+        link_type="dedupe_only",
+        unique_id_column_name="record_id",
+        comparisons=[_comparison(c, kind) for c, kind in COMPARISONS if c in fields],
+        blocking_rules_to_generate_predictions=[splink.block_on(*r) for r in _usable(BLOCKING, fields)],
+        probability_two_random_records_match=prior,
+        retain_matching_columns=True,  # keeps the gamma (level) columns the evidence is read from
+        retain_intermediate_calculation_columns=True,  # keeps the match weight of each field
+        linker_uid="refinery",
     )
 
 
@@ -269,17 +307,7 @@ def _run(scratch: DuckDBEngine, config: PersonMatchConfig, result: PersonMatchRe
     duckdb_api = _splink.require("splink.backends.duckdb")
     fields = result.fields
     result.prior = _prior(scratch, fields, result.records, config.prior_recall)
-    comparisons = [_comparison(c, kind) for c, kind in COMPARISONS if c in fields]
-    settings = splink.SettingsCreator(
-        link_type="dedupe_only",
-        unique_id_column_name="record_id",
-        comparisons=comparisons,
-        blocking_rules_to_generate_predictions=[splink.block_on(*r) for r in _usable(BLOCKING, fields)],
-        probability_two_random_records_match=result.prior,
-        retain_matching_columns=True,  # keeps the gamma (level) columns the evidence is read from
-        retain_intermediate_calculation_columns=True,  # keeps the match weight of each field
-        linker_uid="refinery",
-    )
+    settings = _settings(fields, prior=result.prior)
     db = duckdb_api.DuckDBAPI(scratch.connection)
     linker = splink.Linker(db.register("person_records"), settings, log_level=None)
     linker.training.estimate_u_using_random_sampling(max_pairs=config.u_max_pairs, seed=config.seed)

@@ -15,7 +15,7 @@ from refinery.identity.matching.errors import MatchingError
 from refinery.storage.engine import Engine
 
 REQUIRED = ("record_id", "id_type", "id_value")
-FIELDS = ("first_name", "last_name", "dob", "address", "city", "postcode", "email", "phone")
+FIELDS = ("first_name", "last_name", "dob", "address", "city", "postcode", "country", "email", "phone")
 COLUMNS = REQUIRED + FIELDS
 
 # Constant SQL over the staged input (`person_records_in`); no user text reaches it.
@@ -34,6 +34,7 @@ SELECT
     nullif(lower(trim(regexp_replace(CAST(address AS VARCHAR), '\\s+', ' ', 'g'))), '') AS address,
     nullif(lower(trim(CAST(city AS VARCHAR))), '') AS city,
     nullif(upper(replace(trim(CAST(postcode AS VARCHAR)), ' ', '')), '') AS postcode,
+    nullif(lower(trim(CAST(country AS VARCHAR))), '') AS country,
     nullif(lower(replace(trim(CAST(email AS VARCHAR)), ' ', '')), '') AS email,
     CASE WHEN length(regexp_replace(CAST(phone AS VARCHAR), '[^0-9]', '', 'g')) >= 6
          THEN regexp_replace(CAST(phone AS VARCHAR), '[^0-9]', '', 'g') END AS phone
@@ -45,7 +46,7 @@ FROM person_records_in
 DIGEST_SQL = """
 SELECT count(*) AS n,
        coalesce(md5(string_agg(md5(CAST(json_array(record_id, id_type, id_value, first_name, last_name, dob,
-                                                   address, city, postcode, email, phone) AS VARCHAR)),
+                                                   address, city, postcode, country, email, phone) AS VARCHAR)),
                                '' ORDER BY record_id)), '') AS digest
 FROM person_records
 """
@@ -53,7 +54,7 @@ FROM person_records
 PRESENT_SQL = """
 SELECT count(DISTINCT first_name) AS first_name, count(DISTINCT last_name) AS last_name, count(DISTINCT dob) AS dob,
        count(DISTINCT address) AS address, count(DISTINCT city) AS city, count(DISTINCT postcode) AS postcode,
-       count(DISTINCT email) AS email, count(DISTINCT phone) AS phone
+       count(DISTINCT country) AS country, count(DISTINCT email) AS email, count(DISTINCT phone) AS phone
 FROM person_records
 """
 
@@ -142,6 +143,7 @@ SELECT message_id AS record_id,
        coalesce(traits ->> '$.address.street', traits ->> '$.street') AS address,
        coalesce(traits ->> '$.address.city', traits ->> '$.city') AS city,
        coalesce(traits ->> '$.address.postalCode', traits ->> '$.postcode', traits ->> '$.postal_code') AS postcode,
+       coalesce(traits ->> '$.address.country', traits ->> '$.country') AS country,
        traits ->> '$.email' AS email,
        traits ->> '$.phone' AS phone
 FROM events
