@@ -89,6 +89,18 @@ def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
     assert not (data_dir / "server.json").exists(), "the server the demo started is stopped"
     check_zones(data_dir, world)
 
+    # Identities were resolved into profiles, with the demo's rules file, and scored against the truth.
+    ident = first["identity"]
+    assert Path(ident["rules_file"]) == data_dir / "identity-rules.yaml" and Path(ident["rules_file"]).exists()
+    profiles = query(data_dir, "SELECT count(*) AS n FROM profiles")[0]["n"]
+    assert ident["profiles"] == profiles > 0
+    assert ident["events_attributed"] == query(data_dir, "SELECT count(*) AS n FROM event_profiles")[0]["n"] > 0
+    det = ident["accuracy"]["deterministic"]
+    assert det["precision"] >= 0.999 and det["profiles_with_two_persons"] == 0
+    assert det["recall"] >= 0.95
+    # The shared family devices show up as refused merges, never as one profile for a family.
+    assert ident["refusals"].get("conflicting_user_id", 0) > 0
+
     again = json.loads(refinery("demo", "--people", str(PEOPLE), "--data-dir", str(data_dir), "--json").stdout)
     assert again["rerun"] is True
     assert again["events"]["sent"] == 0 and again["events"]["already_stored"] == len(world.events)

@@ -100,6 +100,30 @@ def _print_summary(s: dict[str, Any]) -> None:
             title="Ground truth", title_align="left",
         )
     )
+    if s.get("identity"):
+        _print_identity(s["identity"])
     console.print("[bold]Try next:[/]")
     for cmd in s["next_commands"]:
         console.print(f"  {escape(cmd)}", soft_wrap=True)
+
+
+def _print_identity(i: dict[str, Any]) -> None:
+    det = i["accuracy"]["deterministic"]
+    merges = ", ".join(f"{n} {r}" for r, n in i["refusals"].items()) or "none"
+    links = ", ".join(f"{n} {m}" for m, n in i["probabilistic_links"].items()) or "none yet"
+    lines = [
+        f"{i['identifiers']} identifiers resolved into [bold]{i['profiles']} profiles[/]; "
+        f"{i['events_attributed']} events attributed ({i['events_unattributed']} carry only blocked or shared identifiers).",
+        f"Refused merges and identifiers, by rule: {merges}.",
+        f"Probabilistic links (kept apart from profiles): {links}.",
+        f"Against the ground truth, deterministic graph: precision [bold]{det['precision']:.4f}[/], recall {det['recall']:.4f} of what "
+        f"the data makes knowable ({det['recall_of_all_pairs']:.4f} of all pairs), {det['profiles_with_two_persons']} profiles mixing two people.",
+    ]
+    prob = i["accuracy"].get("with_probabilistic_links")
+    if prob:
+        lines.append(
+            f"With probabilistic links at {prob['threshold']}: precision [bold]{prob['precision']:.4f}[/], "
+            f"recall {prob['recall_of_all_pairs']:.4f} of all pairs ({prob['links_used']} links used)."
+        )
+    lines.append(f"Rules: {escape(i['rules_file'])}")
+    console.print(Panel("\n".join(lines), title="Identity", title_align="left"))

@@ -1,5 +1,6 @@
 """`refinery demo`, end to end: generate the world, write its files, send it through the real
-server, import the CRM export, and summarise what landed in each zone.
+server, import the CRM export, resolve identities into profiles, and summarise what landed in each
+zone and how resolution scores against the world's ground truth.
 
 Re-runnable on the same data dir: the first run records the world's seed, size and clock in
 `<data_dir>/demo/world.json`, so a second run regenerates the identical world, skips events the
@@ -20,6 +21,7 @@ from typing import Any
 from refinery.api.auth import admin_token
 from refinery.client import Client, RemoteClient
 from refinery.demo import crm, groundtruth
+from refinery.demo import identity as demo_identity
 from refinery.demo.send import send_events
 from refinery.demo.server import demo_server
 from refinery.demo.world import APP_SOURCE, CLEAN, CRM_SOURCE, WEB_SOURCE, World, generate
@@ -100,13 +102,14 @@ class DemoSummary:
     zones: dict[str, Any]
     crm: dict[str, Any]
     ground_truth: dict[str, Any]
+    identity: dict[str, Any] = field(default_factory=dict)
     next_commands: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "data_dir": self.data_dir, "seed": self.seed, "people": self.people, "rerun": self.rerun, "server": self.server,
             "events": self.events, "zones": self.zones, "crm": self.crm, "ground_truth": self.ground_truth,
-            "next_commands": self.next_commands,
+            "identity": self.identity, "next_commands": self.next_commands,
         }
 
 
@@ -122,6 +125,7 @@ def run_demo(settings: Settings, *, people: int = DEFAULT_PEOPLE, seed: int = DE
     report.stage(f"Generating a world of {people} people (seed {seed})")
     world = generate(people, seed, now)
     _write_files(world, paths)
+    rules_written = demo_identity.ensure_rules_file(settings.identity_rules_path)
 
     report.stage("Starting the Refinery server" if _no_server(settings) else "Using the running Refinery server")
     with demo_server(settings, paths.server_log) as server, RemoteClient(server.url, admin_token(settings)) as api:
@@ -145,7 +149,16 @@ def run_demo(settings: Settings, *, people: int = DEFAULT_PEOPLE, seed: int = DE
                 fix=f"Inspect it with: refinery query \"SELECT * FROM imports\" --data-dir {settings.data_dir}",  # noqa: S608 - advice text
             )
         zones = _zone_counts(api)
-    return _summary(settings, world, paths, server.url, server.started_by_demo, rerun, sent, len(present), job, zones)
+
+        report.stage("Resolving identities into profiles" + (f" (rules written to {settings.identity_rules_path})" if rules_written else ""))
+        resolution = api.resolve_identities()
+        truth = groundtruth.build(world)
+        identity = demo_identity.summarise(api, truth, resolution, None)
+        identity["rules_file"] = str(settings.identity_rules_path)
+        example = _explain_example(api) or _sample_user(world)
+    summary = _summary(settings, world, paths, server.url, server.started_by_demo, rerun, sent, len(present), job, zones, example)
+    summary.identity = identity
+    return summary
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -249,6 +262,24 @@ def _zone_counts(api: Client) -> dict[str, Any]:
     }
 
 
+def _explain_example(api: Client) -> str | None:
+    """A user id whose profile was kept apart from another one (a shared device), to show `explain`."""
+    rows = api.query(
+        "SELECT i.value FROM identity_blocked b JOIN identities i ON i.profile_id = b.profile_a AND i.identifier_type = 'user_id' "
+        "WHERE b.kind = 'merge' ORDER BY b.event_time, i.value LIMIT 1", None,
+    )["rows"]
+    return str(rows[0][0]) if rows else None
+
+
+def _sample_user(world: World) -> str:
+    """A user id the world's ground truth shows on a shared device, else any user id (for `explain`)."""
+    shared = {d.key for d in world.devices.values() if d.shared}
+    for e in world.events:
+        if e.device_key in shared and e.message.get("userId"):
+            return str(e.message["userId"])
+    return next(str(p.user_id) for p in world.people if p.user_id)
+
+
 def _email_changes(world: World) -> int:
     """People whose identify calls carry more than one email (what identity resolution must follow)."""
     emails: dict[str, set[str]] = {}
@@ -261,7 +292,7 @@ def _email_changes(world: World) -> int:
 
 def _summary(
     settings: Settings, world: World, paths: DemoPaths, url: str, started: bool, rerun: bool,
-    sent: int, present: int, job: dict[str, Any], zones: dict[str, Any],
+    sent: int, present: int, job: dict[str, Any], zones: dict[str, Any], explain_user: str,
 ) -> DemoSummary:
     expected = world.expected_counts()
     clean = sum(n for source in COLLECTOR_SOURCES for n in zones["events"].get(source, {}).values())
@@ -310,5 +341,8 @@ def _summary(
             f"refinery catalog --data-dir {d}",
             f"refinery events failed --data-dir {d}",
             f'refinery query --data-dir {d} "SELECT user_id, traits ->> \'$.email\' AS email FROM events WHERE source = \'{CRM_SOURCE}\' LIMIT 10"',  # noqa: S608
+            f'refinery query --data-dir {d} "SELECT profile_id, event_count, identifiers FROM profiles ORDER BY event_count DESC LIMIT 5"',  # noqa: S608
+            f'refinery query --data-dir {d} "SELECT reason, identifier_type, value, profile_a, profile_b FROM identity_blocked WHERE kind = \'merge\' LIMIT 10"',  # noqa: S608
+            f"refinery profiles explain --data-dir {d} user_id:{shlex.quote(explain_user)}",
         ],
     )
