@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 # Edges per person on average (see GENERATE); people = edges / EDGES_PER_PERSON.
 EDGES_PER_PERSON = 3.85
@@ -94,7 +95,24 @@ def run_igraph(db: Path) -> dict[str, float]:
     return {"seconds": seconds, "components": len(components)}
 
 
-def run_refinery(db: Path, memory_limit: str) -> dict[str, float]:
+def _profiled(engine: Any) -> list[tuple[float, str]]:
+    """Time every statement the engine runs (for --profile); returns the list it appends to."""
+    timings: list[tuple[float, str]] = []
+    for name in ("execute", "fetch_all"):
+        inner = getattr(engine, name)
+
+        def timed(sql: Any, *a: Any, _inner: Any = inner, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return _inner(sql, *a, **kw)
+            finally:
+                timings.append((time.perf_counter() - t, " ".join(engine.render(sql).split())[:150]))
+
+        setattr(engine, name, timed)
+    return timings
+
+
+def run_refinery(db: Path, memory_limit: str, profile: bool = False) -> dict[str, Any]:
     from refinery.identity.graph import resolve_graph
     from refinery.identity.resolve import assign_profile_ids
     from refinery.identity.rules import IdentityRules
@@ -103,6 +121,7 @@ def run_refinery(db: Path, memory_limit: str) -> dict[str, float]:
     engine = DuckDBEngine(db, memory_limit=memory_limit, threads=2)
     engine.execute("CREATE OR REPLACE TEMP TABLE _idr_ids AS SELECT kind, value, first_seen FROM ids")
     engine.execute("CREATE OR REPLACE TEMP TABLE _idr_pairs AS SELECT a_kind, a_value, b_kind, b_value FROM edges")
+    timings = _profiled(engine) if profile else []
     t0 = time.perf_counter()
     stats = resolve_graph(engine, IdentityRules())
     assign_profile_ids(engine)
@@ -113,13 +132,17 @@ def run_refinery(db: Path, memory_limit: str) -> dict[str, float]:
         "SELECT count(*) FROM (SELECT profile_id FROM _idr_prof WHERE kind = 'user_id' GROUP BY 1 HAVING count(*) > 1)"
     )[0][0]
     engine.close()
+    for took, text in timings:
+        if took >= 0.2:
+            print(f"{took:7.2f}s  {text}", file=sys.stderr)
     return {"seconds": seconds, "profiles": profiles, "not_linked": shared, "profiles_with_two_user_ids": two_users,
             "iterations": stats.iterations, "hubs": stats.hubs, "ambiguous": stats.ambiguous}
 
 
-def _side(which: str, db: Path, memory_limit: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--side", which, "--db", str(db), "--memory-limit", memory_limit],
-                         capture_output=True, text=True, check=True)
+def _side(which: str, db: Path, memory_limit: str, profile: bool = False) -> dict[str, Any]:
+    extra = ["--profile"] if profile else []
+    out = subprocess.run([sys.executable, __file__, "--side", which, "--db", str(db), "--memory-limit", memory_limit, *extra],
+                         stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -127,32 +150,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--edges", type=int, default=10_000_000)
     ap.add_argument("--memory-limit", default="6GB", help="DuckDB memory limit for the refinery side.")
+    ap.add_argument("--profile", action="store_true", help="Print every statement of the refinery side taking >= 0.2 s.")
+    ap.add_argument("--keep", type=Path, help="Keep the generated edge list in this DuckDB file and reuse it next time.")
+    ap.add_argument("--only", choices=("igraph", "refinery"), help="Run one side only (no ratio).")
     ap.add_argument("--side", choices=("igraph", "refinery"), help=argparse.SUPPRESS)
     ap.add_argument("--db", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
-        result = run_igraph(args.db) if args.side == "igraph" else run_refinery(args.db, args.memory_limit)
+        result = run_igraph(args.db) if args.side == "igraph" else run_refinery(args.db, args.memory_limit, args.profile)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory(prefix="identity-bench-") as tmp:
-        db = Path(tmp) / "edges.duckdb"
+        db = args.keep or Path(tmp) / "edges.duckdb"
         t0 = time.perf_counter()
-        shape = generate(db, args.edges)
+        shape_file = db.with_suffix(".shape.json")
+        if args.keep and shape_file.exists() and json.loads(shape_file.read_text())["requested"] == args.edges:
+            shape = json.loads(shape_file.read_text())
+        else:
+            db.unlink(missing_ok=True)
+            shape = {**generate(db, args.edges), "requested": args.edges}
+            if args.keep:
+                shape_file.write_text(json.dumps(shape))
         print(f"edge list: {shape['edges']:,} edges over {shape['identifiers']:,} identifiers "
-              f"({shape['people']:,} people), generated in {time.perf_counter() - t0:.1f}s")
-        base = _side("igraph", db, args.memory_limit)
-        ours = _side("refinery", db, args.memory_limit)
-    print(f"igraph connected_components : {base['seconds']:8.2f} s  peak RSS {base['peak_rss_mib']:8.0f} MiB  "
-          f"({base['components']:,} components)")
-    print(f"refinery resolve_graph      : {ours['seconds']:8.2f} s  peak RSS {ours['peak_rss_mib']:8.0f} MiB  "
-          f"({ours['profiles']:,} profiles, {ours['iterations']} SQL rounds, {ours['hubs']} hubs, "
-          f"{ours['ambiguous']:,} ambiguous, {ours['profiles_with_two_user_ids']} profiles with two user ids)")
-    print(f"ratio refinery / igraph     : {ours['seconds'] / base['seconds']:8.1f}x")
-    ok_time, ok_mem = ours["seconds"] <= 60, ours["peak_rss_mib"] < 8 * 1024
-    print(f"targets: <= 60 s {'met' if ok_time else 'MISSED'}; peak RSS < 8 GiB {'met' if ok_mem else 'MISSED'}")
+              f"({shape['people']:,} people), ready in {time.perf_counter() - t0:.1f}s")
+        base = _side("igraph", db, args.memory_limit) if args.only != "refinery" else None
+        ours = _side("refinery", db, args.memory_limit, args.profile) if args.only != "igraph" else None
+    if base:
+        print(f"igraph connected_components : {base['seconds']:8.2f} s  peak RSS {base['peak_rss_mib']:8.0f} MiB  "
+              f"({base['components']:,} components)")
+    if ours:
+        print(f"refinery resolve_graph      : {ours['seconds']:8.2f} s  peak RSS {ours['peak_rss_mib']:8.0f} MiB  "
+              f"({ours['profiles']:,} profiles, {ours['iterations']} SQL rounds, {ours['hubs']} hubs, "
+              f"{ours['ambiguous']:,} ambiguous, {ours['profiles_with_two_user_ids']} profiles with two user ids)")
+    if base and ours:
+        print(f"ratio refinery / igraph     : {ours['seconds'] / base['seconds']:8.1f}x")
+    if ours:
+        ok_time, ok_mem = ours["seconds"] <= 60, ours["peak_rss_mib"] < 8 * 1024
+        print(f"targets: <= 60 s {'met' if ok_time else 'MISSED'}; peak RSS < 8 GiB {'met' if ok_mem else 'MISSED'}")
     print(json.dumps({"shape": shape, "igraph": base, "refinery": ours}))
-
 
 if __name__ == "__main__":
     main()

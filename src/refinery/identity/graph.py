@@ -39,6 +39,11 @@ from refinery.identity.rules import IdentityRules
 from refinery.storage.engine import Engine
 
 
+#: Salts tried, in order, for the 64-bit node ids (a collision between two identifiers, about one
+#: chance in 10^5 at 10 million identifiers, is detected and the next salt is used).
+_SALTS: tuple[str, ...] = ("", "refinery-1", "refinery-2", "refinery-3")
+
+
 @dataclass
 class GraphStats:
     nodes: int = 0
@@ -48,41 +53,79 @@ class GraphStats:
     hubs: int = 0
     ambiguous: int = 0
     detached: int = 0
+    salt: str = ""
 
 
 def _rank(rules: IdentityRules) -> exp.Expression:
     return sql.case_map(exp.column("kind"), {t: i for i, t in enumerate(rules.priority)}, len(rules.priority))
 
 
-def components(engine: Engine, edges: str, out: str) -> int:
-    """Connected components of the directed-both-ways edge table `edges(src, dst)`: writes
-    `out(node, l)` with l the smallest node of each node's component. Returns the iterations.
+def node_id(kind: exp.Expression, value: exp.Expression, salt: str = "") -> exp.Expression:
+    """The node id of an identifier: a 63-bit hash of (type, value[, salt]), as BIGINT."""
+    args = [kind, value] + ([sql.lit(salt)] if salt else [])
+    shifted = exp.BitwiseRightShift(this=exp.Anonymous(this="hash", expressions=args), expression=sql.lit(1))
+    return exp.cast(exp.Paren(this=shifted), exp.DataType.build("BIGINT"))
 
-    Min-label propagation (each node takes the smallest label among itself and its neighbours),
-    then pointer jumping (a node takes its label's label), until no label changes. Labels only
-    decrease, so the sum of labels is an exact change detector.
+
+def components(engine: Engine, edges: str, out: str, *, _depth: int = 0) -> int:
+    """Connected components of the undirected edge table `edges(src, dst)` (either orientation,
+    duplicates allowed): writes `out(node, l)` with l the smallest node of the node's component,
+    for every node that has an edge to a smaller node or is the label of one (a node missing from
+    `out` is the smallest of its component). Returns the rounds (contraction levels) it took.
+
+    One round: each node takes the smallest of itself and its smaller neighbours, then the label of
+    its label (pointer jumping). Stars and small trees are then done. The edges whose ends still
+    disagree, written as edges between their labels, form a much smaller graph, solved the same way;
+    its labels map back. Every label is a node of the same component, and the component's smallest
+    node labels itself, so the result is exact.
     """
     e, o = exp.to_table(edges), exp.to_table(out)
-    sql.run(engine, "CREATE OR REPLACE TEMP TABLE __out AS SELECT src AS node, least(src, min(dst)) AS l FROM __edges GROUP BY src",
-            out=o, edges=e)
-    previous = sql.scalar(engine, "SELECT sum(l) FROM __out", out=o)
-    iterations = 0
-    while True:
-        iterations += 1
+    lab, lab2, x, sub = (exp.to_table(f"_idr_cc{_depth}_{n}") for n in ("lab", "lab2", "x", "sub"))
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE __lab AS
+        SELECT greatest(src, dst) AS node, min(least(src, dst)) AS l FROM __edges WHERE src <> dst GROUP BY 1
+    """, lab=lab, edges=e)
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE __lab2 AS
+        SELECT s.node, coalesce(p.l, s.l) AS l FROM __lab s LEFT JOIN __lab p ON p.node = s.l
+    """, lab=lab, lab2=lab2)
+    sql.run(engine, "DROP TABLE __lab", lab=lab)
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE __x AS
+        SELECT DISTINCT least(la, lb) AS src, greatest(la, lb) AS dst FROM (
+            SELECT coalesce(p.l, e.src) AS la, coalesce(q.l, e.dst) AS lb
+            FROM __edges e LEFT JOIN __lab2 p ON p.node = e.src LEFT JOIN __lab2 q ON q.node = e.dst
+        ) t WHERE la <> lb
+    """, x=x, edges=e, lab2=lab2)
+    if not sql.scalar(engine, "SELECT count(*) FROM __x", x=x):
+        sql.run(engine, "CREATE OR REPLACE TEMP TABLE __out AS SELECT node, l FROM __lab2", out=o, lab2=lab2)
+        for t in (lab2, x):
+            sql.run(engine, "DROP TABLE __t", t=t)
+        return 1
+    rounds = components(engine, x.name, sub.name, _depth=_depth + 1)
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE __out AS
+        SELECT a.node, coalesce(s.l, a.l) AS l FROM __lab2 a LEFT JOIN __sub s ON s.node = a.l
+        UNION ALL
+        SELECT s.node, s.l FROM __sub s WHERE s.node NOT IN (SELECT node FROM __lab2)
+    """, out=o, lab2=lab2, sub=sub)
+    for t in (lab2, x, sub):
+        sql.run(engine, "DROP TABLE __t", t=t)
+    return rounds + 1
+
+
+def _number(engine: Engine, rules: IdentityRules, stats: GraphStats) -> None:
+    """`_idr_n(node, kind, value, rank, first_seen)`: node = a hash of (kind, value), unique (checked)."""
+    for salt in _SALTS:
         sql.run(engine, """
-            CREATE OR REPLACE TEMP TABLE _idr_step AS
-            SELECT o.node, least(o.l, coalesce(m.m, o.l)) AS l
-            FROM __out o LEFT JOIN (SELECT e.src, min(x.l) AS m FROM __edges e JOIN __out x ON x.node = e.dst GROUP BY e.src) m
-              ON m.src = o.node
-        """, out=o, edges=e)
-        sql.run(engine, "CREATE OR REPLACE TEMP TABLE __out AS SELECT s.node, p.l FROM _idr_step s JOIN _idr_step p ON p.node = s.l",
-                out=o)
-        current = sql.scalar(engine, "SELECT sum(l) FROM __out", out=o)
-        if current == previous:
-            break
-        previous = current
-    sql.run(engine, "DROP TABLE _idr_step")
-    return iterations
+            CREATE OR REPLACE TEMP TABLE _idr_n AS
+            SELECT __node AS node, kind, value, __rank AS rank, first_seen FROM _idr_ids
+        """, node=node_id(exp.column("kind"), exp.column("value"), salt), rank=_rank(rules))
+        n, distinct = engine.fetch_all(sql.template("SELECT count(*), count(DISTINCT node) FROM _idr_n"))[0]
+        if n == distinct:
+            stats.nodes, stats.salt = int(n), salt
+            return
+    raise RuntimeError("identity graph: node ids collide under every salt; this should not happen")  # pragma: no cover
 
 
 def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
@@ -90,57 +133,52 @@ def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
     stats = GraphStats()
     exclusive = list(rules.exclusive_types)
     excl = [sql.lit(t) for t in exclusive]
-
-    # 1. Nodes, numbered oldest first; edges as node pairs.
-    sql.run(engine, """
-        CREATE OR REPLACE TEMP TABLE _idr_n AS
-        SELECT row_number() OVER (ORDER BY first_seen, rank, kind, value) AS node, kind, value, rank
-        FROM (SELECT kind, value, first_seen, __rank AS rank FROM _idr_ids) t
-    """, rank=_rank(rules))
-    sql.run(engine, """
-        CREATE OR REPLACE TEMP TABLE _idr_e AS
-        SELECT DISTINCT least(na.node, nb.node) AS a, greatest(na.node, nb.node) AS b
-        FROM _idr_pairs p
-        JOIN _idr_n na ON na.kind = p.a_kind AND na.value = p.a_value
-        JOIN _idr_n nb ON nb.kind = p.b_kind AND nb.value = p.b_value
-        WHERE na.node <> nb.node
-    """)
-    stats.nodes = int(sql.scalar(engine, "SELECT count(*) FROM _idr_n"))
-    stats.edges = int(sql.scalar(engine, "SELECT count(*) FROM _idr_e"))
     excl_list = exp.Array(expressions=excl) if excl else sql.template("CAST([] AS VARCHAR[])")
 
-    # 2. Edges between two values of one exclusive type.
+    # 1. Nodes (a hash of type and value); edges as node pairs with their types, each once.
+    _number(engine, rules, stats)
+    na = node_id(exp.column("a_kind"), exp.column("a_value"), stats.salt)
+    nb = node_id(exp.column("b_kind"), exp.column("b_value"), stats.salt)
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE _idr_e AS
+        SELECT DISTINCT CASE WHEN na < nb THEN na ELSE nb END AS a, CASE WHEN na < nb THEN nb ELSE na END AS b,
+               CASE WHEN na < nb THEN a_kind ELSE b_kind END AS ak, CASE WHEN na < nb THEN b_kind ELSE a_kind END AS bk
+        FROM (SELECT __na AS na, __nb AS nb, a_kind, b_kind FROM _idr_pairs) p
+        WHERE na <> nb
+    """, na=na, nb=nb)
+    stats.edges = int(sql.scalar(engine, "SELECT count(*) FROM _idr_e"))
+
+    # 2. Edges between two values of one exclusive type (older identifier first).
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_conflict AS
-        SELECT e.a, e.b, 'conflicting_' || na.kind AS reason
-        FROM _idr_e e JOIN _idr_n na ON na.node = e.a JOIN _idr_n nb ON nb.node = e.b
-        WHERE na.kind = nb.kind AND list_contains(__excl, na.kind)
+        SELECT CASE WHEN older THEN a ELSE b END AS a, CASE WHEN older THEN b ELSE a END AS b, reason FROM (
+            SELECT e.a, e.b, 'conflicting_' || e.ak AS reason,
+                   ROW(x.first_seen, x.rank, x.kind, x.value) < ROW(y.first_seen, y.rank, y.kind, y.value) AS older
+            FROM _idr_e e JOIN _idr_n x ON x.node = e.a JOIN _idr_n y ON y.node = e.b
+            WHERE e.ak = e.bk AND list_contains(__excl, e.ak)
+        ) t
     """, excl=excl_list)
     # 3. Hubs: identifiers adjacent to too many values of one exclusive type.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_hub AS
         SELECT node, max(k) AS kind_of_many, max(c) AS linked FROM (
-            SELECT x.node, o.kind AS k, count(DISTINCT x.other) AS c
-            FROM (SELECT a AS node, b AS other FROM _idr_e UNION ALL SELECT b, a FROM _idr_e) x
-            JOIN _idr_n o ON o.node = x.other JOIN _idr_n s ON s.node = x.node
-            WHERE list_contains(__excl, o.kind) AND NOT list_contains(__excl, s.kind)
-            GROUP BY x.node, o.kind
+            SELECT node, k, count(*) AS c FROM (
+                SELECT a AS node, bk AS k FROM _idr_e WHERE list_contains(__excl, bk) AND NOT list_contains(__excl, ak)
+                UNION ALL
+                SELECT b AS node, ak AS k FROM _idr_e WHERE list_contains(__excl, ak) AND NOT list_contains(__excl, bk)
+            ) x GROUP BY node, k
         ) t WHERE c > __max GROUP BY node
     """, excl=excl_list, max=sql.lit(rules.hub_max_user_ids))
     stats.conflicts = int(sql.scalar(engine, "SELECT count(*) FROM _idr_conflict"))
     stats.hubs = int(sql.scalar(engine, "SELECT count(*) FROM _idr_hub"))
 
-    # 4. Components over the usable edges (both directions).
+    # 4. Components over the usable edges.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_d AS
-        WITH usable AS (
-            SELECT e.a, e.b FROM _idr_e e
-            WHERE NOT EXISTS (SELECT 1 FROM _idr_conflict c WHERE c.a = e.a AND c.b = e.b)
-              AND NOT EXISTS (SELECT 1 FROM _idr_hub h WHERE h.node = e.a)
-              AND NOT EXISTS (SELECT 1 FROM _idr_hub h WHERE h.node = e.b)
-        )
-        SELECT a AS src, b AS dst FROM usable UNION ALL SELECT b AS src, a AS dst FROM usable
-    """)
+        SELECT a AS src, b AS dst FROM _idr_e
+        WHERE NOT (ak = bk AND list_contains(__excl, ak))
+          AND a NOT IN (SELECT node FROM _idr_hub) AND b NOT IN (SELECT node FROM _idr_hub)
+    """, excl=excl_list)
     stats.iterations = components(engine, "_idr_d", "_idr_cc")
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_g AS
@@ -159,7 +197,7 @@ def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
         sql.run(engine, """
             INSERT INTO _idr_detached
             SELECT node, 'limit_exceeded', g FROM (
-                SELECT g.node, g.g, row_number() OVER (PARTITION BY g.g ORDER BY g.node) AS k
+                SELECT g.node, g.g, row_number() OVER (PARTITION BY g.g ORDER BY n.first_seen, n.rank, n.kind, n.value) AS k
                 FROM _idr_g g JOIN _idr_n n ON n.node = g.node WHERE n.kind = __kind
             ) t WHERE k > __limit
         """, kind=sql.lit(kind), limit=sql.lit(limit))
@@ -172,19 +210,30 @@ def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
     """, cap=sql.lit(rules.max_merges_per_profile + 1))
     stats.detached = int(sql.scalar(engine, "SELECT count(*) FROM _idr_detached"))
 
+    # Group labels so far are arbitrary members; a profile is keyed by its oldest identifier.
     sql.run(engine, """
-        CREATE OR REPLACE TEMP TABLE _idr_final AS
-        SELECT n.node, n.kind, n.value,
-               CASE WHEN d.node IS NOT NULL THEN n.node ELSE g.g END AS g,
+        CREATE OR REPLACE TEMP TABLE _idr_fg AS
+        SELECT n.node, n.kind, n.value, CASE WHEN d.node IS NOT NULL THEN n.node ELSE g.g END AS fg,
                CASE WHEN h.node IS NOT NULL THEN 'shared' WHEN d.node IS NOT NULL THEN 'detached'
                     WHEN a.node IS NOT NULL THEN 'ambiguous' ELSE 'linked' END AS status,
                CASE WHEN h.node IS NOT NULL THEN 'shared_identifier' WHEN d.node IS NOT NULL THEN d.reason
-                    WHEN a.node IS NOT NULL THEN a.reason END AS reason
+                    WHEN a.node IS NOT NULL THEN a.reason END AS reason,
+               n.first_seen, n.rank
         FROM _idr_n n JOIN _idr_g g ON g.node = n.node
         LEFT JOIN _idr_hub h ON h.node = n.node
         LEFT JOIN _idr_detached d ON d.node = n.node
         LEFT JOIN (SELECT node, min(reason) AS reason FROM _idr_amb GROUP BY node) a ON a.node = n.node
     """)
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE _idr_key AS
+        SELECT fg, arg_min(node, (first_seen, rank, kind, value)) AS g FROM _idr_fg GROUP BY fg
+    """)
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE _idr_final AS
+        SELECT f.node, f.kind, f.value, k.g, f.status, f.reason FROM _idr_fg f JOIN _idr_key k ON k.fg = f.fg
+    """)
+    sql.run(engine, "DROP TABLE _idr_fg")
+    sql.run(engine, "DROP TABLE _idr_key")
     return stats
 
 
@@ -193,21 +242,25 @@ def _split(engine: Engine, kind: str) -> int:
     k = sql.lit(kind)
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_cg AS
-        SELECT g.g FROM _idr_g g JOIN _idr_n n ON n.node = g.node WHERE n.kind = __kind GROUP BY g.g HAVING count(*) > 1
+        SELECT g.g FROM _idr_g g JOIN (SELECT node FROM _idr_n WHERE kind = __kind) n ON n.node = g.node
+        GROUP BY g.g HAVING count(*) > 1
     """, kind=k)
     if not sql.scalar(engine, "SELECT count(*) FROM _idr_cg"):
+        sql.run(engine, "DROP TABLE _idr_cg")
         return 0
-    # Usable edges inside conflicted components (never across: earlier splits stand).
+    sql.run(engine, "CREATE OR REPLACE TEMP TABLE _idr_cn AS SELECT node, g FROM _idr_g WHERE g IN (SELECT g FROM _idr_cg)")
+    # Usable edges inside conflicted components (never across: earlier splits stand), both ways.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_sub AS
-        SELECT d.src, d.dst, gs.g FROM _idr_d d
-        JOIN _idr_g gs ON gs.node = d.src JOIN _idr_g gd ON gd.node = d.dst
-        WHERE gs.g = gd.g AND gs.g IN (SELECT g FROM _idr_cg)
+        WITH s AS (
+            SELECT d.src, d.dst FROM _idr_d d JOIN _idr_cn gs ON gs.node = d.src JOIN _idr_cn gd ON gd.node = d.dst
+            WHERE gs.g = gd.g
+        )
+        SELECT src, dst FROM s UNION ALL SELECT dst, src FROM s
     """)
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_reach AS
-        SELECT g.node, g.node AS anchor, 0 AS dist FROM _idr_g g JOIN _idr_n n ON n.node = g.node
-        WHERE n.kind = __kind AND g.g IN (SELECT g FROM _idr_cg)
+        SELECT c.node, c.node AS anchor, 0 AS dist FROM _idr_cn c JOIN _idr_n n ON n.node = c.node WHERE n.kind = __kind
     """, kind=k)
     rounds = 0
     while True:
@@ -219,14 +272,16 @@ def _split(engine: Engine, kind: str) -> int:
         rounds += 1
         if not sql.scalar(engine, "SELECT count(*) FROM _idr_reach WHERE dist = __d", d=sql.lit(rounds)):
             break
-    # Nearest anchor, or ambiguous (several at the same distance, or none).
+    # Nearest anchor, or ambiguous (several at the same distance, or none); candidates oldest first.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_asg AS
-        SELECT g.node, g.g, r.anchor, r.candidates
-        FROM _idr_g g JOIN _idr_cg c ON c.g = g.g
-        LEFT JOIN (SELECT node, CASE WHEN count(DISTINCT anchor) = 1 THEN min(anchor) END AS anchor,
-                          list(DISTINCT anchor ORDER BY anchor) AS candidates
-                   FROM _idr_reach GROUP BY node) r ON r.node = g.node
+        SELECT c.node, c.g, r0.anchor, r.candidates
+        FROM _idr_cn c
+        LEFT JOIN (SELECT node, CASE WHEN count(DISTINCT anchor) = 1 THEN min(anchor) END AS anchor
+                   FROM _idr_reach GROUP BY node) r0 ON r0.node = c.node
+        LEFT JOIN (SELECT r.node, list(r.anchor ORDER BY a.first_seen, a.rank, a.kind, a.value) AS candidates
+                   FROM (SELECT DISTINCT node, anchor FROM _idr_reach) r JOIN _idr_n a ON a.node = r.anchor
+                   GROUP BY r.node) r ON r.node = c.node
     """)
     sql.run(engine, """
         INSERT INTO _idr_amb SELECT node, __reason, coalesce(candidates, CAST([] AS BIGINT[])) FROM _idr_asg WHERE anchor IS NULL
@@ -240,14 +295,10 @@ def _split(engine: Engine, kind: str) -> int:
     components(engine, "_idr_ambd", "_idr_ambcc")
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_newg AS
-        SELECT a.node, CASE WHEN a.anchor IS NOT NULL THEN min(a.node) OVER (PARTITION BY a.anchor)
-                            ELSE coalesce(c.l, a.node) END AS g
+        SELECT a.node, CASE WHEN a.anchor IS NOT NULL THEN a.anchor ELSE coalesce(c.l, a.node) END AS g
         FROM _idr_asg a LEFT JOIN _idr_ambcc c ON c.node = a.node
     """)
-    sql.run(engine, """
-        CREATE OR REPLACE TEMP TABLE _idr_g AS
-        SELECT g.node, coalesce(n.g, g.g) AS g FROM _idr_g g LEFT JOIN _idr_newg n ON n.node = g.node
-    """)
-    for t in ("_idr_sub", "_idr_reach", "_idr_asg", "_idr_ambd", "_idr_ambcc", "_idr_newg", "_idr_cg"):
+    sql.run(engine, "UPDATE _idr_g SET g = n.g FROM _idr_newg n WHERE _idr_g.node = n.node AND _idr_g.g <> n.g")
+    for t in ("_idr_sub", "_idr_reach", "_idr_asg", "_idr_ambd", "_idr_ambcc", "_idr_newg", "_idr_cg", "_idr_cn"):
         sql.run(engine, "DROP TABLE __t", t=exp.to_table(t))
     return rounds
