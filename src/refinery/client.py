@@ -38,6 +38,10 @@ class Client(abc.ABC):
     @abc.abstractmethod
     def resolve_identities(self) -> dict[str, Any]: ...
     @abc.abstractmethod
+    def match_identities(self, source: str | None = None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def persons(self, mode: str, threshold: float) -> dict[str, Any]: ...
+    @abc.abstractmethod
     def profile(self, profile_id: str) -> dict[str, Any]: ...
     @abc.abstractmethod
     def profile_lookup(self, identifier: str) -> dict[str, Any]: ...
@@ -118,6 +122,16 @@ class LocalClient(Client):
 
         rules, policy = self._rules(), TraitPolicy.from_settings(self.rt.settings)
         return self.rt.writer.call(lambda e: resolve_and_build(e, rules, policy))
+
+    def match_identities(self, source: str | None = None) -> dict[str, Any]:
+        from refinery.identity.matching.run import run_matching
+
+        return run_matching(self.rt.engine, self.rt.writer, self.rt.settings, source=source)
+
+    def persons(self, mode: str, threshold: float) -> dict[str, Any]:
+        from refinery.profiles.persons import IdentityPolicy, persons, summary
+
+        return summary(persons(self.rt.engine, IdentityPolicy(mode, threshold), self._rules()), IdentityPolicy(mode, threshold))
 
     def profile(self, profile_id: str) -> dict[str, Any]:
         from refinery.profiles import read
@@ -202,6 +216,12 @@ class RemoteClient(Client):
 
     def resolve_identities(self) -> dict[str, Any]:
         return self._call("POST", "/api/identity/resolve")  
+
+    def match_identities(self, source: str | None = None) -> dict[str, Any]:
+        return self._call("POST", "/api/identity/match", params={"source": source} if source else None)  
+
+    def persons(self, mode: str, threshold: float) -> dict[str, Any]:
+        return self._call("GET", "/api/persons", params={"mode": mode, "threshold": threshold})  
 
     def profile(self, profile_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/profiles/{profile_id}")  

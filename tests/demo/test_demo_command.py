@@ -100,6 +100,12 @@ def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
     assert det["recall"] >= 0.95
     # The shared family devices show up as refused merges, never as one profile for a family.
     assert ident["refusals"].get("conflicting_user_id", 0) > 0
+    # Splink matched the CRM's person records; links stay apart and never lower precision.
+    assert ident["matching"]["person_record"]["records"] > 0
+    links = query(data_dir, "SELECT count(*) AS n FROM identity_links WHERE method = 'person_record' AND removed_at IS NULL")[0]["n"]
+    assert ident["probabilistic_links"].get("person_record", 0) == links > 0
+    prob = ident["accuracy"]["with_probabilistic_links"]
+    assert prob["precision"] >= 0.99 and prob["recall_of_all_pairs"] >= det["recall_of_all_pairs"]
 
     again = json.loads(refinery("demo", "--people", str(PEOPLE), "--data-dir", str(data_dir), "--json").stdout)
     assert again["rerun"] is True

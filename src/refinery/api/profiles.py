@@ -15,7 +15,7 @@ from refinery.identity import rules_from_settings
 from refinery.profiles import explain as explain_mod
 from refinery.profiles import read
 from refinery.profiles.build import resolve_and_build
-from refinery.profiles.persons import IdentityPolicy, persons
+from refinery.profiles.persons import IdentityPolicy, persons, summary
 from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
 
@@ -33,6 +33,12 @@ def router(runtime: Runtime) -> APIRouter:
         rs, policy = rules(), TraitPolicy.from_settings(runtime.settings)
         return runtime.writer.call(lambda e: resolve_and_build(e, rs, policy))
 
+    @r.post("/api/identity/match", dependencies=[admin])
+    def post_match(source: str | None = None) -> dict[str, Any]:
+        from refinery.identity.matching.run import run_matching
+
+        return run_matching(runtime.engine, runtime.writer, runtime.settings, source=source)
+
     @r.get("/api/identity/identifiers", dependencies=[read_dep])
     def get_identifiers(identifier: str = Query(..., description="type:value, or a bare value of any type")) -> dict[str, Any]:
         return {"identifiers": read.find(runtime.engine, identifier, rules())}
@@ -43,11 +49,8 @@ def router(runtime: Runtime) -> APIRouter:
 
     @r.get("/api/persons", dependencies=[read_dep])
     def get_persons(mode: str = "probabilistic", threshold: float = 0.9) -> dict[str, Any]:
-        result = persons(runtime.engine, IdentityPolicy(mode, threshold), rules())
-        groups = {k: v for k, v in result.groups().items() if len(v) > 1}
-        return {"policy": {"mode": mode, "threshold": threshold}, "profiles": len(result.person_of),
-                "persons": len(set(result.person_of.values())), "links_used": result.links_used,
-                "joined": groups, "refused": result.refused}
+        policy = IdentityPolicy(mode, threshold)
+        return summary(persons(runtime.engine, policy, rules()), policy)
 
     @r.get("/api/profiles", dependencies=[read_dep])
     def lookup(identifier: str = Query(..., description="type:value, e.g. user_id:u-123")) -> dict[str, Any]:

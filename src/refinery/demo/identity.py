@@ -60,12 +60,12 @@ def summarise(api: Client, truth: dict[str, Any], resolution: dict[str, Any], pe
         "accuracy": {"deterministic": {**det.to_dict(), "recall_of_all_pairs": _recall_all(truth, assignment)}},
     }
     if persons is not None:
-        person_of: dict[str, str] = persons["person_of"]
+        person_of = {p: person for person, group in persons["joined"].items() for p in group}
         joined = {k: (person_of.get(p, p) if p else None) for k, p in assignment.items()}
         prob = score(truth, joined, edges)
         out["accuracy"]["with_probabilistic_links"] = {
-            **prob.to_dict(), "recall_of_all_pairs": _recall_all(truth, joined), "threshold": persons["threshold"],
-            "links_used": persons["links_used"],
+            **prob.to_dict(), "recall_of_all_pairs": _recall_all(truth, joined), "threshold": persons["policy"]["threshold"],
+            "links_used": persons["links_used"], "links_refused": len(persons["refused"]),
         }
     return out
 

@@ -152,8 +152,12 @@ def run_demo(settings: Settings, *, people: int = DEFAULT_PEOPLE, seed: int = DE
 
         report.stage("Resolving identities into profiles" + (f" (rules written to {settings.identity_rules_path})" if rules_written else ""))
         resolution = api.resolve_identities()
+        report.stage("Matching CRM person records with Splink, and device signals (probabilistic links, kept apart)")
+        matching = api.match_identities()
+        persons = api.persons("probabilistic", settings.matching_person_threshold)
         truth = groundtruth.build(world)
-        identity = demo_identity.summarise(api, truth, resolution, None)
+        identity = demo_identity.summarise(api, truth, resolution, persons)
+        identity["matching"] = matching
         identity["rules_file"] = str(settings.identity_rules_path)
         example = _explain_example(api) or _sample_user(world)
     summary = _summary(settings, world, paths, server.url, server.started_by_demo, rerun, sent, len(present), job, zones, example)

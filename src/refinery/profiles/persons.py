@@ -109,3 +109,12 @@ def persons(engine: Engine, policy: IdentityPolicy, rules: IdentityRules) -> Per
         held[keep] = {**held[drop], **held[keep]}
         used += 1
     return Persons({p: find(p) for p in profiles}, refused, used)
+
+
+def summary(result: Persons, policy: IdentityPolicy) -> dict[str, Any]:
+    """What `GET /api/persons` answers: counts, the groups of more than one profile, refused links."""
+    groups = {k: v for k, v in result.groups().items() if len(v) > 1}
+    return {
+        "policy": policy.to_dict(), "profiles": len(result.person_of), "persons": len(set(result.person_of.values())),
+        "links_used": result.links_used, "joined": groups, "refused": result.refused,
+    }
