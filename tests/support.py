@@ -5,15 +5,22 @@ test folders have a conftest.py of their own, and only one module can be called 
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from refinery.runtime import Runtime
 
 WRITE_KEY = "test-write-key"
 
@@ -79,3 +86,27 @@ def start_server(data_dir: Path, port: int | None = None, env: dict[str, str] | 
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("server did not become healthy in 30 s")
+
+
+# --- events into a runtime, through the real staging and cleaning path ----------------------------
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+_clock = itertools.count()
+
+
+def event(type_: str = "identify", *, minutes: int | None = None, **fields: Any) -> dict[str, Any]:
+    """A Segment call; `minutes` after T0 sets its timestamp (default: a fresh, later minute)."""
+    at = T0 + timedelta(minutes=next(_clock) if minutes is None else minutes)
+    return {"type": type_, "messageId": uuid.uuid4().hex, "timestamp": at.isoformat(), **fields}
+
+
+def write_events(rt: Runtime, *events: dict[str, Any], source: str = "web") -> list[Any]:
+    """Stage each call as the collector does and write it through the writer; returns the outcomes."""
+    from refinery.ingest.protocol import Limits, stage
+    from refinery.ingest.store import IngestItem
+
+    items = []
+    for ev in events:
+        items.extend(IngestItem(source, "req", datetime.now(UTC), s) for s in stage("batch", {"batch": [ev]}, Limits()))
+    outcomes: list[Any] = rt.writer.call(lambda e: rt.events.write(e, items))
+    return outcomes

@@ -3,30 +3,20 @@ writer), then resolution and the profile build run inside the writer as `refiner
 
 from __future__ import annotations
 
-import itertools
-import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from refinery.identity import IdentityRules
-from refinery.ingest.protocol import Limits, stage
-from refinery.ingest.store import IngestItem
 from refinery.profiles.build import resolve_and_build
 from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
 from refinery.settings import Settings
+from support import event, write_events
 
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-_clock = itertools.count()
-
-
-def event(type_: str = "identify", *, minutes: int | None = None, **fields: Any) -> dict[str, Any]:
-    at = T0 + timedelta(minutes=next(_clock) if minutes is None else minutes)
-    return {"type": type_, "messageId": uuid.uuid4().hex, "timestamp": at.isoformat(), **fields}
+__all__ = ["World", "event", "world"]
 
 
 class World:
@@ -35,10 +25,7 @@ class World:
         self.rules = IdentityRules()
 
     def send(self, *events: dict[str, Any], source: str = "web") -> None:
-        items = []
-        for ev in events:
-            items.extend(IngestItem(source, "req", datetime.now(UTC), s) for s in stage("batch", {"batch": [ev]}, Limits()))
-        outcomes = self.rt.writer.call(lambda e: self.rt.events.write(e, items))
+        outcomes = write_events(self.rt, *events, source=source)
         assert all(o.status == "loaded" for o in outcomes), outcomes
 
     def resolve(self, policy: TraitPolicy | None = None) -> dict[str, Any]:
