@@ -67,6 +67,11 @@ def node_id(kind: exp.Expression, value: exp.Expression, salt: str = "") -> exp.
     return exp.cast(exp.Paren(this=shifted), exp.DataType.build("BIGINT"))
 
 
+def profile_id_of(key: exp.Expression) -> exp.Expression:
+    """A profile's id from its oldest identifier `key` = type ':' value: `prof_` + 24 hex of md5(key)."""
+    return sql.template("'prof_' || left(md5(__k), 24)", k=key)
+
+
 def components(engine: Engine, edges: str, out: str, *, _depth: int = 0) -> int:
     """Connected components of the undirected edge table `edges(src, dst)` (either orientation,
     duplicates allowed): writes `out(node, l)` with l the smallest node of the node's component,
@@ -209,6 +214,15 @@ def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
           AND g.node NOT IN (SELECT node FROM _idr_detached)
     """, cap=sql.lit(rules.max_merges_per_profile + 1))
     stats.detached = int(sql.scalar(engine, "SELECT count(*) FROM _idr_detached"))
+    if stats.detached:
+        # `g` of a detached identifier: the oldest identifier of the profile it would have joined.
+        sql.run(engine, """
+            CREATE OR REPLACE TEMP TABLE _idr_dkey AS
+            SELECT g.g AS label, arg_min(n.node, (n.first_seen, n.rank, n.kind, n.value)) AS key
+            FROM _idr_g g JOIN _idr_n n ON n.node = g.node WHERE g.g IN (SELECT g FROM _idr_detached) GROUP BY g.g
+        """)
+        sql.run(engine, "UPDATE _idr_detached SET g = k.key FROM _idr_dkey k WHERE _idr_detached.g = k.label")
+        sql.run(engine, "DROP TABLE _idr_dkey")
 
     # Group labels so far are arbitrary members; a profile is keyed by its oldest identifier.
     sql.run(engine, """
@@ -226,11 +240,14 @@ def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
     """)
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_key AS
-        SELECT fg, arg_min(node, (first_seen, rank, kind, value)) AS g FROM _idr_fg GROUP BY fg
-    """)
+        SELECT fg, g, __pid AS profile_id FROM (
+            SELECT fg, arg_min(node, (first_seen, rank, kind, value)) AS g, arg_min(kind || ':' || value, (first_seen, rank, kind, value)) AS k
+            FROM _idr_fg GROUP BY fg
+        ) t
+    """, pid=profile_id_of(exp.column("k")))
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_final AS
-        SELECT f.node, f.kind, f.value, k.g, f.status, f.reason FROM _idr_fg f JOIN _idr_key k ON k.fg = f.fg
+        SELECT f.node, f.kind, f.value, k.g, f.status, f.reason, k.profile_id FROM _idr_fg f JOIN _idr_key k ON k.fg = f.fg
     """)
     sql.run(engine, "DROP TABLE _idr_fg")
     sql.run(engine, "DROP TABLE _idr_key")

@@ -31,7 +31,7 @@ from refinery.storage.engine import Engine
 
 _TEMP_TABLES = (
     "_idr_occ", "_idr_idstats", "_idr_ids", "_idr_star", "_idr_edges_full", "_idr_pairs", "_idr_n", "_idr_e", "_idr_conflict",
-    "_idr_hub", "_idr_d", "_idr_cc", "_idr_g", "_idr_amb", "_idr_detached", "_idr_final", "_idr_prof", "_idr_prev", "_idr_mcand",
+    "_idr_hub", "_idr_d", "_idr_cc", "_idr_g", "_idr_amb", "_idr_detached", "_idr_final", "_idr_prev", "_idr_mcand",
 )
 
 
@@ -91,11 +91,10 @@ def build_inputs(engine: Engine, rules: IdentityRules) -> None:
 
 
 def assign_profile_ids(engine: Engine) -> None:
-    """`_idr_prof(kind, value, profile_id, status, reason, node, g)` from the graph's result."""
+    """`_idr_prof(kind, value, profile_id, status, reason, node, g)` from the graph's result (a view)."""
     sql.run(engine, """
-        CREATE OR REPLACE TEMP TABLE _idr_prof AS
-        SELECT f.kind, f.value, 'prof_' || left(md5(k.kind || ':' || k.value), 24) AS profile_id, f.status, f.reason, f.node, f.g
-        FROM _idr_final f JOIN _idr_n k ON k.node = f.g
+        CREATE OR REPLACE TEMP VIEW _idr_prof AS
+        SELECT kind, value, profile_id, status, reason, node, g FROM _idr_final
     """)
 
 
@@ -119,6 +118,7 @@ def resolve(engine: Engine, rules: IdentityRules, *, now: datetime | None = None
 
 
 def drop_temp_tables(engine: Engine) -> None:
+    engine.execute("DROP VIEW IF EXISTS _idr_prof")
     for t in _TEMP_TABLES:
         engine.execute(f"DROP TABLE IF EXISTS {t}")  # constant names, no user text
 
