@@ -50,3 +50,6 @@ def test_sdk_events_become_a_profile_readable_over_http_and_cli(server: Server) 
     explained = _cli(server, "profiles", "explain", "anonymous_id:visitor-1")
     assert explained["profile_id"] == p["profile_id"]
     assert {s["identifier"]["type"] for s in explained["chain"]} == {"user_id", "email"}
+    # No links yet: every profile is its own person under the probabilistic policy.
+    persons = _cli(server, "profiles", "persons", "--threshold", "0.9")
+    assert persons["persons"] == persons["profiles"] >= 1 and persons["links_used"] == 0

@@ -127,3 +127,34 @@ def explain(
         console.print("[bold]Probabilistic links[/] (not merged; used only by policies that accept them)")
         for lk in x["probabilistic_links"]:
             console.print(f"  {lk['score']:.3f} {lk['method']}: {_ident(lk['a'])} ~ {_ident(lk['b'])}")
+
+
+@app.command("persons")
+def persons(
+    threshold: float = typer.Option(0.99, help="Lowest link score accepted (match probability)."),
+    data_dir: Path = DataDirOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Group profiles into persons by probabilistic links at or above a threshold (profiles never change).
+
+    Links come from `POST /api/identity/match` (Splink person records, device signals). A link that
+    would join two different user ids is refused and listed.
+
+    Examples:
+      refinery profiles persons --threshold 0.99
+      refinery profiles persons --threshold 0.5 --json
+    """
+    with client(data_dir) as c:
+        result = c.persons("probabilistic", threshold)
+    if as_json:
+        print_json(result)
+        return
+    console.print(
+        f"{result['profiles']} profiles are {result['persons']} persons at threshold {threshold} "
+        f"({result['links_used']} links used, {len(result['refused'])} refused by merge protection)."
+    )
+    rows = [{"person": k, "profiles": ", ".join(v)} for k, v in sorted(result["joined"].items())]
+    if rows:
+        print_table(rows, title="Profiles joined by links")
+    for r in result["refused"]:
+        console.print(f"  refused {r['method']} link {r['link_id'][:12]} ({r['score']:.3f}): {r['reason']} between {', '.join(r['profiles'])}")
