@@ -119,34 +119,42 @@ def components(engine: Engine, edges: str, out: str, *, _depth: int = 0) -> int:
     return rounds + 1
 
 
-def _number(engine: Engine, rules: IdentityRules, stats: GraphStats) -> None:
-    """`_idr_n(node, kind, value, rank, first_seen)`: node = a hash of (kind, value), unique (checked)."""
-    for salt in _SALTS:
-        sql.run(engine, """
-            CREATE OR REPLACE TEMP TABLE _idr_n AS
-            SELECT __node AS node, kind, value, __rank AS rank, first_seen FROM _idr_ids
-        """, node=node_id(exp.column("kind"), exp.column("value"), salt), rank=_rank(rules))
-        n, distinct = engine.fetch_all(sql.template("SELECT count(*), count(DISTINCT node) FROM _idr_n"))[0]
-        if n == distinct:
-            stats.nodes, stats.salt = int(n), salt
-            return
-    raise RuntimeError("identity graph: node ids collide under every salt; this should not happen")  # pragma: no cover
+def _number(engine: Engine, rules: IdentityRules, salt: str) -> int:
+    """`_idr_n(node, kind, value, rank, first_seen)` with node = a hash of (kind, value)."""
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE _idr_n AS
+        SELECT __node AS node, kind, value, __rank AS rank, first_seen FROM _idr_ids
+    """, node=node_id(exp.column("kind"), exp.column("value"), salt), rank=_rank(rules))
+    return int(sql.scalar(engine, "SELECT count(*) FROM _idr_n"))
 
 
 def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
-    """Run steps 1-7 of the module docstring over `_idr_ids` and `_idr_pairs`."""
-    stats = GraphStats()
+    """Run steps 1-7 of the module docstring over `_idr_ids` and `_idr_pairs`.
+
+    Node ids are 63-bit hashes of (type, value). Two identifiers with one id (about one chance in
+    10^5 at 10 million identifiers) would make `_idr_final` longer than `_idr_n`: that is checked,
+    and the run repeats with the next salt.
+    """
+    for salt in _SALTS:
+        stats = _resolve(engine, rules, salt)
+        if int(sql.scalar(engine, "SELECT count(*) FROM _idr_final")) == stats.nodes:
+            return stats
+    raise RuntimeError("identity graph: node ids collide under every salt; this should not happen")  # pragma: no cover
+
+
+def _resolve(engine: Engine, rules: IdentityRules, salt: str) -> GraphStats:
+    stats = GraphStats(salt=salt)
     exclusive = list(rules.exclusive_types)
     excl = [sql.lit(t) for t in exclusive]
     excl_list = exp.Array(expressions=excl) if excl else sql.template("CAST([] AS VARCHAR[])")
 
     # 1. Nodes (a hash of type and value); edges as node pairs with their types, each once.
-    _number(engine, rules, stats)
+    stats.nodes = _number(engine, rules, salt)
     na = node_id(exp.column("a_kind"), exp.column("a_value"), stats.salt)
     nb = node_id(exp.column("b_kind"), exp.column("b_value"), stats.salt)
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_e AS
-        SELECT DISTINCT CASE WHEN na < nb THEN na ELSE nb END AS a, CASE WHEN na < nb THEN nb ELSE na END AS b,
+        SELECT CASE WHEN na < nb THEN na ELSE nb END AS a, CASE WHEN na < nb THEN nb ELSE na END AS b,
                CASE WHEN na < nb THEN a_kind ELSE b_kind END AS ak, CASE WHEN na < nb THEN b_kind ELSE a_kind END AS bk
         FROM (SELECT __na AS na, __nb AS nb, a_kind, b_kind FROM _idr_pairs) p
         WHERE na <> nb
@@ -187,7 +195,7 @@ def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
     stats.iterations = components(engine, "_idr_d", "_idr_cc")
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_g AS
-        SELECT n.node, coalesce(c.l, n.node) AS g FROM _idr_n n LEFT JOIN _idr_cc c ON c.node = n.node
+        SELECT n.node, n.kind, n.rank, n.first_seen, coalesce(c.l, n.node) AS g FROM _idr_n n LEFT JOIN _idr_cc c ON c.node = n.node
     """)
     sql.run(engine, "CREATE OR REPLACE TEMP TABLE _idr_amb (node BIGINT, reason VARCHAR, candidates BIGINT[])")
 
@@ -227,27 +235,29 @@ def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
     # Group labels so far are arbitrary members; a profile is keyed by its oldest identifier.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_fg AS
-        SELECT n.node, n.kind, n.value, CASE WHEN d.node IS NOT NULL THEN n.node ELSE g.g END AS fg,
+        SELECT g.node, g.kind, g.rank, g.first_seen, CASE WHEN d.node IS NOT NULL THEN g.node ELSE g.g END AS fg,
                CASE WHEN h.node IS NOT NULL THEN 'shared' WHEN d.node IS NOT NULL THEN 'detached'
                     WHEN a.node IS NOT NULL THEN 'ambiguous' ELSE 'linked' END AS status,
                CASE WHEN h.node IS NOT NULL THEN 'shared_identifier' WHEN d.node IS NOT NULL THEN d.reason
-                    WHEN a.node IS NOT NULL THEN a.reason END AS reason,
-               n.first_seen, n.rank
-        FROM _idr_n n JOIN _idr_g g ON g.node = n.node
-        LEFT JOIN _idr_hub h ON h.node = n.node
-        LEFT JOIN _idr_detached d ON d.node = n.node
-        LEFT JOIN (SELECT node, min(reason) AS reason FROM _idr_amb GROUP BY node) a ON a.node = n.node
+                    WHEN a.node IS NOT NULL THEN a.reason END AS reason
+        FROM _idr_g g
+        LEFT JOIN _idr_hub h ON h.node = g.node
+        LEFT JOIN _idr_detached d ON d.node = g.node
+        LEFT JOIN (SELECT node, min(reason) AS reason FROM _idr_amb GROUP BY node) a ON a.node = g.node
     """)
+    # The oldest: earliest first_seen (integers), then among those priority, type and value.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_key AS
-        SELECT fg, g, __pid AS profile_id FROM (
-            SELECT fg, arg_min(node, (first_seen, rank, kind, value)) AS g, arg_min(kind || ':' || value, (first_seen, rank, kind, value)) AS k
-            FROM _idr_fg GROUP BY fg
-        ) t
-    """, pid=profile_id_of(exp.column("k")))
+        WITH m AS (SELECT fg, min(first_seen) AS m FROM _idr_fg GROUP BY fg),
+        c AS (SELECT f.fg, f.node, f.rank, f.kind FROM _idr_fg f JOIN m ON m.fg = f.fg AND m.m = f.first_seen)
+        SELECT c.fg, arg_min(c.node, (c.rank, c.kind, n.value)) AS g,
+               __pid AS profile_id
+        FROM c JOIN _idr_n n ON n.node = c.node GROUP BY c.fg
+    """, pid=profile_id_of(sql.template("arg_min(c.kind || ':' || n.value, (c.rank, c.kind, n.value))")))
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_final AS
-        SELECT f.node, f.kind, f.value, k.g, f.status, f.reason, k.profile_id FROM _idr_fg f JOIN _idr_key k ON k.fg = f.fg
+        SELECT n.node, n.kind, n.value, k.g, f.status, f.reason, k.profile_id
+        FROM _idr_n n JOIN _idr_fg f ON f.node = n.node JOIN _idr_key k ON k.fg = f.fg
     """)
     sql.run(engine, "DROP TABLE _idr_fg")
     sql.run(engine, "DROP TABLE _idr_key")
@@ -259,13 +269,17 @@ def _split(engine: Engine, kind: str) -> int:
     k = sql.lit(kind)
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_cg AS
-        SELECT g.g FROM _idr_g g JOIN (SELECT node FROM _idr_n WHERE kind = __kind) n ON n.node = g.node
-        GROUP BY g.g HAVING count(*) > 1
+        SELECT g FROM _idr_g WHERE kind = __kind GROUP BY g HAVING count(*) > 1
     """, kind=k)
     if not sql.scalar(engine, "SELECT count(*) FROM _idr_cg"):
         sql.run(engine, "DROP TABLE _idr_cg")
         return 0
-    sql.run(engine, "CREATE OR REPLACE TEMP TABLE _idr_cn AS SELECT node, g FROM _idr_g WHERE g IN (SELECT g FROM _idr_cg)")
+    sql.run(engine, "CREATE OR REPLACE TEMP TABLE _idr_cn AS SELECT node, kind, g FROM _idr_g WHERE g IN (SELECT g FROM _idr_cg)")
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE _idr_anchor AS
+        SELECT n.node, n.first_seen, n.rank, n.kind, n.value FROM _idr_n n
+        WHERE n.kind = __kind AND n.node IN (SELECT node FROM _idr_cn WHERE kind = __kind)
+    """, kind=k)
     # Usable edges inside conflicted components (never across: earlier splits stand), both ways.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_sub AS
@@ -277,8 +291,8 @@ def _split(engine: Engine, kind: str) -> int:
     """)
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_reach AS
-        SELECT c.node, c.node AS anchor, 0 AS dist FROM _idr_cn c JOIN _idr_n n ON n.node = c.node WHERE n.kind = __kind
-    """, kind=k)
+        SELECT node, node AS anchor, 0 AS dist FROM _idr_anchor
+    """)
     rounds = 0
     while True:
         sql.run(engine, """
@@ -297,7 +311,7 @@ def _split(engine: Engine, kind: str) -> int:
         LEFT JOIN (SELECT node, CASE WHEN count(DISTINCT anchor) = 1 THEN min(anchor) END AS anchor
                    FROM _idr_reach GROUP BY node) r0 ON r0.node = c.node
         LEFT JOIN (SELECT r.node, list(r.anchor ORDER BY a.first_seen, a.rank, a.kind, a.value) AS candidates
-                   FROM (SELECT DISTINCT node, anchor FROM _idr_reach) r JOIN _idr_n a ON a.node = r.anchor
+                   FROM (SELECT DISTINCT node, anchor FROM _idr_reach) r JOIN _idr_anchor a ON a.node = r.anchor
                    GROUP BY r.node) r ON r.node = c.node
     """)
     sql.run(engine, """
@@ -316,6 +330,6 @@ def _split(engine: Engine, kind: str) -> int:
         FROM _idr_asg a LEFT JOIN _idr_ambcc c ON c.node = a.node
     """)
     sql.run(engine, "UPDATE _idr_g SET g = n.g FROM _idr_newg n WHERE _idr_g.node = n.node AND _idr_g.g <> n.g")
-    for t in ("_idr_sub", "_idr_reach", "_idr_asg", "_idr_ambd", "_idr_ambcc", "_idr_newg", "_idr_cg", "_idr_cn"):
+    for t in ("_idr_sub", "_idr_reach", "_idr_asg", "_idr_ambd", "_idr_ambcc", "_idr_newg", "_idr_cg", "_idr_cn", "_idr_anchor"):
         sql.run(engine, "DROP TABLE __t", t=exp.to_table(t))
     return rounds
