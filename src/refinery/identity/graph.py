@@ -57,7 +57,12 @@ class GraphStats:
 
 
 def _rank(rules: IdentityRules) -> exp.Expression:
-    return sql.case_map(exp.column("kind"), {t: i for i, t in enumerate(rules.priority)}, len(rules.priority))
+    return _rank_of(rules, exp.column("kind"))
+
+
+def _rank_of(rules: IdentityRules, kind: exp.Expression) -> exp.Expression:
+    """The type's priority rank (0 = highest; unlisted types share the last rank)."""
+    return sql.case_map(kind, {t: i for i, t in enumerate(rules.priority)}, len(rules.priority))
 
 
 def node_id(kind: exp.Expression, value: exp.Expression, salt: str = "") -> exp.Expression:
@@ -152,13 +157,20 @@ def _resolve(engine: Engine, rules: IdentityRules, salt: str) -> GraphStats:
     stats.nodes = _number(engine, rules, salt)
     na = node_id(exp.column("a_kind"), exp.column("a_value"), stats.salt)
     nb = node_id(exp.column("b_kind"), exp.column("b_value"), stats.salt)
+    # Exclusive types are listed in the priority, so each has a rank of its own.
+    excl_ranks = [sql.lit(rules.rank(t)) for t in exclusive]
+    ranks = exp.Array(expressions=excl_ranks) if excl_ranks else sql.template("CAST([] AS INTEGER[])")
+    kind_of_rank = exp.Case(this=exp.column("r"), ifs=[exp.If(this=sql.lit(rules.rank(t)), true=sql.lit(t)) for t in exclusive])
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_e AS
-        SELECT CASE WHEN na < nb THEN na ELSE nb END AS a, CASE WHEN na < nb THEN nb ELSE na END AS b,
-               CASE WHEN na < nb THEN a_kind ELSE b_kind END AS ak, CASE WHEN na < nb THEN b_kind ELSE a_kind END AS bk
-        FROM (SELECT __na AS na, __nb AS nb, a_kind, b_kind FROM _idr_pairs) p
-        WHERE na <> nb
-    """, na=na, nb=nb)
+        SELECT a, b, ak, bk, ar, br, list_contains(__ranks, ar) AS ax, list_contains(__ranks, br) AS bx FROM (
+            SELECT CASE WHEN na < nb THEN na ELSE nb END AS a, CASE WHEN na < nb THEN nb ELSE na END AS b,
+                   CASE WHEN na < nb THEN a_kind ELSE b_kind END AS ak, CASE WHEN na < nb THEN b_kind ELSE a_kind END AS bk,
+                   CASE WHEN na < nb THEN ra ELSE rb END AS ar, CASE WHEN na < nb THEN rb ELSE ra END AS br
+            FROM (SELECT __na AS na, __nb AS nb, a_kind, b_kind, __ra AS ra, __rb AS rb FROM _idr_pairs) p
+            WHERE na <> nb
+        ) t
+    """, na=na, nb=nb, ranks=ranks, ra=_rank_of(rules, exp.column("a_kind")), rb=_rank_of(rules, exp.column("b_kind")))
     stats.edges = int(sql.scalar(engine, "SELECT count(*) FROM _idr_e"))
 
     # 2. Edges between two values of one exclusive type (older identifier first).
@@ -168,20 +180,20 @@ def _resolve(engine: Engine, rules: IdentityRules, salt: str) -> GraphStats:
             SELECT e.a, e.b, 'conflicting_' || e.ak AS reason,
                    ROW(x.first_seen, x.rank, x.kind, x.value) < ROW(y.first_seen, y.rank, y.kind, y.value) AS older
             FROM _idr_e e JOIN _idr_n x ON x.node = e.a JOIN _idr_n y ON y.node = e.b
-            WHERE e.ak = e.bk AND list_contains(__excl, e.ak)
+            WHERE e.ax AND e.bx AND e.ak = e.bk
         ) t
-    """, excl=excl_list)
+    """)
     # 3. Hubs: identifiers adjacent to too many values of one exclusive type.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_hub AS
-        SELECT node, max(k) AS kind_of_many, max(c) AS linked FROM (
-            SELECT node, k, count(*) AS c FROM (
-                SELECT a AS node, bk AS k FROM _idr_e WHERE list_contains(__excl, bk) AND NOT list_contains(__excl, ak)
+        SELECT node, max(__kind) AS kind_of_many, max(c) AS linked FROM (
+            SELECT node, r, count(*) AS c FROM (
+                SELECT a AS node, br AS r FROM _idr_e WHERE bx AND NOT ax
                 UNION ALL
-                SELECT b AS node, ak AS k FROM _idr_e WHERE list_contains(__excl, ak) AND NOT list_contains(__excl, bk)
-            ) x GROUP BY node, k
+                SELECT b AS node, ar AS r FROM _idr_e WHERE ax AND NOT bx
+            ) x GROUP BY node, r
         ) t WHERE c > __max GROUP BY node
-    """, excl=excl_list, max=sql.lit(rules.hub_max_user_ids))
+    """, kind=kind_of_rank, max=sql.lit(rules.hub_max_user_ids))
     stats.conflicts = int(sql.scalar(engine, "SELECT count(*) FROM _idr_conflict"))
     stats.hubs = int(sql.scalar(engine, "SELECT count(*) FROM _idr_hub"))
 
@@ -189,19 +201,19 @@ def _resolve(engine: Engine, rules: IdentityRules, salt: str) -> GraphStats:
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_d AS
         SELECT a AS src, b AS dst FROM _idr_e
-        WHERE NOT (ak = bk AND list_contains(__excl, ak))
+        WHERE NOT (ax AND bx AND ak = bk)
           AND a NOT IN (SELECT node FROM _idr_hub) AND b NOT IN (SELECT node FROM _idr_hub)
-    """, excl=excl_list)
+    """)
     stats.iterations = components(engine, "_idr_d", "_idr_cc")
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_g AS
-        SELECT n.node, n.kind, n.rank, n.first_seen, coalesce(c.l, n.node) AS g FROM _idr_n n LEFT JOIN _idr_cc c ON c.node = n.node
+        SELECT n.node, n.rank, n.first_seen, coalesce(c.l, n.node) AS g FROM _idr_n n LEFT JOIN _idr_cc c ON c.node = n.node
     """)
     sql.run(engine, "CREATE OR REPLACE TEMP TABLE _idr_amb (node BIGINT, reason VARCHAR, candidates BIGINT[])")
 
     # 5. Split components holding two values of an exclusive type, highest priority first.
     for kind in exclusive:
-        stats.iterations += _split(engine, kind)
+        stats.iterations += _split(engine, kind, rules.rank(kind))
     stats.ambiguous = int(sql.scalar(engine, "SELECT count(*) FROM _idr_amb"))
 
     # 6. Limits above one: keep the oldest `limit` values of the type per profile.
@@ -235,7 +247,7 @@ def _resolve(engine: Engine, rules: IdentityRules, salt: str) -> GraphStats:
     # Group labels so far are arbitrary members; a profile is keyed by its oldest identifier.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_fg AS
-        SELECT g.node, g.kind, g.rank, g.first_seen, CASE WHEN d.node IS NOT NULL THEN g.node ELSE g.g END AS fg,
+        SELECT g.node, g.rank, g.first_seen, CASE WHEN d.node IS NOT NULL THEN g.node ELSE g.g END AS fg,
                CASE WHEN h.node IS NOT NULL THEN 'shared' WHEN d.node IS NOT NULL THEN 'detached'
                     WHEN a.node IS NOT NULL THEN 'ambiguous' ELSE 'linked' END AS status,
                CASE WHEN h.node IS NOT NULL THEN 'shared_identifier' WHEN d.node IS NOT NULL THEN d.reason
@@ -249,11 +261,11 @@ def _resolve(engine: Engine, rules: IdentityRules, salt: str) -> GraphStats:
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_key AS
         WITH m AS (SELECT fg, min(first_seen) AS m FROM _idr_fg GROUP BY fg),
-        c AS (SELECT f.fg, f.node, f.rank, f.kind FROM _idr_fg f JOIN m ON m.fg = f.fg AND m.m = f.first_seen)
-        SELECT c.fg, arg_min(c.node, (c.rank, c.kind, n.value)) AS g,
+        c AS (SELECT f.fg, f.node, f.rank FROM _idr_fg f JOIN m ON m.fg = f.fg AND m.m = f.first_seen)
+        SELECT c.fg, arg_min(c.node, (c.rank, n.kind, n.value)) AS g,
                __pid AS profile_id
         FROM c JOIN _idr_n n ON n.node = c.node GROUP BY c.fg
-    """, pid=profile_id_of(sql.template("arg_min(c.kind || ':' || n.value, (c.rank, c.kind, n.value))")))
+    """, pid=profile_id_of(sql.template("arg_min(n.kind || ':' || n.value, (c.rank, n.kind, n.value))")))
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_final AS
         SELECT n.node, n.kind, n.value, k.g, f.status, f.reason, k.profile_id
@@ -264,22 +276,22 @@ def _resolve(engine: Engine, rules: IdentityRules, salt: str) -> GraphStats:
     return stats
 
 
-def _split(engine: Engine, kind: str) -> int:
-    """Step 5 for one exclusive type; returns the breadth-first rounds it took."""
-    k = sql.lit(kind)
+def _split(engine: Engine, kind: str, rank: int) -> int:
+    """Step 5 for one exclusive type (of priority `rank`); returns the breadth-first rounds it took."""
+    k, r = sql.lit(kind), sql.lit(rank)
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_cg AS
-        SELECT g FROM _idr_g WHERE kind = __kind GROUP BY g HAVING count(*) > 1
-    """, kind=k)
+        SELECT g FROM _idr_g WHERE rank = __rank GROUP BY g HAVING count(*) > 1
+    """, rank=r)
     if not sql.scalar(engine, "SELECT count(*) FROM _idr_cg"):
         sql.run(engine, "DROP TABLE _idr_cg")
         return 0
-    sql.run(engine, "CREATE OR REPLACE TEMP TABLE _idr_cn AS SELECT node, kind, g FROM _idr_g WHERE g IN (SELECT g FROM _idr_cg)")
+    sql.run(engine, "CREATE OR REPLACE TEMP TABLE _idr_cn AS SELECT node, rank, g FROM _idr_g WHERE g IN (SELECT g FROM _idr_cg)")
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_anchor AS
         SELECT n.node, n.first_seen, n.rank, n.kind, n.value FROM _idr_n n
-        WHERE n.kind = __kind AND n.node IN (SELECT node FROM _idr_cn WHERE kind = __kind)
-    """, kind=k)
+        WHERE n.kind = __kind AND n.node IN (SELECT node FROM _idr_cn WHERE rank = __rank)
+    """, kind=k, rank=r)
     # Usable edges inside conflicted components (never across: earlier splits stand), both ways.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_sub AS
@@ -306,12 +318,13 @@ def _split(engine: Engine, kind: str) -> int:
     # Nearest anchor, or ambiguous (several at the same distance, or none); candidates oldest first.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_asg AS
+        WITH r0 AS (SELECT node, CASE WHEN count(DISTINCT anchor) = 1 THEN min(anchor) END AS anchor FROM _idr_reach GROUP BY node)
         SELECT c.node, c.g, r0.anchor, r.candidates
         FROM _idr_cn c
-        LEFT JOIN (SELECT node, CASE WHEN count(DISTINCT anchor) = 1 THEN min(anchor) END AS anchor
-                   FROM _idr_reach GROUP BY node) r0 ON r0.node = c.node
+        LEFT JOIN r0 ON r0.node = c.node
         LEFT JOIN (SELECT r.node, list(r.anchor ORDER BY a.first_seen, a.rank, a.kind, a.value) AS candidates
-                   FROM (SELECT DISTINCT node, anchor FROM _idr_reach) r JOIN _idr_anchor a ON a.node = r.anchor
+                   FROM (SELECT DISTINCT node, anchor FROM _idr_reach WHERE node IN (SELECT node FROM r0 WHERE anchor IS NULL)) r
+                   JOIN _idr_anchor a ON a.node = r.anchor
                    GROUP BY r.node) r ON r.node = c.node
     """)
     sql.run(engine, """
