@@ -98,8 +98,13 @@ def assign_profile_ids(engine: Engine) -> None:
     """)
 
 
-def resolve(engine: Engine, rules: IdentityRules, *, now: datetime | None = None) -> ResolveReport:
-    """Full resolution over the clean zone (see the module docstring). Call inside the writer."""
+def resolve(engine: Engine, rules: IdentityRules, *, now: datetime | None = None, keep_occurrences: bool = False) -> ResolveReport:
+    """Full resolution over the clean zone (see the module docstring). Call inside the writer.
+
+    `keep_occurrences` leaves `_idr_occ` (every event's identifiers, as resolution saw them) for the
+    profile build that follows in the same transaction (`profiles.build`), which then need not
+    extract them again.
+    """
     started = now or datetime.now(UTC)
     clock = datetime.now(UTC)
     resolution_id = "res_" + uuid.uuid4().hex[:16]
@@ -113,13 +118,15 @@ def resolve(engine: Engine, rules: IdentityRules, *, now: datetime | None = None
         [resolution_id, json.dumps(rules.to_dict()), started, datetime.now(UTC), report.identifiers, report.edges,
          report.profiles, merges, unmerges, report.blocked, report.iterations],
     )
-    drop_temp_tables(engine)
+    drop_temp_tables(engine, keep=("_idr_occ",) if keep_occurrences else ())
     return report
 
 
-def drop_temp_tables(engine: Engine) -> None:
+def drop_temp_tables(engine: Engine, keep: tuple[str, ...] = ()) -> None:
     engine.execute("DROP VIEW IF EXISTS _idr_prof")
     for t in _TEMP_TABLES:
+        if t in keep:
+            continue
         engine.execute(f"DROP TABLE IF EXISTS {t}")  # constant names, no user text
 
 

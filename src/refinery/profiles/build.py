@@ -100,9 +100,15 @@ def write_profiles(engine: Engine, now: datetime) -> None:
     """, [now])
 
 
-def build(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, now: datetime | None = None) -> BuildReport:
-    """Rebuild `event_profiles` and `profiles` (call inside the writer, after a resolution)."""
-    extract(engine, rules)
+def build(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, now: datetime | None = None,
+          reuse_occurrences: bool = False) -> BuildReport:
+    """Rebuild `event_profiles` and `profiles` (call inside the writer, after a resolution).
+
+    `reuse_occurrences`: the resolution just before, in the same transaction, kept `_idr_occ`
+    (`resolve(..., keep_occurrences=True)`); use it instead of extracting the identifiers again.
+    """
+    if not reuse_occurrences:
+        extract(engine, rules)
     attribute_events(engine, rules)
     merge_traits(engine, policy)
     write_profiles(engine, now or datetime.now(UTC))
@@ -120,6 +126,6 @@ def resolve_and_build(engine: Engine, rules: IdentityRules, policy: TraitPolicy)
     """A full identity resolution followed by the profiles it implies (call inside the writer)."""
     from refinery.identity import resolve
 
-    identity = resolve(engine, rules)
-    profiles = build(engine, rules, policy)
+    identity = resolve(engine, rules, keep_occurrences=True)
+    profiles = build(engine, rules, policy, reuse_occurrences=True)
     return {"identity": identity.to_dict(), "profiles": profiles.to_dict()}
