@@ -246,6 +246,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        4,
+        "identity: identity_overrides (a user's removals and splits, applied by every resolution)",
+        (
+            # What a person told resolution to undo. Never deleted: revoking sets revoked_at, and the
+            # next resolution no longer applies it. Values are stored as identities holds them.
+            """CREATE TABLE identity_overrides (
+                override_id VARCHAR PRIMARY KEY,
+                kind VARCHAR NOT NULL,                 -- remove_identifier | remove_edge | split
+                identifiers JSON NOT NULL,             -- [{"type", "value"}]: the identifier, the edge's two ends, or the side split off
+                profile_id VARCHAR,                    -- split: the profile that was split
+                other_identifiers JSON,                -- split: the rest of that profile when it was split
+                reason VARCHAR,                        -- the user's note
+                actor VARCHAR NOT NULL,                -- who asked
+                created_at TIMESTAMPTZ NOT NULL,
+                revoked_at TIMESTAMPTZ,
+                revoked_by VARCHAR
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
