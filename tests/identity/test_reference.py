@@ -105,7 +105,7 @@ def reset(rt: Runtime) -> None:
     rt.writer.call(clear)
 
 
-def rows(rt: Runtime, sql: str) -> list[dict[str, Any]]:
+def rows_of(rt: Runtime, sql: str) -> list[dict[str, Any]]:
     return rt.engine.fetch_dicts(sql, cursor=rt.engine.reader())
 
 
@@ -121,8 +121,8 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
 
 def reference_of_tables(rt: Runtime, rules: IdentityRules) -> ref.Resolution:
     """The reference run on the identifiers and edges that the SQL extraction stored."""
-    ids = {(r["identifier_type"], r["value"]): r["first_seen"] for r in rows(rt, "SELECT * FROM identities WHERE status <> 'blocked'")}
-    edges = [((r["a_type"], r["a_value"]), (r["b_type"], r["b_value"])) for r in rows(rt, "SELECT * FROM identity_edges")]
+    ids = {(r["identifier_type"], r["value"]): r["first_seen"] for r in rows_of(rt, "SELECT * FROM identities WHERE status <> 'blocked'")}
+    edges = [((r["a_type"], r["a_value"]), (r["b_type"], r["b_value"])) for r in rows_of(rt, "SELECT * FROM identity_edges")]
     return ref.resolve(ids, edges, rules)
 
 
@@ -150,18 +150,18 @@ def test_sql_resolution_equals_reference(runtime: Runtime, events: list[dict[str
     res = reference_of_tables(runtime, rules)
 
     sql_ids = {(r["identifier_type"], r["value"]): (r["profile_id"], r["status"], r["reason"])
-               for r in rows(runtime, "SELECT * FROM identities WHERE status <> 'blocked'")}
+               for r in rows_of(runtime, "SELECT * FROM identities WHERE status <> 'blocked'")}
     ref_ids = {i: (res.profile_id(i), res.status[i], res.reason[i]) for i in res.key}
     assert sql_ids == ref_ids
 
     expected_edges = {}
-    for r in rows(runtime, "SELECT * FROM identity_edges"):
+    for r in rows_of(runtime, "SELECT * FROM identity_edges"):
         a, b = (r["a_type"], r["a_value"]), (r["b_type"], r["b_value"])
         expected_edges[(a, b)] = ref.edge_status(a, b, res.profile_id(a), res.profile_id(b), res.reason[a], res.reason[b])
         assert (r["status"], r["reason"]) == expected_edges[(a, b)], (a, b)
 
     sql_refusals = sorted(
-        (tuple(r.values()) for r in rows(runtime, """
+        (tuple(r.values()) for r in rows_of(runtime, """
             SELECT kind, reason, identifier_type, value, other_type, other_value, profile_a, profile_b
             FROM identity_blocked WHERE NOT (kind = 'identifier' AND reason NOT IN ('shared_identifier', 'limit_exceeded', 'profile_too_large'))
         """)), key=repr)

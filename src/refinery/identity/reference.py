@@ -159,7 +159,7 @@ def resolve(
         members: dict[Ident, list[Ident]] = {}
         for node, g in group.items():
             members.setdefault(g, []).append(node)
-        for g, nodes in members.items():
+        for nodes in members.values():
             anchors = [n for n in nodes if n[0] == kind]
             if len(anchors) < 2:
                 continue
@@ -193,9 +193,9 @@ def resolve(
                     res.ambiguous.append((n, f"conflicting_{kind}", cands))
                     ambiguous_reasons.setdefault(n, []).append(f"conflicting_{kind}")
             by_anchor: dict[Ident, list[Ident]] = {}
-            for n, a in assigned.items():
-                if a is not None:
-                    by_anchor.setdefault(a, []).append(n)
+            for n, anchor in assigned.items():
+                if anchor is not None:
+                    by_anchor.setdefault(anchor, []).append(n)
             for ns in by_anchor.values():
                 smallest = min(ns, key=order.__getitem__)
                 for n in ns:

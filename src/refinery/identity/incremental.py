@@ -1,0 +1,814 @@
+"""Incremental identity resolution: the identity and profile tables follow the events as they are
+committed, and end up as a full resolution over all events would leave them.
+
+Why it can be local (docs/decisions/0006-identity-resolution.md): the graph's result for an
+identifier depends only on its *usable* component (edges that are not conflicting and touch no
+hub), on the first-seen order inside it, and on whether its identifiers are hubs. A batch of events
+changes the graph only around the identifiers it touches (T): new identifiers, identifiers seen
+earlier than before (a back-dated event), and the ends of new edges; only those can become hubs
+(hubs only grow as edges are added). So the region R - everything reachable from T over edges that
+were usable before *or* are usable now - holds every identifier whose result can change, and it is
+closed: no usable edge leaves it, old or new. R is resolved again with `identity.reference` (hubs
+decided over the whole graph) and only the differences are written.
+
+Per batch, inside the one writer transaction (`run_batch`):
+1. the batch: events with `loaded_at` at or after the watermark (the start of the previous
+   batch's transaction: the writer is serial, so every event committed before it is older);
+2. identifiers and edges of the batch, extracted by the same SQL as a full resolution
+   (`identity.extract` over a temporary view that stands in for `events`);
+3. identifier and edge statistics merged into `identities` / `identity_edges`;
+4. when T is empty (every identifier and edge already known: the common case) only the batch's
+   events are attributed; otherwise R is found by breadth-first search over `identity_edges`,
+   resolved, and `identities`, `identity_edges`, `identity_blocked`, `profile_merges` and the
+   attribution of older events of the profiles that changed are rewritten for R;
+5. the `profiles` rows of every profile that gained events or changed are rebuilt with
+   `profiles.build`'s own SQL, over those profiles only.
+
+It falls back to a full resolution (`profiles.build.resolve_and_build`) when nothing was resolved
+yet, when the rules changed since the last run, when a batch is larger than `max_events`, and in one
+case whose effect is not local: a new user id equal to a known anonymous id (an older alias's
+`previousId` would now be typed as a user id).
+
+The watermark and the follower's counters live in one row of `identity_resolutions`
+(`resolution_id = 'incremental'`, `finished_at` = the watermark); a full resolution's `started_at`
+is a watermark too (it saw every event committed before it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+from sqlglot import exp
+
+from refinery.identity import reference as ref
+from refinery.identity import sql
+from refinery.identity.extract import extract
+from refinery.identity.reference import Ident
+from refinery.identity.rules import IdentityRules
+from refinery.storage.engine import Engine
+
+if TYPE_CHECKING:
+    from refinery.profiles.policy import TraitPolicy
+    from refinery.storage.writer import Writer
+
+log = logging.getLogger(__name__)
+
+STATE_ID = "incremental"
+#: A batch with more events than this is resolved in full (one set-based pass beats row-wise work).
+MAX_BATCH_EVENTS = 50_000
+#: The follower never runs a full resolution in the writer over a store larger than this (ingest would stall).
+FOLLOWER_MAX_FULL_EVENTS = 200_000
+#: The source name of the stand-in rows that tell the extractor which alias `previousId`s are known user ids.
+_KNOWN = " known user id "
+_TS = pa.timestamp("us", tz="UTC")
+_GRAPH_REFUSALS = ("shared_identifier", "limit_exceeded", "profile_too_large")
+
+
+@dataclass
+class BatchReport:
+    mode: str                 # none | attach | region | full
+    events: int = 0
+    identifiers: int = 0      # distinct identifiers in the batch
+    touched: int = 0          # |T|
+    region: int = 0           # |R|
+    changed: int = 0          # identifiers whose profile, status or reason changed
+    merges: int = 0
+    unmerges: int = 0
+    reason: str | None = None  # why a full resolution ran
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- state ---------------------------------------------------------------------------------
+
+def _watermark(engine: Engine, rules: IdentityRules) -> tuple[datetime | None, str | None]:
+    """(the watermark, why a full resolution is needed instead or None)."""
+    rows = engine.fetch_all("""
+        SELECT CASE WHEN resolution_id = 'incremental' THEN finished_at ELSE started_at END AS covered, rules
+        FROM identity_resolutions WHERE mode IN ('full', 'incremental') ORDER BY covered DESC NULLS LAST LIMIT 1
+    """)
+    if not rows or rows[0][0] is None:
+        return None, "nothing resolved yet"
+    covered, stored = rows[0]
+    if json.loads(stored) != json.loads(json.dumps(rules.to_dict())):
+        return covered, "the identity rules changed"
+    return covered, None
+
+
+def _save_state(engine: Engine, rules: IdentityRules, watermark: datetime, report: BatchReport) -> None:
+    # One row: started_at = the first batch, finished_at = the watermark; the counts add up over batches
+    # (identifiers seen, merges, unmerges, identifiers whose result changed in `blocked`, batches in `iterations`).
+    engine.execute("""
+        INSERT INTO identity_resolutions VALUES ('incremental', 'incremental', ?, ?, ?, ?, NULL, NULL, ?, ?, ?, 1)
+        ON CONFLICT (resolution_id) DO UPDATE SET rules = excluded.rules, finished_at = excluded.finished_at,
+            identifiers = identity_resolutions.identifiers + excluded.identifiers,
+            merges = identity_resolutions.merges + excluded.merges, unmerges = identity_resolutions.unmerges + excluded.unmerges,
+            blocked = identity_resolutions.blocked + excluded.blocked, iterations = identity_resolutions.iterations + 1
+    """, [json.dumps(rules.to_dict()), watermark, watermark, report.identifiers, report.merges, report.unmerges, report.changed])
+
+
+# --- small SQL helpers ---------------------------------------------------------------------
+
+def _catalog(engine: Engine) -> str:
+    return str(engine.fetch_all("SELECT current_database()")[0][0])
+
+
+def _main(engine: Engine, table: str) -> exp.Expression:
+    """`<database>.main.<table>`: the stored table, past any temporary view of the same name."""
+    return exp.table_(table, db="main", catalog=_catalog(engine), quoted=True)
+
+
+def _ts(value: datetime) -> exp.Expression:
+    return exp.cast(sql.lit(value.isoformat()), exp.DataType.build("TIMESTAMPTZ", dialect="duckdb"))
+
+
+def _keys_table(idents: Iterable[Ident]) -> pa.Table:
+    ks = sorted(set(idents))
+    return pa.table({"kind": pa.array([k for k, _ in ks], pa.string()), "value": pa.array([v for _, v in ks], pa.string())})
+
+
+def _fetch_identities(engine: Engine, idents: Iterable[Ident]) -> dict[Ident, dict[str, Any]]:
+    keys = _keys_table(idents)
+    if not keys.num_rows:
+        return {}
+    engine.register("_inc_keys", keys)
+    try:
+        found = engine.fetch_dicts("""
+            SELECT i.* FROM identities i JOIN _inc_keys k ON k.kind = i.identifier_type AND k.value = i.value
+        """)
+    finally:
+        engine.unregister("_inc_keys")
+    return {(r["identifier_type"], r["value"]): r for r in found}
+
+
+def _fetch_edges(engine: Engine, idents: Iterable[Ident]) -> list[dict[str, Any]]:
+    """Every stored edge with an end among `idents`."""
+    keys = _keys_table(idents)
+    if not keys.num_rows:
+        return []
+    engine.register("_inc_keys", keys)
+    try:
+        return engine.fetch_dicts("""
+            SELECT e.* FROM identity_edges e WHERE EXISTS (SELECT 1 FROM _inc_keys k WHERE k.kind = e.a_type AND k.value = e.a_value)
+            UNION ALL
+            SELECT e.* FROM identity_edges e WHERE EXISTS (SELECT 1 FROM _inc_keys k WHERE k.kind = e.b_type AND k.value = e.b_value)
+              AND NOT EXISTS (SELECT 1 FROM _inc_keys k WHERE k.kind = e.a_type AND k.value = e.a_value)
+        """)
+    finally:
+        engine.unregister("_inc_keys")
+
+
+def _occurrences(engine: Engine, rules: IdentityRules, events: exp.Expression, known_user_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """`identity.extract` over the events `events` selects (it reads a temporary view `events` that
+    stands in for the table). `known_user_ids`: stored user ids an alias's previousId may name."""
+    source: exp.Expression = events
+    if known_user_ids:
+        stand_in = sql.template(
+            "SELECT __src AS source, 'k' || value AS message_id, 'identify' AS type, value AS user_id, now() AS timestamp, "
+            "now() AS received_at, now() AS loaded_at FROM __ids WHERE identifier_type = 'user_id' AND list_contains(__vals, value)",
+            src=sql.lit(_KNOWN), ids=_main(engine, "identities"),
+            vals=exp.Array(expressions=[sql.lit(v) for v in sorted(set(known_user_ids))]),
+        )
+        source = exp.Union(this=events, expression=stand_in, distinct=False, by_name=True)
+    view = sql.template("CREATE OR REPLACE TEMP VIEW events AS SELECT * FROM __q", q=exp.Subquery(this=source))
+    engine.execute(view)
+    try:
+        extract(engine, rules)
+    finally:
+        engine.execute("DROP VIEW IF EXISTS temp.main.events")
+    rows = engine.fetch_dicts("SELECT message_id, source, ts, rule, kind, value, reason FROM _idr_occ WHERE source <> ?", [_KNOWN])
+    engine.execute("DROP TABLE IF EXISTS _idr_occ")
+    return rows
+
+
+def _centres(occ: Iterable[dict[str, Any]], rules: IdentityRules) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Each event's usable identifiers, highest priority first (the first is the star's centre and
+    the identifier that attributes the event)."""
+    by_event: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for o in occ:
+        if o["reason"] is None:
+            by_event.setdefault((o["source"], o["message_id"]), []).append(o)
+    for lst in by_event.values():
+        lst.sort(key=lambda o: (rules.rank(o["kind"]), o["kind"], o["value"]))
+        # one row per identifier (an identifier can sit in two places of one event)
+        seen: set[Ident] = set()
+        lst[:] = [o for o in lst if not ((o["kind"], o["value"]) in seen or seen.add((o["kind"], o["value"])))]  # type: ignore[func-returns-value]
+    return by_event
+
+
+def _first(a: tuple[Any, ...] | None, b: tuple[Any, ...]) -> bool:
+    return a is None or b < a
+
+
+# --- the batch -------------------------------------------------------------------------------
+
+@dataclass
+class _State:
+    """What one batch knows: stored rows it read, merged with what the batch adds."""
+
+    ids: dict[Ident, dict[str, Any]] = field(default_factory=dict)     # identities rows (merged)
+    old: dict[Ident, dict[str, Any]] = field(default_factory=dict)     # identities rows as stored before
+    edges: dict[tuple[Ident, Ident], dict[str, Any]] = field(default_factory=dict)
+    new_edges: set[tuple[Ident, Ident]] = field(default_factory=set)
+    touched_edges: set[tuple[Ident, Ident]] = field(default_factory=set)
+    incident: dict[Ident, set[tuple[Ident, Ident]]] = field(default_factory=dict)
+    fetched: set[Ident] = field(default_factory=set)
+    hubs: dict[Ident, ref.Hub] = field(default_factory=dict)       # hubs among the touched identifiers, as they are now
+
+    def add_edge_row(self, r: dict[str, Any]) -> None:
+        key = ((r["a_type"], r["a_value"]), (r["b_type"], r["b_value"]))
+        self.edges.setdefault(key, r)
+        for end in key:
+            self.incident.setdefault(end, set()).add(key)
+
+
+def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, max_events: int = MAX_BATCH_EVENTS,
+              max_full_events: int | None = None) -> BatchReport:
+    """Bring the identity and profile tables up to date with the events committed since the watermark
+    (call inside the writer: `writer.call(lambda e: run_batch(e, rules, policy))`).
+
+    A full resolution runs when one is needed (nothing resolved yet, the rules changed, an alias
+    retyped) and when a batch holds more than `max_events` events - but never over a store of more
+    than `max_full_events` events (None: no limit): the writer would stall ingest for as long as it
+    takes. Then a needed one is left to `refinery identity resolve` (mode `skipped`, nothing
+    written), and a large batch is resolved incrementally.
+    """
+    clock = time.perf_counter()
+    now: datetime = engine.fetch_all("SELECT now()")[0][0]
+    watermark, why_full = _watermark(engine, rules)
+    total = int(engine.fetch_all("SELECT count(*) FROM events")[0][0]) if max_full_events is not None else 0
+    too_big = max_full_events is not None and total > max_full_events
+    report: BatchReport | None = None
+    if why_full is None and watermark is not None:
+        n = int(engine.fetch_all("SELECT count(*) FROM events WHERE loaded_at >= ?", [watermark])[0][0])
+        if n == 0:
+            return BatchReport("none", seconds=time.perf_counter() - clock)
+        if n > max_events and not too_big:
+            why_full = f"{n} new events (more than {max_events})"
+        else:
+            report = _incremental(engine, rules, policy, watermark, now)
+            why_full = None if report is not None else "a new user id equals a known anonymous id (an older alias's previousId)"
+    if report is None:
+        if too_big:
+            return BatchReport("skipped", reason=f"{why_full}; the store holds {total} events: run `refinery identity resolve`",
+                               seconds=time.perf_counter() - clock)
+        from refinery.profiles.build import resolve_and_build
+
+        result = resolve_and_build(engine, rules, policy)
+        report = BatchReport("full", events=int(result["profiles"]["events_attributed"]) + int(result["profiles"]["events_unattributed"]),
+                             identifiers=int(result["identity"]["identifiers"]), merges=int(result["identity"]["merges"]),
+                             unmerges=int(result["identity"]["unmerges"]), reason=why_full)
+    _save_state(engine, rules, now, report)
+    report.seconds = time.perf_counter() - clock
+    return report
+
+
+def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, watermark: datetime, now: datetime) -> BatchReport | None:
+    """The local path; None when the batch needs a full resolution."""
+    batch = sql.template("SELECT * FROM __events WHERE loaded_at >= __w", events=_main(engine, "events"), w=_ts(watermark))
+    aliases = engine.fetch_all("SELECT previous_id FROM events WHERE loaded_at >= ? AND type = 'alias' AND previous_id IS NOT NULL",
+                               [watermark])
+    from refinery.identity.normalise import normalise
+
+    known = [normalise("user_id", r[0]).value for r in aliases]
+    occ = _occurrences(engine, rules, batch, known)
+    n_events = int(engine.fetch_all("SELECT count(*) FROM events WHERE loaded_at >= ?", [watermark])[0][0])
+    report = BatchReport("attach", events=n_events)
+    st = _State()
+
+    # Identifier statistics of the batch.
+    add: dict[Ident, dict[str, Any]] = {}
+    for o in occ:
+        i = (o["kind"], o["value"])
+        s = add.get(i)
+        k = (o["ts"], o["source"], o["message_id"])
+        if s is None:
+            add[i] = {"first_seen": o["ts"], "last_seen": o["ts"], "n": 1, "first": k, "reason": o["reason"]}
+        else:
+            s["first_seen"], s["last_seen"], s["n"] = min(s["first_seen"], o["ts"]), max(s["last_seen"], o["ts"]), s["n"] + 1
+            if k < s["first"]:
+                s["first"], s["reason"] = k, o["reason"]
+    report.identifiers = len(add)
+    new_users = [v for (kind, v) in add if kind == "user_id"]
+    stored = _fetch_identities(engine, [*add, *(("anonymous_id", v) for v in new_users)])
+    for v in new_users:
+        if ("user_id", v) not in stored and ("anonymous_id", v) in stored:
+            return None
+    touched: set[Ident] = set()
+    for i, s in add.items():
+        old = stored.get(i)
+        if old is None:
+            row = {"identifier_type": i[0], "value": i[1], "profile_id": None, "status": "blocked" if s["reason"] else None,
+                   "reason": s["reason"], "first_seen": s["first_seen"], "last_seen": s["last_seen"], "event_count": s["n"],
+                   "first_message_id": s["first"][2], "first_source": s["first"][1]}
+            if s["reason"] is None:
+                touched.add(i)
+        else:
+            row = dict(old)
+            if s["first"] < (old["first_seen"], old["first_source"], old["first_message_id"]):
+                row["first_message_id"], row["first_source"] = s["first"][2], s["first"][1]
+            if s["first_seen"] < old["first_seen"]:
+                row["first_seen"] = s["first_seen"]
+                if old["status"] != "blocked":
+                    touched.add(i)
+            row["last_seen"] = max(old["last_seen"], s["last_seen"])
+            row["event_count"] = old["event_count"] + s["n"]
+        st.ids[i] = row
+    st.old = {i: r for i, r in stored.items()}
+
+    # Edges of the batch: each event's star around its centre.
+    by_event = _centres(occ, rules)
+    eadd: dict[tuple[Ident, Ident], dict[str, Any]] = {}
+    for lst in by_event.values():
+        c = lst[0]
+        a = (c["kind"], c["value"])
+        for o in lst[1:]:
+            key = (a, (o["kind"], o["value"]))
+            k = (o["ts"], o["source"], o["message_id"])
+            e = eadd.get(key)
+            if e is None:
+                eadd[key] = {"event_time": o["ts"], "last_seen": o["ts"], "n": 1, "first": k, "rule": o["rule"]}
+            else:
+                e["event_time"], e["last_seen"], e["n"] = min(e["event_time"], o["ts"]), max(e["last_seen"], o["ts"]), e["n"] + 1
+                if k < e["first"]:
+                    e["first"], e["rule"] = k, o["rule"]
+    ends = {end for key in eadd for end in key}
+    for r in _fetch_edges(engine, touched | ends):
+        st.add_edge_row(r)
+    st.fetched |= touched | ends
+    for key, e in eadd.items():
+        old_e = st.edges.get(key)
+        if old_e is None:
+            row = {"a_type": key[0][0], "a_value": key[0][1], "b_type": key[1][0], "b_value": key[1][1], "rule": e["rule"],
+                   "message_id": e["first"][2], "source": e["first"][1], "event_time": e["event_time"], "last_seen": e["last_seen"],
+                   "event_count": e["n"], "status": None, "reason": None}
+            st.new_edges.add(key)
+            touched.update(key)
+            st.add_edge_row(row)
+        else:
+            row = old_e
+            if e["first"] < (old_e["event_time"], old_e["source"], old_e["message_id"]):
+                row["rule"], row["message_id"], row["source"] = e["rule"], e["first"][2], e["first"][1]
+            row["event_time"] = min(old_e["event_time"], e["event_time"])
+            row["last_seen"] = max(old_e["last_seen"], e["last_seen"])
+            row["event_count"] = old_e["event_count"] + e["n"]
+        st.touched_edges.add(key)
+    report.touched = len(touched)
+
+    res: ref.Resolution | None = None
+    region: set[Ident] = set()
+    if touched:
+        report.mode = "region"
+        region = _region(engine, st, touched, rules)
+        res = _resolve_region(st, region, touched, rules)
+        report.region = len(region)
+
+    def pid(i: Ident) -> str | None:
+        if res is not None and i in region:
+            return res.profile_id(i)
+        return st.ids[i]["profile_id"] if i in st.ids else st.old[i]["profile_id"]
+
+    # identities: statistics of the batch's identifiers, results of the region.
+    for i in region:
+        assert res is not None
+        row = st.ids.get(i) or dict(st.old[i])
+        new = (res.profile_id(i), res.status[i], res.reason[i])
+        if st.old.get(i) is None or (st.old[i]["profile_id"], st.old[i]["status"], st.old[i]["reason"]) != new:
+            report.changed += 1
+        row["profile_id"], row["status"], row["reason"] = new
+        st.ids[i] = row
+    _write_identities(engine, list(st.ids.values()))
+
+    # identity_edges: the batch's edges, and every edge at the region's border or inside it.
+    edge_keys = set(st.touched_edges)
+    for i in region:
+        edge_keys |= st.incident.get(i, set())
+    missing = {end for key in edge_keys for end in key if end not in st.ids and end not in st.old}
+    st.old.update(_fetch_identities(engine, missing))
+    for key in edge_keys:
+        a, b = key
+        info_a, info_b = st.ids.get(a) or st.old[a], st.ids.get(b) or st.old[b]
+        row = st.edges[key]
+        row["status"], row["reason"] = ref.edge_status(a, b, pid(a), pid(b), info_a["reason"], info_b["reason"])
+    _write_edges(engine, [st.edges[k] for k in edge_keys])
+
+    _write_refusals(engine, st, res, region, add, rules)
+    if res is not None:
+        report.merges, report.unmerges = _write_merges(engine, st, res, region, now)
+
+    # event_profiles: the batch's events, and older events of profiles the region changed.
+    affected: set[str] = set()
+    if res is not None:
+        affected |= _reattribute(engine, rules, st, res, region)
+    new_rows = []
+    for (source, mid), lst in by_event.items():
+        c = lst[0]
+        p = pid((c["kind"], c["value"]))
+        if p is not None:
+            new_rows.append((source, mid, p, c["kind"], c["ts"]))
+            affected.add(p)
+    if new_rows:
+        engine.register("_inc_ep", pa.table({
+            "source": pa.array([r[0] for r in new_rows], pa.string()), "message_id": pa.array([r[1] for r in new_rows], pa.string()),
+            "profile_id": pa.array([r[2] for r in new_rows], pa.string()), "identifier_type": pa.array([r[3] for r in new_rows], pa.string()),
+            "timestamp": pa.array([r[4] for r in new_rows], _TS)}))
+        try:
+            engine.execute("INSERT INTO event_profiles SELECT source, message_id, profile_id, identifier_type, timestamp FROM _inc_ep")
+        finally:
+            engine.unregister("_inc_ep")
+    _rebuild_profiles(engine, policy, affected, now)
+    return report
+
+
+def _region(engine: Engine, st: _State, touched: set[Ident], rules: IdentityRules) -> set[Ident]:
+    """R: everything reachable from `touched` over edges usable before or usable now."""
+    exclusive = set(rules.exclusive_types)
+    adjacency = {n: {b if a == n else a for a, b in st.incident.get(n, set())} for n in touched}
+    new_hubs = ref.find_hubs(touched, adjacency, rules)
+    st.hubs = new_hubs
+
+    def old_hub(n: Ident) -> bool:
+        o = st.old.get(n)
+        return o is not None and o["status"] == "shared"
+
+    def hub_now(n: Ident) -> bool:
+        return n in new_hubs if n in touched else old_hub(n)
+
+    def usable(key: tuple[Ident, Ident]) -> bool:
+        a, b = key
+        if a[0] == b[0] and a[0] in exclusive:
+            return False
+        if key in st.new_edges:
+            return not hub_now(a) and not hub_now(b)
+        return not old_hub(a) and not old_hub(b)
+
+    region = set(touched)
+    frontier = set(touched)
+    while frontier:
+        need = frontier - st.fetched
+        if need:
+            for r in _fetch_edges(engine, need):
+                st.add_edge_row(r)
+            st.fetched |= need
+        others = {e for n in frontier for key in st.incident.get(n, set()) for e in key if e not in st.old and e not in st.ids}
+        st.old.update(_fetch_identities(engine, others))
+        nxt: set[Ident] = set()
+        for n in frontier:
+            for key in st.incident.get(n, set()):
+                other = key[1] if key[0] == n else key[0]
+                if other not in region and usable(key):
+                    region.add(other)
+                    nxt.add(other)
+        frontier = nxt
+    # Every identifier of the region needs its stored row (statistics, previous result).
+    st.old.update(_fetch_identities(engine, {n for n in region if n not in st.old and n not in st.ids}))
+    return region
+
+
+def _resolve_region(st: _State, region: set[Ident], touched: set[Ident], rules: IdentityRules) -> ref.Resolution:
+    first_seen = {n: (st.ids.get(n) or st.old[n])["first_seen"] for n in region}
+    edges = [key for key in st.edges if key[0] in region and key[1] in region]
+    hubs = {n: h for n, h in st.hubs.items() if n in region}
+    return ref.resolve(first_seen, edges, rules, hubs=hubs)
+
+
+# --- writes ----------------------------------------------------------------------------------
+
+_IDENTITY_COLUMNS = ("identifier_type", "value", "profile_id", "status", "reason", "first_seen", "last_seen", "event_count",
+                     "first_message_id", "first_source")
+_EDGE_COLUMNS = ("a_type", "a_value", "b_type", "b_value", "rule", "message_id", "source", "event_time", "last_seen", "event_count",
+                 "status", "reason")
+_TS_COLUMNS = {"first_seen", "last_seen", "event_time"}
+
+
+def _arrow(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> pa.Table:
+    data = {}
+    for c in columns:
+        t = _TS if c in _TS_COLUMNS else pa.int64() if c == "event_count" else pa.string()
+        data[c] = pa.array([r[c] for r in rows], t)
+    return pa.table(data)
+
+
+def _write_identities(engine: Engine, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    engine.register("_inc_ids", _arrow(rows, _IDENTITY_COLUMNS))
+    try:
+        engine.execute("DELETE FROM identities WHERE EXISTS (SELECT 1 FROM _inc_ids n WHERE n.identifier_type = identities.identifier_type "
+                       "AND n.value = identities.value)")
+        engine.execute("INSERT INTO identities SELECT * FROM _inc_ids")
+    finally:
+        engine.unregister("_inc_ids")
+
+
+def _write_edges(engine: Engine, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    engine.register("_inc_edges", _arrow(rows, _EDGE_COLUMNS))
+    try:
+        engine.execute("""
+            DELETE FROM identity_edges WHERE EXISTS (SELECT 1 FROM _inc_edges n WHERE n.a_type = identity_edges.a_type
+                AND n.a_value = identity_edges.a_value AND n.b_type = identity_edges.b_type AND n.b_value = identity_edges.b_value)
+        """)
+        engine.execute("INSERT INTO identity_edges SELECT * FROM _inc_edges")
+    finally:
+        engine.unregister("_inc_edges")
+
+
+def _info(st: _State, i: Ident) -> dict[str, Any]:
+    return st.ids.get(i) or st.old[i]
+
+
+def _write_refusals(engine: Engine, st: _State, res: ref.Resolution | None, region: set[Ident], add: dict[Ident, dict[str, Any]],
+                    rules: IdentityRules) -> None:
+    """identity_blocked rows for the batch's blocked identifiers, the region's refusals, and the
+    conflicting edges the batch saw again (their event counts)."""
+    exclusive = set(rules.exclusive_types)
+    junk = [i for i in add if _info(st, i)["status"] == "blocked"]
+    # A refusal about one identifier carries its first event: keep it current for the batch's others.
+    seen_again = [_info(st, i) for i in add if i not in region and _info(st, i)["status"] != "blocked"]
+    if seen_again:
+        engine.register("_inc_ids", _arrow(seen_again, _IDENTITY_COLUMNS))
+        try:
+            engine.execute("""
+                UPDATE identity_blocked SET message_id = n.first_message_id, source = n.first_source, event_time = n.first_seen
+                FROM _inc_ids n WHERE identity_blocked.other_type IS NULL AND n.identifier_type = identity_blocked.identifier_type
+                  AND n.value = identity_blocked.value
+            """)
+        finally:
+            engine.unregister("_inc_ids")
+    conflict_keys = {k for k in st.touched_edges if k[0][0] == k[1][0] and k[0][0] in exclusive}
+    for i in region:
+        conflict_keys |= {k for k in st.incident.get(i, set()) if k[0][0] == k[1][0] and k[0][0] in exclusive}
+    if not junk and not conflict_keys and not region:
+        return
+
+    def pid(i: Ident) -> str | None:
+        if res is not None and i in region:
+            return res.profile_id(i)
+        found: str | None = _info(st, i)["profile_id"]
+        return found
+
+    def older(a: Ident, b: Ident) -> tuple[Ident, Ident]:
+        ka = ref.order_key(a, _info(st, a)["first_seen"], rules)
+        kb = ref.order_key(b, _info(st, b)["first_seen"], rules)
+        return (a, b) if ka < kb else (b, a)
+
+    out: list[dict[str, Any]] = []
+
+    def row(kind: str, reason: str, i: Ident, other: Ident | None, pa_: str | None, pb_: str | None, evidence: dict[str, Any],
+            message_id: str | None = None, source: str | None = None, at: datetime | None = None) -> None:
+        info = _info(st, i)
+        out.append({"kind": kind, "reason": reason, "identifier_type": i[0], "value": i[1],
+                    "other_type": other[0] if other else None, "other_value": other[1] if other else None,
+                    "profile_a": pa_, "profile_b": pb_, "message_id": message_id or info["first_message_id"],
+                    "source": source or info["first_source"], "event_time": at or info["first_seen"],
+                    "evidence": json.dumps(evidence, separators=(",", ":"), ensure_ascii=False)})
+
+    for i in junk:
+        row("identifier", _info(st, i)["reason"], i, None, None, None, {"events": _info(st, i)["event_count"]})
+    if res is not None:
+        for h, hub in res.hubs.items():
+            row("identifier", "shared_identifier", h, None, pid(h), None, {"linked_type": hub.kind_of_many, "linked_values": hub.linked})
+        for n, reason, cands in res.ambiguous:
+            row("merge", reason, n, None, pid(cands[0]) if cands else None, pid(cands[1]) if len(cands) > 1 else None,
+                {"candidates": [{"type": c[0], "value": c[1], "profile_id": pid(c)} for c in cands]})
+        for n, reason, g in res.detached:
+            row("identifier", reason, n, None, pid(n), None, {"would_join": ref.profile_id(g)})
+    for key in conflict_keys:
+        a, b = older(*key)
+        e = st.edges[key]
+        row("merge", f"conflicting_{a[0]}", a, b, pid(a), pid(b), {"rule": e["rule"], "events": e["event_count"]},
+            e["message_id"], e["source"], e["event_time"])
+
+    keys = _keys_table([*junk, *region])
+    conflicts = sorted(conflict_keys)
+    engine.register("_inc_keys", keys)
+    engine.register("_inc_conf", pa.table({
+        "a_type": pa.array([k[0][0] for k in conflicts], pa.string()), "a_value": pa.array([k[0][1] for k in conflicts], pa.string()),
+        "b_type": pa.array([k[1][0] for k in conflicts], pa.string()), "b_value": pa.array([k[1][1] for k in conflicts], pa.string())}))
+    engine.register("_inc_blocked", pa.table({
+        c: pa.array([r[c] for r in out], _TS if c == "event_time" else pa.string())
+        for c in ("kind", "reason", "identifier_type", "value", "other_type", "other_value", "profile_a", "profile_b", "message_id",
+                  "source", "event_time", "evidence")}))
+    try:
+        # Rows about one identifier (junk, hub, ambiguous, detached) of the batch or the region.
+        engine.execute("""
+            DELETE FROM identity_blocked WHERE other_type IS NULL
+              AND EXISTS (SELECT 1 FROM _inc_keys k WHERE k.kind = identity_blocked.identifier_type AND k.value = identity_blocked.value)
+        """)
+        # Conflicting edges, stored older end first.
+        engine.execute("""
+            DELETE FROM identity_blocked WHERE other_type IS NOT NULL AND EXISTS (SELECT 1 FROM _inc_conf c
+              WHERE (c.a_type = identity_blocked.identifier_type AND c.a_value = identity_blocked.value
+                     AND c.b_type = identity_blocked.other_type AND c.b_value = identity_blocked.other_value)
+                 OR (c.b_type = identity_blocked.identifier_type AND c.b_value = identity_blocked.value
+                     AND c.a_type = identity_blocked.other_type AND c.a_value = identity_blocked.other_value))
+        """)
+        engine.execute("""
+            INSERT INTO identity_blocked SELECT kind, reason, identifier_type, value, other_type, other_value, profile_a, profile_b,
+                   message_id, source, event_time, CAST(evidence AS JSON) FROM _inc_blocked
+        """)
+    finally:
+        for t in ("_inc_keys", "_inc_conf", "_inc_blocked"):
+            engine.unregister(t)
+
+
+def _write_merges(engine: Engine, st: _State, res: ref.Resolution, region: set[Ident], now: datetime) -> tuple[int, int]:
+    """profile_merges as a full resolution run now would write them: a previous profile id that no
+    longer exists, merged into the one its identifiers joined; merged ids that exist again, undone."""
+    new_pids = {res.profile_id(i) for i in region}
+    prev = {i: st.old[i]["profile_id"] for i in region if st.old.get(i) is not None and st.old[i]["profile_id"] is not None}
+    cands = sorted({(res.profile_id(i), p) for i, p in prev.items() if p != res.profile_id(i) and p not in new_pids})
+    rid = "inc_" + uuid.uuid4().hex[:16]
+    rows = []
+    for survivor, merged in cands:
+        best: tuple[Any, ...] | None = None
+        for key in st.edges:
+            a, b = key
+            if a not in region or b not in region or res.profile_id(a) != survivor or res.profile_id(b) != survivor:
+                continue
+            if (prev.get(a) == merged) == (prev.get(b) == merged):
+                continue
+            e = st.edges[key]
+            k = (e["event_time"], e["message_id"], a[1], b[1])
+            if best is None or k < best[0]:
+                best = (k, e)
+        ev = best[1] if best else None
+        rows.append({"survivor": survivor, "merged": merged, "has": ev is not None,
+                     "a_type": ev["a_type"] if ev else None, "a_value": ev["a_value"] if ev else None,
+                     "b_type": ev["b_type"] if ev else None, "b_value": ev["b_value"] if ev else None,
+                     "message_id": ev["message_id"] if ev else None, "source": ev["source"] if ev else None,
+                     "event_time": ev["event_time"] if ev else None, "rule": ev["rule"] if ev else None})
+    if rows:
+        engine.register("_inc_merges", pa.table({
+            c: pa.array([r[c] for r in rows], _TS if c == "event_time" else pa.bool_() if c == "has" else pa.string())
+            for c in rows[0]}))
+        try:
+            sql.run(engine, """
+                INSERT INTO profile_merges
+                SELECT 'mrg_' || left(md5(survivor || '>' || merged || '@' || __rid), 20), survivor, merged,
+                       CASE WHEN has THEN json_object('a_type', a_type, 'a_value', a_value, 'b_type', b_type, 'b_value', b_value,
+                                                      'message_id', message_id, 'source', source, 'time', event_time, 'rule', rule)
+                            ELSE json_object('note', 'no single edge: the profiles were joined through identifiers new to this run') END,
+                       __now, __rid, NULL, NULL
+                FROM _inc_merges
+            """, rid=sql.lit(rid), now=_ts(now))
+        finally:
+            engine.unregister("_inc_merges")
+    unmerges = 0
+    if new_pids:
+        ids = sorted(new_pids)
+        unmerges = int(engine.fetch_all(
+            "SELECT count(*) FROM profile_merges WHERE undone_at IS NULL AND list_contains(?, merged_profile_id)", [ids])[0][0])
+        if unmerges:
+            engine.execute("UPDATE profile_merges SET undone_at = ?, undone_reason = 'split: the merged profile exists again' "
+                           "WHERE undone_at IS NULL AND list_contains(?, merged_profile_id)", [now, ids])
+    return len(rows), unmerges
+
+
+def _reattribute(engine: Engine, rules: IdentityRules, st: _State, res: ref.Resolution, region: set[Ident]) -> set[str]:
+    """Move the stored events of profiles the region changed; returns every profile id involved."""
+    moves: dict[str, set[str]] = {}
+    for i in region:
+        old = st.old.get(i)
+        if old is not None and old["profile_id"] is not None:
+            moves.setdefault(old["profile_id"], set()).add(res.profile_id(i))
+    involved = set(moves) | {res.profile_id(i) for i in region}
+    whole = {p: next(iter(q)) for p, q in moves.items() if len(q) == 1 and p not in q}
+    split = sorted(p for p, q in moves.items() if len(q) > 1)
+    if whole:
+        engine.register("_inc_pmap", pa.table({"old": pa.array(list(whole), pa.string()), "new": pa.array(list(whole.values()), pa.string())}))
+        try:
+            engine.execute("UPDATE event_profiles SET profile_id = m.new FROM _inc_pmap m WHERE event_profiles.profile_id = m.old")
+        finally:
+            engine.unregister("_inc_pmap")
+    if split:
+        # Events of a profile that split: each goes where its centre identifier went.
+        events = sql.template(
+            "SELECT e.* FROM __events e WHERE EXISTS (SELECT 1 FROM __ep a WHERE a.source = e.source AND a.message_id = e.message_id "
+            "AND list_contains(__pids, a.profile_id))",
+            events=_main(engine, "events"), ep=_main(engine, "event_profiles"),
+            pids=exp.Array(expressions=[sql.lit(p) for p in split]))
+        occ = _occurrences(engine, rules, events)
+        rows = [(s, m, res.profile_id((lst[0]["kind"], lst[0]["value"]))) for (s, m), lst in _centres(occ, rules).items()]
+        if rows:
+            engine.register("_inc_emap", pa.table({"source": pa.array([r[0] for r in rows], pa.string()),
+                                                   "message_id": pa.array([r[1] for r in rows], pa.string()),
+                                                   "profile_id": pa.array([r[2] for r in rows], pa.string())}))
+            try:
+                engine.execute("UPDATE event_profiles SET profile_id = m.profile_id FROM _inc_emap m "
+                               "WHERE event_profiles.source = m.source AND event_profiles.message_id = m.message_id")
+            finally:
+                engine.unregister("_inc_emap")
+    return involved
+
+
+def _rebuild_profiles(engine: Engine, policy: TraitPolicy, affected: set[str], now: datetime) -> None:
+    """`profiles` rows of `affected`, by `profiles.build`'s own SQL run over those profiles only
+    (temporary views stand in for event_profiles and identities, a temporary table for profiles)."""
+    if not affected:
+        return
+    from refinery.profiles.build import merge_traits, write_profiles
+
+    pids = exp.Array(expressions=[sql.lit(p) for p in sorted(affected)])
+    sql.run(engine, "CREATE OR REPLACE TEMP VIEW event_profiles AS SELECT * FROM __t WHERE list_contains(__p, profile_id)",
+            t=_main(engine, "event_profiles"), p=pids)
+    sql.run(engine, "CREATE OR REPLACE TEMP VIEW identities AS SELECT * FROM __t WHERE list_contains(__p, profile_id)",
+            t=_main(engine, "identities"), p=pids)
+    sql.run(engine, "CREATE OR REPLACE TEMP TABLE profiles AS SELECT * FROM __t LIMIT 0", t=_main(engine, "profiles"))
+    try:
+        merge_traits(engine, policy)
+        write_profiles(engine, now)
+        target = _main(engine, "profiles")
+        sql.run(engine, "DELETE FROM __t WHERE list_contains(__p, profile_id)", t=target, p=pids)
+        sql.run(engine, "INSERT INTO __t SELECT * FROM temp.main.profiles", t=target)
+    finally:
+        engine.execute("DROP VIEW IF EXISTS temp.main.event_profiles")
+        engine.execute("DROP VIEW IF EXISTS temp.main.identities")
+        engine.execute("DROP TABLE IF EXISTS temp.main.profiles")
+        engine.execute("DROP TABLE IF EXISTS _prf_traits")
+
+
+# --- the follower ----------------------------------------------------------------------------
+
+class Follower:
+    """Runs `run_batch` in the writer whenever the writer has committed something else since the
+    last batch, so profiles follow events within a few milliseconds of their commit."""
+
+    def __init__(self, writer: Writer, rules: IdentityRules, policy: TraitPolicy, *, poll_seconds: float = 0.001,
+                 max_full_events: int | None = FOLLOWER_MAX_FULL_EVENTS):
+        self.writer, self.rules, self.policy, self.poll = writer, rules, policy, poll_seconds
+        self.max_full_events = max_full_events
+        self._warned = False
+        self.batches = 0
+        self.last: BatchReport | None = None
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="refinery-identity-follower", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        seen = -1
+        while not self._stop.is_set():
+            commits = self.writer.commits
+            if commits == seen:
+                self._stop.wait(self.poll)
+                continue
+            # Commits after this read but before the batch's transaction are in the batch; any
+            # other than the batch's own makes the counter pass commits + 1 and triggers one more.
+            try:
+                report = self.writer.submit(
+                    lambda e: run_batch(e, self.rules, self.policy, max_full_events=self.max_full_events)).result()
+            except Exception as e:  # the follower must not die; the next commit retries
+                self.failures += 1
+                log.warning("identity follower: batch failed (%s); retrying after the next commit", type(e).__name__, exc_info=True)
+                self._stop.wait(1.0)
+                continue
+            self.batches += 1
+            self.last = report
+            if report.mode == "skipped" and not self._warned:
+                self._warned = True
+                log.warning("identity follower: profiles are not following events: %s", report.reason)
+            seen = commits + 1  # the batch's own commit
+
+
+def start_follower(runtime: Any) -> Follower | None:
+    """Start the follower for a serving runtime when the `identity_incremental` setting is on; None
+    when it is off or the identity rules cannot be read (the server still serves; the log says why)."""
+    settings = runtime.settings
+    if not getattr(settings, "identity_incremental", False):
+        return None
+    from refinery.identity.errors import IdentityRulesError
+    from refinery.identity.rules import rules_from_settings
+    from refinery.profiles.policy import TraitPolicy
+
+    try:
+        rules = rules_from_settings(settings)
+    except IdentityRulesError as e:
+        log.warning("identity follower not started: %s", e.message)
+        return None
+    follower = Follower(runtime.writer, rules, TraitPolicy.from_settings(settings))
+    follower.start()
+    return follower
