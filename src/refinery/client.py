@@ -58,6 +58,14 @@ class Client(abc.ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # consent (refinery.governance.consent)
+    @abc.abstractmethod
+    def consent(self, identifier: str, limit: int = 1000) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def set_consent(self, identifier: str, purposes: dict[str, str] | None, tc_string: str | None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def sync_consent(self, full: bool = False) -> dict[str, Any]: ...
+
 
 class LocalClient(Client):
     def __init__(self, settings: Settings):
@@ -156,6 +164,42 @@ class LocalClient(Client):
     def close(self) -> None:
         self.rt.close()
 
+    def consent(self, identifier: str, limit: int = 1000) -> dict[str, Any]:
+        from refinery.governance.consent import ConsentService
+
+        return ConsentService(self.rt.engine).for_identifier(identifier, self._rules(), limit=limit)
+
+    def set_consent(self, identifier: str, purposes: dict[str, str] | None, tc_string: str | None) -> dict[str, Any]:
+        from refinery.governance import audit
+        from refinery.governance.consent import record_request
+        from refinery.governance.principal import local_principal
+
+        rules, actor = self._rules(), local_principal()
+
+        def write(e: Any) -> dict[str, Any]:
+            done = record_request(e, rules, identifier, purposes, tc_string, actor=actor.name)
+            audit.record(e, actor, "consent.record", f"consent:{done.request_id}",
+                         {"identifier_type": done.subject_type, "choices": done.choices, "tcf": tc_string is not None})
+            return done.to_dict()
+
+        return {**self.rt.writer.call(write), **self.consent(identifier)}
+
+    def sync_consent(self, full: bool = False) -> dict[str, Any]:
+        from refinery.governance import audit
+        from refinery.governance.consent_sync import sync
+        from refinery.governance.principal import local_principal
+        from refinery.governance.purposes import CategoryMap
+
+        categories, actor = CategoryMap.build(self.rt.settings.consent_categories), local_principal()
+
+        def run(e: Any) -> dict[str, Any]:
+            report = sync(e, categories, full=full).to_dict()
+            audit.record(e, actor, "consent.sync", f"consent_sync:{report['sync_id']}", audit.counts(report))
+            return report
+
+        result: dict[str, Any] = self.rt.writer.call(run)
+        return result
+
 
 class RemoteClient(Client):
     def __init__(self, url: str, token: str):
@@ -238,6 +282,16 @@ class RemoteClient(Client):
 
     def close(self) -> None:
         self.http.close()
+
+    def consent(self, identifier: str, limit: int = 1000) -> dict[str, Any]:
+        return self._call("GET", "/api/consent", params={"identifier": identifier, "limit": limit})
+
+    def set_consent(self, identifier: str, purposes: dict[str, str] | None, tc_string: str | None) -> dict[str, Any]:
+        body = {"identifier": identifier, "purposes": purposes, "tcString": tc_string}
+        return self._call("POST", "/api/consent", json=body)
+
+    def sync_consent(self, full: bool = False) -> dict[str, Any]:
+        return self._call("POST", "/api/consent/sync", params={"full": full})
 
 
 def connect(settings: Settings) -> Client:

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     trait_source_priority: list[str] = Field(default_factory=list, description="Sources in order of trust for the `source_priority` trait policy, e.g. `[\"crm\", \"web\"]`; sources not listed come after, newest value first.")
     trait_policies: dict[str, Literal["latest", "first", "source_priority"]] = Field(default_factory=dict, description="Per-trait policy overriding `trait_policy`, e.g. `{\"first_touch_channel\": \"first\", \"plan\": \"source_priority\"}`.")
 
+    consent_categories: dict[str, str] = Field(default_factory=dict, description="CMP category names (keys of `context.consent.categoryPreferences`, compared case-insensitively) mapped to consent purposes (`analytics`, `personalisation`, `marketing`, `advertising`), e.g. `{\"C0002\": \"analytics\", \"C0004\": \"advertising\"}`; adds to the built-in names.")
+    consent_unknown_allowed: list[str] = Field(default_factory=list, description="Purposes for which a person with no recorded choice counts as allowed (an opt-out regime); default none: unknown consent means no.")
+
     @property
     def database_path(self) -> Path:
         return self.data_dir / "refinery.duckdb"

@@ -127,3 +127,8 @@ class ConsentPolicy:
         if state == "denied":
             return False
         return purpose in self.unknown_allowed
+
+
+def policy_from_settings(settings: object) -> ConsentPolicy:
+    """The server's default policy (`consent_unknown_allowed`)."""
+    return ConsentPolicy(frozenset(getattr(settings, "consent_unknown_allowed", ())))
