@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     consent_categories: dict[str, str] = Field(default_factory=dict, description="CMP category names (keys of `context.consent.categoryPreferences`, compared case-insensitively) mapped to consent purposes (`analytics`, `personalisation`, `marketing`, `advertising`), e.g. `{\"C0002\": \"analytics\", \"C0004\": \"advertising\"}`; adds to the built-in names.")
     consent_unknown_allowed: list[str] = Field(default_factory=list, description="Purposes for which a person with no recorded choice counts as allowed (an opt-out regime); default none: unknown consent means no.")
 
+    identity_incremental: bool = Field(False, description="While the server runs, keep identities and profiles up to date as events are committed (`identity/incremental.py`): the same tables a full `refinery identity resolve` would give. Off by default until the per-batch cost is down (docs/benchmarks-identity-incremental.md): each batch holds the writer for tens of milliseconds.")
+
     @property
     def database_path(self) -> Path:
         return self.data_dir / "refinery.duckdb"

@@ -46,6 +46,9 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Run until interrupted. `on_ready(url)` is called once the socket accepts connections."""
     runtime = Runtime.open(settings)
+    # identity_incremental (identity/incremental.py, owner: incremental identity): profiles follow commits.
+    from refinery.identity.incremental import start_follower
+    follower = start_follower(runtime)
     app = create_app(runtime)
     asgi = collector_first(app, app.router.routes)
     # Move start-up objects (imports, app, caches) out of the collector's way: otherwise every
@@ -112,6 +115,8 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
                 path.unlink()
         except (OSError, ValueError):
             pass
+        if follower is not None:  # identity_incremental: stop the follower before the writer
+            follower.stop()
         runtime.close()
 
 
