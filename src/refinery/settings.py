@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     trait_source_priority: list[str] = Field(default_factory=list, description="Sources in order of trust for the `source_priority` trait policy, e.g. `[\"crm\", \"web\"]`; sources not listed come after, newest value first.")
     trait_policies: dict[str, Literal["latest", "first", "source_priority"]] = Field(default_factory=dict, description="Per-trait policy overriding `trait_policy`, e.g. `{\"first_touch_channel\": \"first\", \"plan\": \"source_priority\"}`.")
 
+    token_default_expiry: str = Field("90d", description="How long an API token lives when `refinery tokens create` is given no `--expires`: a duration such as `30d`, `12h`, `2w`, or `never`.")
+
     consent_categories: dict[str, str] = Field(default_factory=dict, description="CMP category names (keys of `context.consent.categoryPreferences`, compared case-insensitively) mapped to consent purposes (`analytics`, `personalisation`, `marketing`, `advertising`), e.g. `{\"C0002\": \"analytics\", \"C0004\": \"advertising\"}`; adds to the built-in names.")
     consent_unknown_allowed: list[str] = Field(default_factory=list, description="Purposes for which a person with no recorded choice counts as allowed (an opt-out regime); default none: unknown consent means no.")
 

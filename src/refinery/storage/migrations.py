@@ -266,6 +266,43 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        5,
+        "governance: api_tokens, audit_log, audit_head",
+        (
+            # API tokens for the admin API. Only a SHA-256 of each token is kept; the prefix lets
+            # people recognise a token in lists. Revoked tokens keep their row for the audit trail.
+            """CREATE TABLE api_tokens (
+                token_id VARCHAR PRIMARY KEY,
+                name VARCHAR NOT NULL,                 -- unique among active tokens
+                token_hash VARCHAR NOT NULL UNIQUE,    -- sha256 of the token; the token itself is never stored
+                token_prefix VARCHAR NOT NULL,
+                role VARCHAR NOT NULL,                 -- admin | privacy_officer | marketer | analyst | ...
+                sources JSON,                          -- the sources it is limited to; NULL: every source
+                created_at TIMESTAMPTZ NOT NULL,
+                created_by VARCHAR NOT NULL,           -- the actor's name
+                expires_at TIMESTAMPTZ,                -- NULL: never
+                revoked_at TIMESTAMPTZ,
+                revoked_by VARCHAR
+            )""",
+            # Append-only, hash-chained: hash = sha256(canonical row incl. prev_hash). Never updated.
+            """CREATE TABLE audit_log (
+                seq BIGINT NOT NULL,                   -- 1, 2, 3, ... without gaps
+                recorded_at TIMESTAMPTZ NOT NULL,
+                actor_id VARCHAR NOT NULL,             -- token id, 'admin' (bootstrap) or 'local'; never the token
+                actor_name VARCHAR NOT NULL,
+                actor_role VARCHAR,
+                action VARCHAR NOT NULL,               -- noun.verb, e.g. sources.create, profiles.read
+                object VARCHAR,                        -- e.g. source:web, profile:prof_..., token:tok_...
+                details JSON NOT NULL,                 -- names and counts, never personal values
+                prev_hash VARCHAR NOT NULL,
+                hash VARCHAR NOT NULL
+            )""",
+            # The last row's sequence number and hash, updated with every append: rows deleted from
+            # the end of the log are caught by comparing it with the last row.
+            "CREATE TABLE audit_head (seq BIGINT NOT NULL, hash VARCHAR NOT NULL)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

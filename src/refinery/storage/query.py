@@ -40,6 +40,9 @@ QUERYABLE_TABLES: set[str] = {
 #: Safe views over tables with secrets (the source list without key hashes).
 QUERYABLE_VIEWS: dict[str, str] = {
     "sources": "SELECT name, kind, enabled, write_key_prefix, unplanned_events, rate_limit_per_second, created_at FROM sources",
+    # governance: tokens without their hashes; the audit log as it is (it holds no secrets or values)
+    "api_tokens": "SELECT token_id, name, token_prefix, role, sources, created_at, created_by, expires_at, revoked_at, revoked_by FROM api_tokens",
+    "audit_log": "SELECT seq, recorded_at, actor_id, actor_name, actor_role, action, object, details, prev_hash, hash FROM audit_log",
 }
 
 #: Scalar functions that write, sleep, or reveal settings, the environment or other queries.
