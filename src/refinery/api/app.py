@@ -14,10 +14,22 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from refinery import __version__
-from refinery.api.auth import admin_token, require
+from refinery.api.auth import (
+    admin_token,
+    current_principal,
+    from_body,
+    from_lookup,
+    from_path,
+    from_query,
+    record_for,
+    require,
+)
 from refinery.api.collector import Collector
 from refinery.api.metrics import Metrics
 from refinery.errors import RefineryError
+from refinery.governance import audit
+from refinery.governance.objects import import_source, queried_tables
+from refinery.governance.principal import Principal
 from refinery.ingest import catalog, replay
 from refinery.runtime import Runtime
 from refinery.storage.query import run_query
@@ -76,59 +88,67 @@ def create_app(runtime: Runtime) -> FastAPI:
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    read = Depends(require("events:read"))
-    admin = Depends(require("admin"))
-
-    @app.get("/api/catalog", dependencies=[read], tags=["events"])
+    @app.get("/api/catalog", dependencies=[Depends(require("events:read", sources=from_query()))], tags=["events"])
     def get_catalog(source: str | None = None) -> dict[str, Any]:
         return catalog.build(runtime.engine, source=source)
 
-    @app.post("/api/query", dependencies=[read], tags=["events"])
-    def post_query(body: QueryRequest) -> dict[str, Any]:
+    @app.post("/api/query", dependencies=[Depends(require("query:read", "pii:read"))], tags=["events"])
+    def post_query(body: QueryRequest, request: Request) -> dict[str, Any]:
         result = run_query(runtime.engine, body.sql, limit=body.limit)
+        record_for(request, "query.run", None, {"tables": queried_tables(body.sql, runtime.engine.dialect), "rows": len(result.rows)})
         return {"columns": result.columns, "rows": [list(r) for r in result.rows], "truncated": result.truncated}
 
-    @app.get("/api/events/failed", dependencies=[read], tags=["events"])
-    def failed(source: str | None = None, reason: str | None = None, pending: bool = True, limit: int = 100) -> dict[str, Any]:
-        return {"failed": replay.list_failed(runtime.engine, source=source, reason=reason, pending_only=pending, limit=limit)}
+    @app.get("/api/events/failed", dependencies=[Depends(require("events:read", "pii:read", sources=from_query()))], tags=["events"])
+    def failed(request: Request, source: str | None = None, reason: str | None = None, pending: bool = True, limit: int = 100) -> dict[str, Any]:
+        rows = replay.list_failed(runtime.engine, source=source, reason=reason, pending_only=pending, limit=limit)
+        record_for(request, "failed.read", f"source:{source}" if source else None, {"reason": reason, "rows": len(rows)})
+        return {"failed": rows}
 
-    @app.post("/api/events/replay", dependencies=[admin], tags=["events"])
-    def post_replay(body: ReplayRequest) -> dict[str, Any]:
-        return replay.replay(runtime, source=body.source, reason=body.reason, limit=body.limit).to_dict()
+    @app.post("/api/events/replay", dependencies=[Depends(require("events:replay", sources=from_body()))], tags=["events"])
+    def post_replay(body: ReplayRequest, request: Request) -> dict[str, Any]:
+        result = replay.replay(runtime, source=body.source, reason=body.reason, limit=body.limit).to_dict()
+        record_for(request, "events.replay", f"source:{body.source}" if body.source else None, {"reason": body.reason, **audit.counts(result)})
+        return result
 
-    @app.get("/api/sources", dependencies=[read], tags=["sources"])
+    @app.get("/api/sources", dependencies=[Depends(require("sources:read"))], tags=["sources"])
     def list_sources() -> dict[str, Any]:
         return {"sources": [s.to_dict() for s in runtime.sources.list()]}
 
-    @app.post("/api/sources", dependencies=[admin], status_code=201, tags=["sources"])
-    def create_source(body: SourceCreate) -> dict[str, Any]:
-        source, key = runtime.writer.call(
-            lambda e: runtime.sources.create(
+    @app.post("/api/sources", dependencies=[Depends(require("sources:write", sources=from_body("name")))], status_code=201, tags=["sources"])
+    def create_source(body: SourceCreate, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
+        def create(e: Any) -> Any:
+            made = runtime.sources.create(
                 e, body.name, kind=body.kind,  # type: ignore[arg-type]
                 write_key=body.write_key, unplanned_events=body.unplanned_events,
                 rate_limit_per_second=body.rate_limit_per_second,
             )
-        )
+            audit.record(e, actor, "sources.create", f"source:{body.name}", body.model_dump(exclude={"name", "write_key"}))
+            return made
+
+        source, key = runtime.writer.call(create)
         return {**source.to_dict(), "write_key": key}
 
-    @app.patch("/api/sources/{name}", dependencies=[admin], tags=["sources"])
-    def update_source(name: str, body: SourceUpdate) -> dict[str, Any]:
+    @app.patch("/api/sources/{name}", dependencies=[Depends(require("sources:write", sources=from_path("name")))], tags=["sources"])
+    def update_source(name: str, body: SourceUpdate, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
         def change(e: Any) -> None:
             runtime.sources.get(name)
             if body.enabled is not None:
                 runtime.sources.set_enabled(e, name, body.enabled)
             runtime.sources.update(e, name, unplanned_events=body.unplanned_events, rate_limit_per_second=body.rate_limit_per_second)
+            audit.record(e, actor, "sources.update", f"source:{name}", body.model_dump(exclude_none=True))
 
         runtime.writer.call(change)
         return runtime.sources.get(name).to_dict()
 
-    @app.post("/api/imports", dependencies=[admin], status_code=201, tags=["imports"])
-    def post_import(body: ImportRequest) -> dict[str, Any]:
+    @app.post("/api/imports", dependencies=[Depends(require("imports:write", sources=from_body()))], status_code=201, tags=["imports"])
+    def post_import(body: ImportRequest, request: Request) -> dict[str, Any]:
         from refinery.ingest.importer import start_import
 
-        return start_import(runtime, body.path, source=body.source, mapping=body.mapping).to_dict()
+        job = start_import(runtime, body.path, source=body.source, mapping=body.mapping).to_dict()
+        record_for(request, "imports.start", f"import:{job['import_id']}", {"source": body.source, "file_sha256": job.get("file_sha256")})
+        return job
 
-    @app.get("/api/imports/{import_id}", dependencies=[read], tags=["imports"])
+    @app.get("/api/imports/{import_id}", dependencies=[Depends(require("events:read", sources=from_lookup("import_id", import_source)))], tags=["imports"])
     def get_import(import_id: str) -> dict[str, Any]:
         from refinery.ingest.importer import get_import as fetch
 
@@ -137,4 +157,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     from refinery.api.profiles import router as profiles_router
 
     app.include_router(profiles_router(runtime))
+    from refinery.api.identity import router as identity_router
+
+    app.include_router(identity_router(runtime))
+    from refinery.api.governance import router as governance_router
+
+    app.include_router(governance_router(runtime))
     return app

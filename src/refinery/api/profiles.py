@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
-from refinery.api.auth import require
+from refinery.api.auth import current_principal, record_for, require
+from refinery.governance import audit
+from refinery.governance.principal import Principal
 from refinery.identity import rules_from_settings
 from refinery.profiles import explain as explain_mod
 from refinery.profiles import read
@@ -22,46 +24,74 @@ from refinery.runtime import Runtime
 
 def router(runtime: Runtime) -> APIRouter:
     r = APIRouter(tags=["profiles"])
+    # Profiles and identifiers hold personal data in clear until pseudonymisation lands: reading
+    # them needs pii:read as well, and every read is audited (by profile id and identifier type).
     read_dep = Depends(require("profiles:read"))
-    admin = Depends(require("admin"))
+    read_pii = Depends(require("profiles:read", "pii:read"))
+    identity_write = Depends(require("identity:write"))
 
     def rules() -> Any:
         return rules_from_settings(runtime.settings)
 
-    @r.post("/api/identity/resolve", dependencies=[admin])
-    def post_resolve() -> dict[str, Any]:
-        rs, policy = rules(), TraitPolicy.from_settings(runtime.settings)
-        return runtime.writer.call(lambda e: resolve_and_build(e, rs, policy))
+    def kind(identifier: str) -> str:
+        return read.parse_identifier(identifier, rules())[0] or "any"
 
-    @r.post("/api/identity/match", dependencies=[admin])
-    def post_match(source: str | None = None) -> dict[str, Any]:
+    @r.post("/api/identity/resolve", dependencies=[identity_write])
+    def post_resolve(actor: Principal = Depends(current_principal)) -> dict[str, Any]:
+        rs, policy = rules(), TraitPolicy.from_settings(runtime.settings)
+
+        def run(e: Any) -> dict[str, Any]:
+            result = resolve_and_build(e, rs, policy)
+            audit.record(e, actor, "identity.resolve", None, audit.counts(result))
+            return result
+
+        return runtime.writer.call(run)
+
+    @r.post("/api/identity/match", dependencies=[identity_write])
+    def post_match(request: Request, source: str | None = None) -> dict[str, Any]:
         from refinery.identity.matching.run import run_matching
 
-        return run_matching(runtime.engine, runtime.writer, runtime.settings, source=source)
+        result = run_matching(runtime.engine, runtime.writer, runtime.settings, source=source)
+        record_for(request, "identity.match", f"source:{source}" if source else None, audit.counts(result))
+        return result
 
-    @r.get("/api/identity/identifiers", dependencies=[read_dep])
-    def get_identifiers(identifier: str = Query(..., description="type:value, or a bare value of any type")) -> dict[str, Any]:
-        return {"identifiers": read.find(runtime.engine, identifier, rules())}
+    @r.get("/api/identity/identifiers", dependencies=[read_pii])
+    def get_identifiers(request: Request, identifier: str = Query(..., description="type:value, or a bare value of any type")) -> dict[str, Any]:
+        found = read.find(runtime.engine, identifier, rules())
+        record_for(request, "identity.identifiers", None, {"identifier_type": kind(identifier), "matches": len(found),
+                                                            "profiles": sorted({f["profile_id"] for f in found if f["profile_id"]})})
+        return {"identifiers": found}
 
-    @r.get("/api/identity/explain", dependencies=[read_dep])
-    def get_explain(identifier: str = Query(..., description="type:value, e.g. email:jane@example.com")) -> dict[str, Any]:
-        return explain_mod.explain(runtime.engine, identifier, rules())
+    @r.get("/api/identity/explain", dependencies=[read_pii])
+    def get_explain(request: Request, identifier: str = Query(..., description="type:value, e.g. email:jane@example.com")) -> dict[str, Any]:
+        result = explain_mod.explain(runtime.engine, identifier, rules())
+        pid = result.get("profile_id")
+        record_for(request, "identity.explain", f"profile:{pid}" if pid else None, {"identifier_type": kind(identifier)})
+        return result
 
     @r.get("/api/persons", dependencies=[read_dep])
-    def get_persons(mode: str = "probabilistic", threshold: float = 0.9) -> dict[str, Any]:
+    def get_persons(request: Request, mode: str = "probabilistic", threshold: float = 0.9) -> dict[str, Any]:
         policy = IdentityPolicy(mode, threshold)
-        return summary(persons(runtime.engine, policy, rules()), policy)
+        result = summary(persons(runtime.engine, policy, rules()), policy)
+        record_for(request, "persons.read", None, {"mode": mode, "threshold": threshold})
+        return result
 
-    @r.get("/api/profiles", dependencies=[read_dep])
-    def lookup(identifier: str = Query(..., description="type:value, e.g. user_id:u-123")) -> dict[str, Any]:
-        return read.lookup(runtime.engine, identifier, rules())
+    @r.get("/api/profiles", dependencies=[read_pii])
+    def lookup(request: Request, identifier: str = Query(..., description="type:value, e.g. user_id:u-123")) -> dict[str, Any]:
+        profile = read.lookup(runtime.engine, identifier, rules())
+        record_for(request, "profiles.lookup", f"profile:{profile['profile_id']}", {"identifier_type": kind(identifier)})
+        return profile
 
-    @r.get("/api/profiles/{profile_id}", dependencies=[read_dep])
-    def get_profile(profile_id: str) -> dict[str, Any]:
-        return read.get(runtime.engine, profile_id)
+    @r.get("/api/profiles/{profile_id}", dependencies=[read_pii])
+    def get_profile(request: Request, profile_id: str) -> dict[str, Any]:
+        profile = read.get(runtime.engine, profile_id)
+        record_for(request, "profiles.read", f"profile:{profile['profile_id']}", {"requested_id": profile_id})
+        return profile
 
-    @r.get("/api/profiles/{profile_id}/events", dependencies=[read_dep])
-    def get_events(profile_id: str, limit: int = Query(100, ge=1, le=10_000), before: str | None = None) -> dict[str, Any]:
-        return {"events": read.timeline(runtime.engine, profile_id, limit=limit, before=before)}
+    @r.get("/api/profiles/{profile_id}/events", dependencies=[read_pii])
+    def get_events(request: Request, profile_id: str, limit: int = Query(100, ge=1, le=10_000), before: str | None = None) -> dict[str, Any]:
+        events = read.timeline(runtime.engine, profile_id, limit=limit, before=before)
+        record_for(request, "profiles.events", f"profile:{profile_id}", {"events": len(events)})
+        return {"events": events}
 
     return r
