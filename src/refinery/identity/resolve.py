@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlglot import exp
 
+from refinery.identity import overrides as ov
 from refinery.identity import sql
 from refinery.identity.extract import extract
 from refinery.identity.graph import GraphStats, resolve_graph
@@ -32,6 +33,7 @@ from refinery.storage.engine import Engine
 _TEMP_TABLES = (
     "_idr_occ", "_idr_idstats", "_idr_ids", "_idr_star", "_idr_edges_full", "_idr_pairs", "_idr_n", "_idr_e", "_idr_conflict",
     "_idr_hub", "_idr_d", "_idr_cc", "_idr_g", "_idr_amb", "_idr_detached", "_idr_final", "_idr_prev", "_idr_mcand",
+    "_idr_ovm", "_idr_cut",
 )
 
 
@@ -54,9 +56,16 @@ class ResolveReport:
         return asdict(self)
 
 
-def build_inputs(engine: Engine, rules: IdentityRules) -> None:
-    """Identifier statistics, edges with their first evidence, and the graph's input tables."""
+def build_inputs(engine: Engine, rules: IdentityRules, *, overrides: bool = True) -> None:
+    """Identifier statistics, edges with their first evidence, and the graph's input tables.
+
+    With `overrides`, the user's active removals and splits (`identity/overrides.py`) apply: removed
+    identifiers are blocked, removed and split edges are left out of `_idr_pairs` (`_idr_cut`).
+    """
     extract(engine, rules)
+    active = overrides and ov.load(engine) > 0
+    if active:
+        ov.block_identifiers(engine)
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_idstats AS
         SELECT kind, value, first_seen, last_seen, n, message_id AS first_message_id, source AS first_source, reason FROM (
@@ -87,7 +96,16 @@ def build_inputs(engine: Engine, rules: IdentityRules) -> None:
             WINDOW w AS (PARTITION BY c.kind, c.value, o.kind, o.value)
         ) t WHERE rn = 1
     """)
-    sql.run(engine, "CREATE OR REPLACE TEMP TABLE _idr_pairs AS SELECT a_kind, a_value, b_kind, b_value FROM _idr_edges_full")
+    if active:
+        ov.cut_edges(engine)
+    else:
+        engine.execute(ov.EMPTY_CUT)
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE _idr_pairs AS
+        SELECT a_kind, a_value, b_kind, b_value FROM _idr_edges_full e
+        WHERE NOT EXISTS (SELECT 1 FROM _idr_cut c WHERE c.a_kind = e.a_kind AND c.a_value = e.a_value
+                                                   AND c.b_kind = e.b_kind AND c.b_value = e.b_value)
+    """)
 
 
 def assign_profile_ids(engine: Engine) -> None:
@@ -146,13 +164,15 @@ def _write(engine: Engine, resolution_id: str, now: datetime) -> tuple[int, int]
     sql.run(engine, """
         INSERT INTO identity_edges
         SELECT e.a_kind, e.a_value, e.b_kind, e.b_value, e.rule, e.message_id, e.source, e.event_time, e.last_seen, e.n,
-               CASE WHEN pa.profile_id = pb.profile_id THEN 'active' ELSE 'blocked' END,
-               CASE WHEN pa.profile_id = pb.profile_id THEN NULL
+               CASE WHEN c.okind IS NULL AND pa.profile_id = pb.profile_id THEN 'active' ELSE 'blocked' END,
+               CASE WHEN c.okind = 'split' THEN 'split_by_user' WHEN c.okind IS NOT NULL THEN 'removed_by_user'
+                    WHEN pa.profile_id = pb.profile_id THEN NULL
                     ELSE coalesce(pa.reason, pb.reason,
                                   CASE WHEN e.a_kind = e.b_kind THEN 'conflicting_' || e.a_kind END, 'nearer_other_profile') END
         FROM _idr_edges_full e
         JOIN _idr_prof pa ON pa.kind = e.a_kind AND pa.value = e.a_value
         JOIN _idr_prof pb ON pb.kind = e.b_kind AND pb.value = e.b_value
+        LEFT JOIN _idr_cut c ON c.a_kind = e.a_kind AND c.a_value = e.a_value AND c.b_kind = e.b_kind AND c.b_value = e.b_value
     """)
     _write_blocked(engine)
     return _write_merges(engine, resolution_id, now)
@@ -163,9 +183,26 @@ def _write_blocked(engine: Engine) -> None:
     # Identifiers refused outright (junk, too long, not a phone number).
     sql.run(engine, """
         INSERT INTO identity_blocked
-        SELECT 'identifier', reason, kind, value, NULL, NULL, NULL, NULL, first_message_id, first_source, first_seen,
-               json_object('events', n)
-        FROM _idr_idstats WHERE reason IS NOT NULL
+        SELECT 'identifier', s.reason, s.kind, s.value, NULL, NULL, o.profile_id, NULL, s.first_message_id, s.first_source, s.first_seen,
+               CASE WHEN o.override_id IS NULL THEN json_object('events', s.n)
+                    ELSE json_object('events', s.n, 'override_id', o.override_id, 'actor', o.actor, 'note', o.note,
+                                     'profile_id', o.profile_id) END
+        FROM _idr_idstats s
+        LEFT JOIN (SELECT kind, value, min(override_id) AS override_id, min(actor) AS actor, min(note) AS note, min(profile_id) AS profile_id
+                   FROM _idr_ovm WHERE okind = 'remove_identifier' GROUP BY kind, value) o
+          ON s.reason = 'removed_by_user' AND o.kind = s.kind AND o.value = s.value
+        WHERE s.reason IS NOT NULL
+    """)
+    # Edges a user removed, or cut by a split.
+    sql.run(engine, """
+        INSERT INTO identity_blocked
+        SELECT 'edge', CASE WHEN c.okind = 'split' THEN 'split_by_user' ELSE 'removed_by_user' END,
+               c.a_kind, c.a_value, c.b_kind, c.b_value, pa.profile_id, pb.profile_id, e.message_id, e.source, e.event_time,
+               json_object('override_id', c.override_id, 'kind', c.okind, 'actor', c.actor, 'note', c.note, 'rule', e.rule, 'events', e.n)
+        FROM _idr_cut c
+        JOIN _idr_edges_full e ON e.a_kind = c.a_kind AND e.a_value = c.a_value AND e.b_kind = c.b_kind AND e.b_value = c.b_value
+        LEFT JOIN _idr_prof pa ON pa.kind = c.a_kind AND pa.value = c.a_value
+        LEFT JOIN _idr_prof pb ON pb.kind = c.b_kind AND pb.value = c.b_value
     """)
     # Shared identifiers (hubs): they link nobody.
     sql.run(engine, """

@@ -258,6 +258,16 @@ def load_rules_file(path: Path, base: IdentityRules | None = None) -> IdentityRu
         raise IdentityRulesError(f"{path}: {e.message}", fix=e.fix, field=e.field) from e
 
 
+def thresholds_from_settings(settings: Any) -> IdentityRules:
+    """The default rules with the settings' thresholds (the base a rules file is read on top of)."""
+    return IdentityRules(
+        hub_max_user_ids=settings.identity_hub_max_user_ids,
+        max_value_length=settings.identity_max_value_length,
+        max_merges_per_profile=settings.identity_max_merges_per_profile,
+        phone_region=settings.identity_phone_region,
+    )
+
+
 def rules_from_settings(settings: Any) -> IdentityRules:
     """The rules in force: settings' thresholds, plus the rules file if there is one."""
     base = IdentityRules(
