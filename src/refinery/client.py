@@ -49,6 +49,15 @@ class Client(abc.ABC):
     def profile_events(self, profile_id: str, limit: int, before: str | None) -> list[dict[str, Any]]: ...
     @abc.abstractmethod
     def explain(self, identifier: str) -> dict[str, Any]: ...
+    # identity undo and plan (refinery.identity.overrides, refinery.identity.plan)
+    @abc.abstractmethod
+    def create_override(self, kind: str, identifiers: list[str], profile: str | None, reason: str | None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def overrides(self, include_revoked: bool) -> list[dict[str, Any]]: ...
+    @abc.abstractmethod
+    def revoke_override(self, override_id: str) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def identity_plan(self, rules: dict[str, Any] | None, examples: int) -> dict[str, Any]: ...
     def close(self) -> None:  # noqa: B027 - clients without resources need not close anything
         return None
 
@@ -160,6 +169,52 @@ class LocalClient(Client):
         from refinery.profiles.explain import explain
 
         return explain(self.rt.engine, identifier, self._rules())
+
+    def _resolve_after(self, change: Callable[[Any, str], Any], action: str) -> dict[str, Any]:
+        """Run `change(engine, actor)` (an override) then resolution + profile build, audited, in one writer transaction."""
+        from refinery.governance import audit
+        from refinery.governance.principal import local_principal
+        from refinery.profiles.build import resolve_and_build
+        from refinery.profiles.policy import TraitPolicy
+
+        rules, policy, actor = self._rules(), TraitPolicy.from_settings(self.rt.settings), local_principal()
+
+        def work(e: Any) -> dict[str, Any]:
+            o = change(e, actor.name)
+            resolution = resolve_and_build(e, rules, policy)
+            audit.record(e, actor, action, f"identity_override:{o.override_id}",
+                         {"kind": o.kind, "identifier_types": sorted({i["type"] for i in o.identifiers}), **audit.counts(resolution)})
+            return {"override": o.to_dict(), "resolution": resolution}
+
+        result: dict[str, Any] = self.rt.writer.call(work)
+        return result
+
+    def create_override(self, kind: str, identifiers: list[str], profile: str | None, reason: str | None) -> dict[str, Any]:
+        from refinery.identity import overrides
+
+        rules = self._rules()
+        return self._resolve_after(
+            lambda e, actor: overrides.create(e, rules, kind, identifiers, profile=profile, reason=reason, actor=actor), "identity.override"
+        )
+
+    def overrides(self, include_revoked: bool) -> list[dict[str, Any]]:
+        from refinery.identity import overrides
+
+        return [o.to_dict() for o in overrides.list_overrides(self.rt.engine, include_revoked=include_revoked)]
+
+    def revoke_override(self, override_id: str) -> dict[str, Any]:
+        from refinery.identity import overrides
+
+        return self._resolve_after(lambda e, actor: overrides.revoke(e, override_id, actor=actor), "identity.override_revoke")
+
+    def identity_plan(self, rules: dict[str, Any] | None, examples: int) -> dict[str, Any]:
+        from refinery.identity.plan import plan
+        from refinery.identity.rules import parse_rules, thresholds_from_settings
+
+        current = self._rules()
+        proposed = parse_rules(rules, thresholds_from_settings(self.rt.settings)) if rules is not None else current
+        result: dict[str, Any] = self.rt.writer.call(lambda e: plan(e, current, proposed, examples=examples))
+        return result
 
     def close(self) -> None:
         self.rt.close()
@@ -279,6 +334,23 @@ class RemoteClient(Client):
 
     def explain(self, identifier: str) -> dict[str, Any]:
         return self._call("GET", "/api/identity/explain", params={"identifier": identifier})  
+
+    def create_override(self, kind: str, identifiers: list[str], profile: str | None, reason: str | None) -> dict[str, Any]:
+        body = {"kind": kind, "identifiers": identifiers, "profile": profile, "reason": reason}
+        result: dict[str, Any] = self._call("POST", "/api/identity/overrides", json=body)
+        return result
+
+    def overrides(self, include_revoked: bool) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/api/identity/overrides", params={"all": include_revoked})["overrides"]
+        return result
+
+    def revoke_override(self, override_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/api/identity/overrides/{override_id}/revoke")
+        return result
+
+    def identity_plan(self, rules: dict[str, Any] | None, examples: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/api/identity/plan", json={"rules": rules, "examples": examples})
+        return result
 
     def close(self) -> None:
         self.http.close()

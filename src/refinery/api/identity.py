@@ -1,28 +1,28 @@
 """Admin API for undoing and planning identity resolution: overrides (remove an identifier, remove an
 edge, split a profile; list; revoke) and the dry run of changed rules.
 
-Writes go through the writer and re-resolve in the same transaction (resolution, then profiles);
-reads use the reader cursor. `POST /api/identity/resolve` itself lives in `api/profiles.py`.
+Writes (`identity:write`) go through the writer and re-resolve in the same transaction (resolution,
+then profiles), audited in it; the override records the caller's token name as its actor. Reads
+show identifier values, so they need `profiles:read` and `pii:read` and are audited (types and
+counts only). `POST /api/identity/resolve` itself lives in `api/profiles.py`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from refinery.api.auth import require
+from refinery.api.auth import current_principal, record_for, require
+from refinery.governance import audit
+from refinery.governance.principal import Principal
 from refinery.identity import overrides as ov
 from refinery.identity.plan import plan
 from refinery.identity.rules import parse_rules, rules_from_settings, thresholds_from_settings
 from refinery.profiles.build import resolve_and_build
 from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
-
-#: Who the admin API records as the actor of an override (one admin token today).
-API_ACTOR = "api:admin"
-
 
 class OverrideCreate(BaseModel):
     kind: Literal["remove_identifier", "remove_edge", "split"]
@@ -38,8 +38,9 @@ class PlanRequest(BaseModel):
 
 def router(runtime: Runtime) -> APIRouter:
     r = APIRouter(tags=["identity"])
-    read_dep = Depends(require("profiles:read"))
-    admin = Depends(require("admin"))
+    read_pii = Depends(require("profiles:read", "pii:read"))
+    identity_write = Depends(require("identity:write"))
+    plan_dep = Depends(require("identity:write", "pii:read"))
 
     def rules() -> Any:
         return rules_from_settings(runtime.settings)
@@ -47,37 +48,45 @@ def router(runtime: Runtime) -> APIRouter:
     def then_resolve(e: Any) -> dict[str, Any]:
         return resolve_and_build(e, rules(), TraitPolicy.from_settings(runtime.settings))
 
-    @r.post("/api/identity/overrides", dependencies=[admin], status_code=201)
-    def post_override(body: OverrideCreate) -> dict[str, Any]:
+    def changed(e: Any, actor: Principal, action: str, o: ov.Override) -> dict[str, Any]:
+        result = {"override": o.to_dict(), "resolution": then_resolve(e)}
+        audit.record(e, actor, action, f"identity_override:{o.override_id}",
+                     {"kind": o.kind, "identifier_types": sorted({i["type"] for i in o.identifiers}),
+                      **audit.counts(result["resolution"])})
+        return result
+
+    @r.post("/api/identity/overrides", dependencies=[identity_write], status_code=201)
+    def post_override(body: OverrideCreate, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
         rs = rules()
 
         def work(e: Any) -> dict[str, Any]:
-            o = ov.create(e, rs, body.kind, body.identifiers, profile=body.profile, reason=body.reason, actor=API_ACTOR)
-            return {"override": o.to_dict(), "resolution": then_resolve(e)}
+            o = ov.create(e, rs, body.kind, body.identifiers, profile=body.profile, reason=body.reason, actor=actor.name)
+            return changed(e, actor, "identity.override", o)
 
         return runtime.writer.call(work)
 
-    @r.get("/api/identity/overrides", dependencies=[read_dep])
-    def get_overrides(all: bool = Query(False, description="Include revoked overrides.")) -> dict[str, Any]:  # noqa: A002
+    @r.get("/api/identity/overrides", dependencies=[read_pii])
+    def get_overrides(request: Request, all: bool = Query(False, description="Include revoked overrides.")) -> dict[str, Any]:  # noqa: A002
         found = ov.list_overrides(runtime.engine, include_revoked=all, cursor=runtime.engine.reader())
+        record_for(request, "identity.overrides_read", None, {"rows": len(found)})
         return {"overrides": [o.to_dict() for o in found]}
 
-    @r.get("/api/identity/overrides/{override_id}", dependencies=[read_dep])
-    def get_override(override_id: str) -> dict[str, Any]:
-        return ov.get(runtime.engine, override_id, cursor=runtime.engine.reader()).to_dict()
+    @r.get("/api/identity/overrides/{override_id}", dependencies=[read_pii])
+    def get_override(request: Request, override_id: str) -> dict[str, Any]:
+        o = ov.get(runtime.engine, override_id, cursor=runtime.engine.reader())
+        record_for(request, "identity.overrides_read", f"identity_override:{override_id}", {"rows": 1})
+        return o.to_dict()
 
-    @r.post("/api/identity/overrides/{override_id}/revoke", dependencies=[admin])
-    def post_revoke(override_id: str) -> dict[str, Any]:
-        def work(e: Any) -> dict[str, Any]:
-            o = ov.revoke(e, override_id, actor=API_ACTOR)
-            return {"override": o.to_dict(), "resolution": then_resolve(e)}
+    @r.post("/api/identity/overrides/{override_id}/revoke", dependencies=[identity_write])
+    def post_revoke(override_id: str, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
+        return runtime.writer.call(lambda e: changed(e, actor, "identity.override_revoke", ov.revoke(e, override_id, actor=actor.name)))
 
-        return runtime.writer.call(work)
-
-    @r.post("/api/identity/plan", dependencies=[admin])
-    def post_plan(body: PlanRequest) -> dict[str, Any]:
+    @r.post("/api/identity/plan", dependencies=[plan_dep])
+    def post_plan(request: Request, body: PlanRequest) -> dict[str, Any]:
         current = rules()
         proposed = parse_rules(body.rules, thresholds_from_settings(runtime.settings)) if body.rules is not None else current
-        return runtime.writer.call(lambda e: plan(e, current, proposed, examples=body.examples))
+        result = runtime.writer.call(lambda e: plan(e, current, proposed, examples=body.examples))
+        record_for(request, "identity.plan", None, {"merges": result["merges"], "splits": result["splits"]})
+        return result
 
     return r
