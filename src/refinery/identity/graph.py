@@ -1,20 +1,22 @@
 """The identity graph's semantics, in engine-portable SQL: from identifiers and edges to profiles.
 
 Input (temporary tables): `_idr_ids(kind, value, first_seen)` — identifiers that are not blocked —
-and `_idr_pairs(a_kind, a_value, b_kind, b_value)` — distinct edges. Output: `_idr_final(node,
-kind, value, g, status, reason)` where `g` is the node that keys the identifier's profile, and
-`_idr_refused(...)` — every merge or link the rules refused, with the rule.
+and `_idr_pairs(a_kind, a_value, b_kind, b_value)` — distinct edges, each unordered pair once (the
+stars of `resolve.py` give that). Output: `_idr_final(node, kind, value, g, status, reason,
+profile_id)` where `g` is the node that keys the identifier's profile, and the refusals with their
+rule: `_idr_conflict`, `_idr_hub`, `_idr_amb`, `_idr_detached`.
 
 The result is a function of those two sets only (docs/decisions/0006-identity-resolution.md):
 
-1. Nodes are numbered by (first_seen, type priority, type, value): the smallest node of a profile is
-   its oldest identifier, and keys the profile id.
+1. Identifiers are ordered by (first_seen, type priority, type, value): a profile is keyed by its
+   oldest identifier in that order. (Node ids are 63-bit hashes of (type, value), checked for
+   collisions; they only name nodes, the order above decides.)
 2. An edge joining two values of an *exclusive* type (limit 1, e.g. two user ids: an alias between
    known users) is refused (`conflicting_<type>`).
 3. A *hub* — an identifier adjacent to more than `hub_max_user_ids` values of an exclusive type
    (a kiosk's anonymous id, a shared inbox) — links nobody (`shared_identifier`).
-4. Connected components of what remains: min-label propagation with pointer jumping, iterated in
-   SQL to a fixpoint.
+4. Connected components of what remains (in SQL: smallest-neighbour labels with pointer jumping,
+   then the edges whose ends still disagree contracted into a graph of labels, recursively).
 5. For each exclusive type, highest priority first, a component holding more than one of its values
    is split: each identifier joins the value nearest to it (multi-source breadth-first search,
    in SQL); an identifier equally near to two or more (a shared family laptop's cookie) joins
