@@ -137,8 +137,8 @@ class LocalClient(Client):
         from refinery.profiles.build import resolve_and_build
         from refinery.profiles.policy import TraitPolicy
 
-        rules, policy = self._rules(), TraitPolicy.from_settings(self.rt.settings)
-        return self.rt.writer.call(lambda e: resolve_and_build(e, rules, policy))
+        rules, policy, categories = self._rules(), TraitPolicy.from_settings(self.rt.settings), self.rt.settings.consent_categories
+        return self.rt.writer.call(lambda e: resolve_and_build(e, rules, policy, consent_categories=categories))
 
     def match_identities(self, source: str | None = None) -> dict[str, Any]:
         from refinery.identity.matching.run import run_matching

@@ -163,4 +163,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     from refinery.api.governance import router as governance_router
 
     app.include_router(governance_router(runtime))
+    from refinery.api.consent import router as consent_router
+
+    app.include_router(consent_router(runtime))
     return app

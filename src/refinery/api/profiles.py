@@ -41,7 +41,7 @@ def router(runtime: Runtime) -> APIRouter:
         rs, policy = rules(), TraitPolicy.from_settings(runtime.settings)
 
         def run(e: Any) -> dict[str, Any]:
-            result = resolve_and_build(e, rs, policy)
+            result = resolve_and_build(e, rs, policy, consent_categories=runtime.settings.consent_categories)
             audit.record(e, actor, "identity.resolve", None, audit.counts(result))
             return result
 

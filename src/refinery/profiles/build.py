@@ -9,6 +9,7 @@ belongs to that member, whoever the cookie ended up with.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -122,10 +123,16 @@ def build(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, now: dat
     return BuildReport(profiles, attributed, total - attributed, traits)
 
 
-def resolve_and_build(engine: Engine, rules: IdentityRules, policy: TraitPolicy) -> dict[str, Any]:
-    """A full identity resolution followed by the profiles it implies (call inside the writer)."""
+def resolve_and_build(
+    engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, consent_categories: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A full identity resolution, the profiles it implies, and the consent receipts of the new
+    events (call inside the writer). `consent_categories`: the `consent_categories` setting."""
+    from refinery.governance import consent_sync
+    from refinery.governance.purposes import CategoryMap
     from refinery.identity import resolve
 
     identity = resolve(engine, rules, keep_occurrences=True)
     profiles = build(engine, rules, policy, reuse_occurrences=True)
-    return {"identity": identity.to_dict(), "profiles": profiles.to_dict()}
+    consent = consent_sync.sync(engine, CategoryMap.build(consent_categories))
+    return {"identity": identity.to_dict(), "profiles": profiles.to_dict(), "consent": consent.to_dict()}

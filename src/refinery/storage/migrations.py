@@ -303,6 +303,52 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE TABLE audit_head (seq BIGINT NOT NULL, hash VARCHAR NOT NULL)",
         ),
     ),
+    Migration(
+        6,
+        "consent: consent_log (receipts), consent_conflicts, consent_syncs",
+        (
+            'CREATE SEQUENCE consent_log_seq START 1',
+            """CREATE TABLE consent_log (
+                log_id BIGINT PRIMARY KEY,
+                subject_type VARCHAR NOT NULL,
+                subject_value VARCHAR NOT NULL,
+                profile_id VARCHAR,
+                purpose VARCHAR NOT NULL,
+                state VARCHAR NOT NULL,
+                origin VARCHAR NOT NULL,
+                source VARCHAR NOT NULL,
+                message_id VARCHAR,
+                request_id VARCHAR,
+                actor VARCHAR,
+                chosen_at TIMESTAMPTZ NOT NULL,
+                recorded_at TIMESTAMPTZ NOT NULL,
+                evidence JSON
+            )""",
+            """CREATE TABLE consent_conflicts (
+                conflict_id VARCHAR PRIMARY KEY,
+                profile_id VARCHAR NOT NULL,
+                purpose VARCHAR NOT NULL,
+                denied JSON NOT NULL,
+                granted JSON NOT NULL,
+                resolution VARCHAR NOT NULL,
+                reason VARCHAR NOT NULL,
+                detected_at TIMESTAMPTZ NOT NULL,
+                resolved_at TIMESTAMPTZ
+            )""",
+            """CREATE TABLE consent_syncs (
+                sync_id VARCHAR PRIMARY KEY,
+                started_at TIMESTAMPTZ NOT NULL,
+                finished_at TIMESTAMPTZ NOT NULL,
+                loaded_since TIMESTAMPTZ,
+                loaded_until TIMESTAMPTZ,
+                events BIGINT NOT NULL,
+                log_rows BIGINT NOT NULL,
+                tcf_refused JSON,
+                unknown_categories JSON,
+                conflicts_open BIGINT NOT NULL
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -34,6 +34,9 @@ QUERYABLE_TABLES: set[str] = {
     "events", "raw_events", "failed_events", "imports", "schema_migrations", "message_ids",
     # identity
     "identities", "identity_edges", "identity_links", "identity_blocked", "profile_merges", "identity_resolutions",
+    "identity_overrides",
+    # governance
+    "consent_log", "consent_conflicts", "consent_syncs",
     # profiles
     "profiles", "event_profiles",
 }
