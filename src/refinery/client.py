@@ -85,7 +85,7 @@ class LocalClient(Client):
     def query(self, sql: str, limit: int | None) -> dict[str, Any]:
         from refinery.storage.query import run_query
 
-        r = run_query(self.rt.engine, sql, limit=limit)
+        r = run_query(self.rt.engine, sql, limit=limit, timeout=self.rt.settings.query_timeout_seconds)
         return {"columns": r.columns, "rows": [list(x) for x in r.rows], "truncated": r.truncated}
 
     def catalog(self, source: str | None) -> dict[str, Any]:

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
 
     identity_incremental: bool = Field(False, description="While the server runs, keep identities and profiles up to date as events are committed (`identity/incremental.py`): the same tables a full `refinery identity resolve` would give. Off by default until the per-batch cost is down (docs/benchmarks-identity-incremental.md): each batch holds the writer for tens of milliseconds.")
 
+    query_timeout_seconds: float = Field(60.0, gt=0, description="`refinery query` and `POST /api/query`: a query still running after this many seconds is stopped with an error.")
+
     @property
     def database_path(self) -> Path:
         return self.data_dir / "refinery.duckdb"

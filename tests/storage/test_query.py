@@ -201,3 +201,17 @@ def test_a_comment_hiding_a_statement_runs_only_the_query(loaded: Runtime) -> No
 def test_what_runs_is_the_checked_tree_without_comments() -> None:
     tree = check_read_only("SELECT 1 /* note */ AS x -- trailing\n")
     assert "note" not in tree.sql("duckdb") and "trailing" not in tree.sql("duckdb")
+
+
+def test_a_runaway_query_is_stopped_at_the_time_limit_and_the_store_keeps_working(loaded: Runtime) -> None:
+    import time
+
+    runaway = "SELECT count(*) FROM range(100000000000) a, range(1000) b WHERE a.range * b.range = -1"
+    started = time.monotonic()
+    with pytest.raises(QueryError, match=r"longer than 0.5 s") as e:
+        run_query(loaded.engine, runaway, timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert "query_timeout_seconds" in (e.value.fix or "")
+    # The next queries, on the same engine, run normally.
+    assert run_query(loaded.engine, "SELECT count(*) FROM events", timeout=5).rows[0][0] >= 0
+    assert loaded.writer.call(lambda eng: eng.fetch_all("SELECT 1"))[0][0] == 1

@@ -94,7 +94,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.post("/api/query", dependencies=[Depends(require("query:read", "pii:read"))], tags=["events"])
     def post_query(body: QueryRequest, request: Request) -> dict[str, Any]:
-        result = run_query(runtime.engine, body.sql, limit=body.limit)
+        result = run_query(runtime.engine, body.sql, limit=body.limit, timeout=runtime.settings.query_timeout_seconds)
         record_for(request, "query.run", None, {"tables": queried_tables(body.sql, runtime.engine.dialect), "rows": len(result.rows)})
         return {"columns": result.columns, "rows": [list(r) for r in result.rows], "truncated": result.truncated}
 

@@ -57,6 +57,14 @@ class DuckDBEngine(Engine):
         """The writer's connection. Only the writer thread (and start-up code) may use it."""
         return self._con
 
+    def fresh_reader(self) -> duckdb.DuckDBPyConnection:
+        cur = self._con.cursor()
+        cur.execute("SET TimeZone = 'UTC'")
+        return cur
+
+    def interrupt(self, cursor: Any) -> None:
+        cursor.interrupt()
+
     def reader(self) -> duckdb.DuckDBPyConnection:
         cur = getattr(self._local, "cursor", None)
         if cur is None:

@@ -130,6 +130,14 @@ class Engine(abc.ABC):
         """A cursor for reads on the calling thread; readers never block the writer."""
 
     @abc.abstractmethod
+    def fresh_reader(self) -> Any:
+        """A new read cursor of its own (for one user query that may be interrupted); close it after."""
+
+    @abc.abstractmethod
+    def interrupt(self, cursor: Any) -> None:
+        """Stop the statement running on `cursor` (from another thread); it fails with an error."""
+
+    @abc.abstractmethod
     @contextmanager
     def transaction(self, cursor: Any = None) -> Iterator[Any]: ...
 

@@ -17,6 +17,7 @@ Defence in depth, in order:
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,17 +163,31 @@ def check_read_only(sql: str, dialect: str = "duckdb") -> exp.Expression:
     return tree
 
 
-def run_query(engine: Engine, sql: str, *, limit: int | None = 10_000) -> QueryResult:
-    """Check and run one read-only query; at most `limit` rows come back (`truncated` says if more exist)."""
+def run_query(engine: Engine, sql: str, *, limit: int | None = 10_000, timeout: float | None = 60.0) -> QueryResult:
+    """Check and run one read-only query; at most `limit` rows come back (`truncated` says if more
+    exist), and a query still running after `timeout` seconds is stopped with a clear error."""
     tree = check_read_only(sql, engine.dialect)
     if limit is not None and isinstance(tree, exp.Query):
         # Cap in the engine, not after fetching everything: a cross join must not fill memory.
         tree = exp.select("*").from_(tree.subquery("_q")).limit(limit + 1)
+    cursor = engine.fresh_reader()  # its own cursor: stopping it can touch no other query
+    timer = threading.Timer(timeout, engine.interrupt, [cursor]) if timeout else None
     try:
-        result: pa.Table = engine.fetch_arrow(tree, cursor=engine.reader())
+        if timer is not None:
+            timer.start()
+        result: pa.Table = engine.fetch_arrow(tree, cursor=cursor)
     except Exception as e:
+        if timer is not None and timer.finished.is_set():
+            raise QueryError(
+                f"The query ran longer than {timeout:g} s and was stopped.",
+                fix="Narrow it (a WHERE on timestamp or source, fewer joins), or raise the query_timeout_seconds setting.",
+            ) from e
         detail = str(getattr(e, "message", e)).split("\nSQL:")[0]
         raise QueryError(f"The query failed: {detail}", fix='Check column and table names with: refinery query "DESCRIBE events"') from e
+    finally:
+        if timer is not None:
+            timer.cancel()
+        cursor.close()
     truncated = limit is not None and result.num_rows > limit
     if truncated:
         result = result.slice(0, limit)
