@@ -82,10 +82,23 @@ class LocalClient(Client):
 
         self.rt = Runtime.open(settings, start_writer=False)
 
+    # Audited as the API does, with the local user as the actor: changes in their transaction,
+    # reads of personal data before the answer is returned.
+    def _audited(self, e: Any, action: str, obj: str | None, details: dict[str, Any] | None = None) -> None:
+        from refinery.governance import audit
+        from refinery.governance.principal import local_principal
+
+        audit.record(e, local_principal(), action, obj, details)
+
+    def _audit_read(self, action: str, obj: str | None, details: dict[str, Any] | None = None) -> None:
+        self.rt.writer.call(lambda e: self._audited(e, action, obj, details))
+
     def query(self, sql: str, limit: int | None) -> dict[str, Any]:
+        from refinery.governance.objects import queried_tables
         from refinery.storage.query import run_query
 
         r = run_query(self.rt.engine, sql, limit=limit, timeout=self.rt.settings.query_timeout_seconds)
+        self._audit_read("query.run", None, {"tables": queried_tables(sql, self.rt.engine.dialect), "rows": len(r.rows)})
         return {"columns": r.columns, "rows": [list(x) for x in r.rows], "truncated": r.truncated}
 
     def catalog(self, source: str | None) -> dict[str, Any]:
@@ -98,7 +111,13 @@ class LocalClient(Client):
 
     def create_source(self, **fields: Any) -> dict[str, Any]:
         name = fields.pop("name")
-        source, key = self.rt.writer.call(lambda e: self.rt.sources.create(e, name, **fields))
+
+        def create(e: Any) -> Any:
+            made = self.rt.sources.create(e, name, **fields)
+            self._audited(e, "sources.create", f"source:{name}", {k: v for k, v in fields.items() if k != "write_key"})
+            return made
+
+        source, key = self.rt.writer.call(create)
         return {**source.to_dict(), "write_key": key}
 
     def update_source(self, name: str, **fields: Any) -> dict[str, Any]:
@@ -109,6 +128,7 @@ class LocalClient(Client):
             self.rt.sources.update(
                 e, name, unplanned_events=fields.get("unplanned_events"), rate_limit_per_second=fields.get("rate_limit_per_second")
             )
+            self._audited(e, "sources.update", f"source:{name}", {k: v for k, v in fields.items() if v is not None})
 
         self.rt.writer.call(change)
         return self.rt.sources.get(name).to_dict()
@@ -134,11 +154,18 @@ class LocalClient(Client):
         return rules_from_settings(self.rt.settings)
 
     def resolve_identities(self) -> dict[str, Any]:
+        from refinery.governance import audit
         from refinery.profiles.build import resolve_and_build
         from refinery.profiles.policy import TraitPolicy
 
         rules, policy, categories = self._rules(), TraitPolicy.from_settings(self.rt.settings), self.rt.settings.consent_categories
-        return self.rt.writer.call(lambda e: resolve_and_build(e, rules, policy, consent_categories=categories))
+
+        def run(e: Any) -> dict[str, Any]:
+            result = resolve_and_build(e, rules, policy, consent_categories=categories)
+            self._audited(e, "identity.resolve", None, audit.counts(result))
+            return result
+
+        return self.rt.writer.call(run)
 
     def match_identities(self, source: str | None = None) -> dict[str, Any]:
         from refinery.identity.matching.run import run_matching
@@ -153,22 +180,30 @@ class LocalClient(Client):
     def profile(self, profile_id: str) -> dict[str, Any]:
         from refinery.profiles import read
 
-        return read.get(self.rt.engine, profile_id)
+        profile = read.get(self.rt.engine, profile_id)
+        self._audit_read("profiles.read", f"profile:{profile['profile_id']}")
+        return profile
 
     def profile_lookup(self, identifier: str) -> dict[str, Any]:
         from refinery.profiles import read
 
-        return read.lookup(self.rt.engine, identifier, self._rules())
+        profile = read.lookup(self.rt.engine, identifier, self._rules())
+        self._audit_read("profiles.read", f"profile:{profile['profile_id']}", {"by": read.parse_identifier(identifier, self._rules())[0] or "any"})
+        return profile
 
     def profile_events(self, profile_id: str, limit: int, before: str | None) -> list[dict[str, Any]]:
         from refinery.profiles import read
 
-        return read.timeline(self.rt.engine, profile_id, limit=limit, before=before)
+        rows = read.timeline(self.rt.engine, profile_id, limit=limit, before=before)
+        self._audit_read("profiles.events", f"profile:{profile_id}", {"rows": len(rows)})
+        return rows
 
     def explain(self, identifier: str) -> dict[str, Any]:
         from refinery.profiles.explain import explain
 
-        return explain(self.rt.engine, identifier, self._rules())
+        result = explain(self.rt.engine, identifier, self._rules())
+        self._audit_read("identity.explain", f"profile:{result['profile_id']}" if result.get("profile_id") else None)
+        return result
 
     def _resolve_after(self, change: Callable[[Any, str], Any], action: str) -> dict[str, Any]:
         """Run `change(engine, actor)` (an override) then resolution + profile build, audited, in one writer transaction."""
