@@ -36,8 +36,10 @@ is a watermark too (it saw every event committed before it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -52,8 +54,9 @@ from sqlglot import exp
 from refinery.identity import reference as ref
 from refinery.identity import sql
 from refinery.identity.extract import extract
+from refinery.identity.normalise import normalise
 from refinery.identity.reference import Ident
-from refinery.identity.rules import IdentityRules
+from refinery.identity.rules import _TYPE_NAME, PII_TYPES, IdentityRules
 from refinery.storage.engine import Engine
 
 if TYPE_CHECKING:
@@ -120,8 +123,14 @@ def _save_state(engine: Engine, rules: IdentityRules, watermark: datetime, repor
 
 # --- small SQL helpers ---------------------------------------------------------------------
 
+_CATALOGS: dict[int, str] = {}
+
+
 def _catalog(engine: Engine) -> str:
-    return str(engine.fetch_all("SELECT current_database()")[0][0])
+    name = _CATALOGS.get(id(engine))
+    if name is None:
+        name = _CATALOGS[id(engine)] = str(engine.fetch_all("SELECT current_database()")[0][0])
+    return name
 
 
 def _main(engine: Engine, table: str) -> exp.Expression:
@@ -190,6 +199,100 @@ def _occurrences(engine: Engine, rules: IdentityRules, events: exp.Expression, k
     rows = engine.fetch_dicts("SELECT message_id, source, ts, rule, kind, value, reason FROM _idr_occ WHERE source <> ?", [_KNOWN])
     engine.execute("DROP TABLE IF EXISTS _idr_occ")
     return rows
+
+
+_SIMPLE_COLUMNS = "source, message_id, timestamp, type, import_id, user_id, anonymous_id, previous_id, device_id, advertising_id, traits, context"
+_PRINTABLE = re.compile(r"[ -~]*")
+
+
+def _protection_is_identity() -> bool:
+    from refinery.privacy.pii import protect_identifier
+
+    probe = exp.column("v")
+    return all(protect_identifier(k, probe.copy()) == probe for k in PII_TYPES)
+
+
+def _block_reason(kind: str, value: str, rules: IdentityRules) -> str | None:
+    """`extract._block_reason`, for one value (the SQL CASE, branch by branch)."""
+    if not _TYPE_NAME.fullmatch(kind):
+        return "invalid_type"
+    if value == "":
+        return "empty"
+    if len(value) > rules.max_value_length:
+        return "too_long"
+    if value.lower() in rules.blocked_values:
+        return "blocked_value"
+    for p in rules.blocked_patterns:
+        if (p.types is None or kind in p.types) and re.fullmatch("(?i)" + p.pattern, value):
+            return f"blocked_pattern:{p.name}"
+    return None
+
+
+def _python_occurrences(engine: Engine, rules: IdentityRules, watermark: datetime,
+                        with_traits: set[tuple[str, str]]) -> list[dict[str, Any]] | None:
+    """The batch's `_idr_occ` rows computed in Python, for batches of plain events (identifiers only in
+    the built-in columns and traits, as strings; no external ids, no declared identifiers, no
+    identifier tokenisation): the same rows `identity.extract` gives (the property tests compare
+    the two through the whole path), without its dozen SQL statements. None: use the SQL.
+    `with_traits` receives the identify calls that carry traits (they change a profile's traits)."""
+    if rules.declared or not _protection_is_identity():
+        return None
+    rows = engine.fetch_all(f"SELECT {_SIMPLE_COLUMNS} FROM events WHERE loaded_at >= ?", [watermark])  # noqa: S608 - constant text
+    raw: list[tuple[str, str, datetime, str, str, str, str | None]] = []  # source, message_id, ts, rule, kind, raw, region
+    for source, mid, ts, typ, import_id, user_id, anon, prev, device, adid, traits_j, context_j in rows:
+        traits = json.loads(traits_j) if traits_j else None
+        context = json.loads(context_j) if context_j else None
+        if (traits is not None and not isinstance(traits, dict)) or (context is not None and not isinstance(context, dict)):
+            return None
+        traits, context = traits or {}, context or {}
+        if "externalIds" in context:
+            return None
+        ctraits = context.get("traits") or {}
+        if not isinstance(ctraits, dict):
+            return None
+        if typ == "identify" and traits:
+            with_traits.add((source, mid))
+        rule = "alias" if typ == "alias" else "import_row" if import_id is not None else "same_event"
+        country = traits.get("country", ctraits.get("country"))
+        if country is not None and not isinstance(country, str):
+            return None
+        found: list[tuple[str, Any, str | None]] = [("anonymous_id", anon, None), ("user_id", user_id, None)]
+        if typ == "alias":
+            found.append(("previous_id", prev, None))
+        found += [("email", traits.get("email"), None), ("email", ctraits.get("email"), None),
+                  ("phone", traits.get("phone"), country), ("phone", ctraits.get("phone"), country),
+                  ("device_id", device, None), ("advertising_id", adid, None)]
+        for kind, value, region in found:
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                return None
+            raw.append((source, mid, ts, rule, kind, value, region))
+    norm: list[tuple[str, str, datetime, str, str, str, str, str | None]] = []
+    for source, mid, ts, rule, kind, text, region in raw:
+        if kind == "phone" or not _PRINTABLE.fullmatch(text):
+            n = normalise(kind, text, region, rules.phone_region)
+            value, pre = n.value, n.reason
+        else:
+            value, pre = (text.strip(" ").lower() if kind == "email" else text.strip(" ")), None
+        norm.append((source, mid, ts, rule, kind, text, value, pre))
+    users = {r[6] for r in norm if r[4] == "user_id"}
+    prev_values = sorted({r[6] for r in norm if r[4] == "previous_id"} - users)
+    if prev_values:
+        users |= {r[0] for r in engine.fetch_all(
+            "SELECT value FROM identities WHERE identifier_type = 'user_id' AND list_contains(?, value)", [prev_values])}
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for source, mid, ts, rule, kind, _text, value, pre in norm:
+        if kind == "previous_id":
+            kind = "user_id" if value in users else "anonymous_id"
+        reason = pre or _block_reason(kind, value, rules)
+        if len(value) > rules.max_value_length:
+            shown = value[:64] + "...#" + hashlib.md5(value.encode()).hexdigest()  # noqa: S324 - the SQL's md5
+        else:
+            shown = value
+        row = {"message_id": mid, "source": source, "ts": ts, "rule": rule, "kind": kind, "value": shown, "reason": reason}
+        out.setdefault((mid, source, ts, rule, kind, shown, reason), row)
+    return list(out.values())
 
 
 def _centres(occ: Iterable[dict[str, Any]], rules: IdentityRules) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -277,12 +380,14 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, max_
 def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, watermark: datetime, now: datetime) -> BatchReport | None:
     """The local path; None when the batch needs a full resolution."""
     batch = sql.template("SELECT * FROM __events WHERE loaded_at >= __w", events=_main(engine, "events"), w=_ts(watermark))
-    aliases = engine.fetch_all("SELECT previous_id FROM events WHERE loaded_at >= ? AND type = 'alias' AND previous_id IS NOT NULL",
-                               [watermark])
-    from refinery.identity.normalise import normalise
-
-    known = [normalise("user_id", r[0]).value for r in aliases]
-    occ = _occurrences(engine, rules, batch, known)
+    with_traits: set[tuple[str, str]] = set()
+    occ = _python_occurrences(engine, rules, watermark, with_traits)
+    exact_traits = occ is not None  # else every profile of the batch is rebuilt in full
+    if occ is None:
+        aliases = engine.fetch_all("SELECT previous_id FROM events WHERE loaded_at >= ? AND type = 'alias' AND previous_id IS NOT NULL",
+                                   [watermark])
+        known = [normalise("user_id", r[0]).value for r in aliases]
+        occ = _occurrences(engine, rules, batch, known)
     n_events = int(engine.fetch_all("SELECT count(*) FROM events WHERE loaded_at >= ?", [watermark])[0][0])
     report = BatchReport("attach", events=n_events)
     st = _State()
@@ -412,12 +517,18 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
     if res is not None:
         affected |= _reattribute(engine, rules, st, res, region)
     new_rows = []
+    counted: dict[str, list[Any]] = {}  # profile -> [events, first, last, sources] of the batch
     for (source, mid), lst in by_event.items():
         c = lst[0]
         p = pid((c["kind"], c["value"]))
         if p is not None:
             new_rows.append((source, mid, p, c["kind"], c["ts"]))
-            affected.add(p)
+            if not exact_traits or (source, mid) in with_traits:
+                affected.add(p)
+            else:
+                d = counted.setdefault(p, [0, c["ts"], c["ts"], set()])
+                d[0], d[1], d[2] = d[0] + 1, min(d[1], c["ts"]), max(d[2], c["ts"])
+                d[3].add(source)
     if new_rows:
         engine.register("_inc_ep", pa.table({
             "source": pa.array([r[0] for r in new_rows], pa.string()), "message_id": pa.array([r[1] for r in new_rows], pa.string()),
@@ -428,7 +539,31 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
         finally:
             engine.unregister("_inc_ep")
     _rebuild_profiles(engine, policy, affected, now)
+    _count_events(engine, {p: d for p, d in counted.items() if p not in affected}, now)
     return report
+
+
+def _count_events(engine: Engine, counted: dict[str, list[Any]], now: datetime) -> None:
+    """Profiles that only gained events without traits (their identifiers and traits unchanged):
+    counts, first/last seen and sources updated in place, as `write_profiles` would compute them."""
+    if not counted:
+        return
+    ps = sorted(counted)
+    engine.register("_inc_counts", pa.table({
+        "profile_id": pa.array(ps, pa.string()), "n": pa.array([counted[p][0] for p in ps], pa.int64()),
+        "first": pa.array([counted[p][1] for p in ps], _TS), "last": pa.array([counted[p][2] for p in ps], _TS),
+        "sources": pa.array([sorted(counted[p][3]) for p in ps], pa.list_(pa.string()))}))
+    try:
+        engine.execute("""
+            UPDATE profiles SET event_count = profiles.event_count + c.n,
+                   first_seen = CASE WHEN profiles.first_seen IS NULL OR c.first < profiles.first_seen THEN c.first ELSE profiles.first_seen END,
+                   last_seen = CASE WHEN profiles.last_seen IS NULL OR c.last > profiles.last_seen THEN c.last ELSE profiles.last_seen END,
+                   sources = to_json(list_sort(list_distinct(list_concat(CAST(profiles.sources AS VARCHAR[]), c.sources)))),
+                   updated_at = ?
+            FROM _inc_counts c WHERE profiles.profile_id = c.profile_id
+        """, [now])
+    finally:
+        engine.unregister("_inc_counts")
 
 
 def _region(engine: Engine, st: _State, touched: set[Ident], rules: IdentityRules) -> set[Ident]:
