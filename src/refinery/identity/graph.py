@@ -2,9 +2,10 @@
 
 Input (temporary tables): `_idr_ids(kind, value, first_seen)` — identifiers that are not blocked —
 and `_idr_pairs(a_kind, a_value, b_kind, b_value)` — distinct edges, each unordered pair once (the
-stars of `resolve.py` give that). Output: `_idr_final(node, kind, value, g, status, reason,
-profile_id)` where `g` is the node that keys the identifier's profile, and the refusals with their
-rule: `_idr_conflict`, `_idr_hub`, `_idr_amb`, `_idr_detached`.
+stars of `resolve.py` give that). Output: `_idr_final(node, g, status, reason, profile_id)` where
+`g` is the node that keys the identifier's profile, `_idr_n(node, kind, value, rank, first_seen)`
+(`node_id(kind, value, stats.salt)` finds a node from its text), and the refusals with their rule:
+`_idr_conflict`, `_idr_hub`, `_idr_amb`, `_idr_detached`.
 
 The result is a function of those two sets only (docs/decisions/0006-identity-resolution.md):
 
@@ -126,37 +127,28 @@ def components(engine: Engine, edges: str, out: str, *, _depth: int = 0) -> int:
     return rounds + 1
 
 
-def _number(engine: Engine, rules: IdentityRules, salt: str) -> int:
-    """`_idr_n(node, kind, value, rank, first_seen)` with node = a hash of (kind, value)."""
-    sql.run(engine, """
-        CREATE OR REPLACE TEMP TABLE _idr_n AS
-        SELECT __node AS node, kind, value, __rank AS rank, first_seen FROM _idr_ids
-    """, node=node_id(exp.column("kind"), exp.column("value"), salt), rank=_rank(rules))
-    return int(sql.scalar(engine, "SELECT count(*) FROM _idr_n"))
-
-
-def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
-    """Run steps 1-7 of the module docstring over `_idr_ids` and `_idr_pairs`.
-
-    Node ids are 63-bit hashes of (type, value). Two identifiers with one id (about one chance in
-    10^5 at 10 million identifiers) would make `_idr_final` longer than `_idr_n`: that is checked,
-    and the run repeats with the next salt.
-    """
+def _number(engine: Engine, rules: IdentityRules) -> tuple[int, str]:
+    """`_idr_n(node, kind, value, rank, first_seen)` with node = a hash of (kind, value), unique:
+    two identifiers with one id (about one chance in 10^5 at 10 million identifiers) are detected,
+    and the next salt is used. Returns the node count and the salt."""
     for salt in _SALTS:
-        stats = _resolve(engine, rules, salt)
-        if int(sql.scalar(engine, "SELECT count(*) FROM _idr_final")) == stats.nodes:
-            return stats
+        sql.run(engine, """
+            CREATE OR REPLACE TEMP TABLE _idr_n AS
+            SELECT __node AS node, kind, value, __rank AS rank, first_seen FROM _idr_ids
+        """, node=node_id(exp.column("kind"), exp.column("value"), salt), rank=_rank(rules))
+        n, distinct = engine.fetch_all(sql.template("SELECT count(*), count(DISTINCT node) FROM _idr_n"))[0]
+        if n == distinct:
+            return int(n), salt
     raise RuntimeError("identity graph: node ids collide under every salt; this should not happen")  # pragma: no cover
 
 
-def _resolve(engine: Engine, rules: IdentityRules, salt: str) -> GraphStats:
-    stats = GraphStats(salt=salt)
+def resolve_graph(engine: Engine, rules: IdentityRules) -> GraphStats:
+    """Run steps 1-7 of the module docstring over `_idr_ids` and `_idr_pairs`."""
+    stats = GraphStats()
     exclusive = list(rules.exclusive_types)
-    excl = [sql.lit(t) for t in exclusive]
-    excl_list = exp.Array(expressions=excl) if excl else sql.template("CAST([] AS VARCHAR[])")
 
     # 1. Nodes (a hash of type and value); edges as node pairs with their types, each once.
-    stats.nodes = _number(engine, rules, salt)
+    stats.nodes, stats.salt = _number(engine, rules)
     na = node_id(exp.column("a_kind"), exp.column("a_value"), stats.salt)
     nb = node_id(exp.column("b_kind"), exp.column("b_value"), stats.salt)
     # Exclusive types are listed in the priority, so each has a rank of its own.
@@ -259,20 +251,32 @@ def _resolve(engine: Engine, rules: IdentityRules, salt: str) -> GraphStats:
         LEFT JOIN _idr_detached d ON d.node = g.node
         LEFT JOIN (SELECT node, min(reason) AS reason FROM _idr_amb GROUP BY node) a ON a.node = g.node
     """)
-    # The oldest: earliest first_seen (integers), then among those priority, type and value.
+    # The oldest: earliest (first_seen, priority); ties there (rare) are broken by type and value.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_key AS
-        WITH m AS (SELECT fg, min(first_seen) AS m FROM _idr_fg GROUP BY fg),
-        c AS (SELECT f.fg, f.node, f.rank FROM _idr_fg f JOIN m ON m.fg = f.fg AND m.m = f.first_seen)
-        SELECT c.fg, arg_min(c.node, (c.rank, n.kind, n.value)) AS g,
-               __pid AS profile_id
-        FROM c JOIN _idr_n n ON n.node = c.node GROUP BY c.fg
-    """, pid=profile_id_of(sql.template("arg_min(n.kind || ':' || n.value, (c.rank, n.kind, n.value))")))
+        SELECT fg, arg_min(node, (first_seen, rank, node)) AS g, arg_min(node, (first_seen, rank, -node)) AS g2
+        FROM _idr_fg GROUP BY fg
+    """)
+    if sql.scalar(engine, "SELECT count(*) FROM _idr_key WHERE g <> g2"):
+        sql.run(engine, """
+            UPDATE _idr_key SET g = t.g FROM (
+                SELECT f.fg, arg_min(f.node, (n.kind, n.value)) AS g
+                FROM _idr_fg f JOIN _idr_key k ON k.fg = f.fg AND k.g <> k.g2
+                JOIN _idr_fg m ON m.node = k.g
+                JOIN _idr_n n ON n.node = f.node
+                WHERE f.first_seen = m.first_seen AND f.rank = m.rank
+                GROUP BY f.fg
+            ) t WHERE _idr_key.fg = t.fg
+        """)
+    sql.run(engine, """
+        CREATE OR REPLACE TEMP TABLE _idr_pid AS
+        SELECT k.fg, k.g, __pid AS profile_id FROM _idr_key k JOIN _idr_n n ON n.node = k.g
+    """, pid=profile_id_of(sql.template("n.kind || ':' || n.value")))
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_final AS
-        SELECT n.node, n.kind, n.value, k.g, f.status, f.reason, k.profile_id
-        FROM _idr_n n JOIN _idr_fg f ON f.node = n.node JOIN _idr_key k ON k.fg = f.fg
+        SELECT f.node, k.g, f.status, f.reason, k.profile_id FROM _idr_fg f JOIN _idr_pid k ON k.fg = f.fg
     """)
+    sql.run(engine, "DROP TABLE _idr_pid")
     sql.run(engine, "DROP TABLE _idr_fg")
     sql.run(engine, "DROP TABLE _idr_key")
     return stats

@@ -26,7 +26,7 @@ from sqlglot import exp
 from refinery.identity import overrides as ov
 from refinery.identity import sql
 from refinery.identity.extract import extract
-from refinery.identity.graph import GraphStats, resolve_graph
+from refinery.identity.graph import GraphStats, node_id, resolve_graph
 from refinery.identity.rules import IdentityRules
 from refinery.storage.engine import Engine
 
@@ -109,10 +109,11 @@ def build_inputs(engine: Engine, rules: IdentityRules, *, overrides: bool = True
 
 
 def assign_profile_ids(engine: Engine) -> None:
-    """`_idr_prof(kind, value, profile_id, status, reason, node, g)` from the graph's result (a view)."""
+    """`_idr_prof(kind, value, profile_id, status, reason, node, g)`: the graph's result with the
+    identifiers' text (a view, for readers; the writes below join on node ids)."""
     sql.run(engine, """
         CREATE OR REPLACE TEMP VIEW _idr_prof AS
-        SELECT kind, value, profile_id, status, reason, node, g FROM _idr_final
+        SELECT n.kind, n.value, f.profile_id, f.status, f.reason, f.node, f.g FROM _idr_final f JOIN _idr_n n ON n.node = f.node
     """)
 
 
@@ -129,7 +130,7 @@ def resolve(engine: Engine, rules: IdentityRules, *, now: datetime | None = None
     build_inputs(engine, rules)
     stats = resolve_graph(engine, rules)
     assign_profile_ids(engine)
-    merges, unmerges = _write(engine, resolution_id, started)
+    merges, unmerges = _write(engine, resolution_id, started, stats.salt)
     report = _report(engine, resolution_id, stats, merges, unmerges, (datetime.now(UTC) - clock).total_seconds())
     engine.execute(
         "INSERT INTO identity_resolutions VALUES (?, 'full', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -148,18 +149,21 @@ def drop_temp_tables(engine: Engine, keep: tuple[str, ...] = ()) -> None:
         engine.execute(f"DROP TABLE IF EXISTS {t}")  # constant names, no user text
 
 
-def _write(engine: Engine, resolution_id: str, now: datetime) -> tuple[int, int]:
+def _write(engine: Engine, resolution_id: str, now: datetime, salt: str) -> tuple[int, int]:
+    def node(kind: str, value: str) -> exp.Expression:
+        return node_id(exp.column(kind), exp.column(value), salt)
+
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_prev AS
-        SELECT identifier_type AS kind, value, profile_id FROM identities WHERE profile_id IS NOT NULL
-    """)
+        SELECT identifier_type AS kind, value, profile_id, __node AS node FROM identities WHERE profile_id IS NOT NULL
+    """, node=node("identifier_type", "value"))
     sql.run(engine, "DELETE FROM identities")
     sql.run(engine, """
         INSERT INTO identities
         SELECT s.kind, s.value, p.profile_id, coalesce(p.status, 'blocked'), coalesce(p.reason, s.reason),
                s.first_seen, s.last_seen, s.n, s.first_message_id, s.first_source
-        FROM _idr_idstats s LEFT JOIN _idr_prof p ON p.kind = s.kind AND p.value = s.value
-    """)
+        FROM _idr_idstats s LEFT JOIN _idr_final p ON p.node = __node AND s.reason IS NULL
+    """, node=node("kind", "value"))
     sql.run(engine, "DELETE FROM identity_edges")
     sql.run(engine, """
         INSERT INTO identity_edges
@@ -170,15 +174,15 @@ def _write(engine: Engine, resolution_id: str, now: datetime) -> tuple[int, int]
                     ELSE coalesce(pa.reason, pb.reason,
                                   CASE WHEN e.a_kind = e.b_kind THEN 'conflicting_' || e.a_kind END, 'nearer_other_profile') END
         FROM _idr_edges_full e
-        JOIN _idr_prof pa ON pa.kind = e.a_kind AND pa.value = e.a_value
-        JOIN _idr_prof pb ON pb.kind = e.b_kind AND pb.value = e.b_value
+        JOIN _idr_final pa ON pa.node = __a
+        JOIN _idr_final pb ON pb.node = __b
         LEFT JOIN _idr_cut c ON c.a_kind = e.a_kind AND c.a_value = e.a_value AND c.b_kind = e.b_kind AND c.b_value = e.b_value
-    """)
-    _write_blocked(engine)
+    """, a=node("a_kind", "a_value"), b=node("b_kind", "b_value"))
+    _write_blocked(engine, salt)
     return _write_merges(engine, resolution_id, now)
 
 
-def _write_blocked(engine: Engine) -> None:
+def _write_blocked(engine: Engine, salt: str) -> None:
     sql.run(engine, "DELETE FROM identity_blocked")
     # Identifiers refused outright (junk, too long, not a phone number).
     sql.run(engine, """
@@ -201,9 +205,10 @@ def _write_blocked(engine: Engine) -> None:
                json_object('override_id', c.override_id, 'kind', c.okind, 'actor', c.actor, 'note', c.note, 'rule', e.rule, 'events', e.n)
         FROM _idr_cut c
         JOIN _idr_edges_full e ON e.a_kind = c.a_kind AND e.a_value = c.a_value AND e.b_kind = c.b_kind AND e.b_value = c.b_value
-        LEFT JOIN _idr_prof pa ON pa.kind = c.a_kind AND pa.value = c.a_value
-        LEFT JOIN _idr_prof pb ON pb.kind = c.b_kind AND pb.value = c.b_value
-    """)
+        LEFT JOIN _idr_final pa ON pa.node = __a
+        LEFT JOIN _idr_final pb ON pb.node = __b
+    """, a=node_id(exp.column("a_kind", table="c"), exp.column("a_value", table="c"), salt),
+         b=node_id(exp.column("b_kind", table="c"), exp.column("b_value", table="c"), salt))
     # Shared identifiers (hubs): they link nobody.
     sql.run(engine, """
         INSERT INTO identity_blocked
@@ -211,7 +216,7 @@ def _write_blocked(engine: Engine) -> None:
                s.first_message_id, s.first_source, s.first_seen,
                json_object('linked_type', h.kind_of_many, 'linked_values', h.linked)
         FROM _idr_hub h JOIN _idr_n n ON n.node = h.node
-        JOIN _idr_prof p ON p.node = h.node
+        JOIN _idr_final p ON p.node = h.node
         JOIN _idr_idstats s ON s.kind = n.kind AND s.value = n.value
     """)
     # Edges joining two values of an exclusive type (an alias between two known users).
@@ -221,7 +226,7 @@ def _write_blocked(engine: Engine) -> None:
                e.message_id, e.source, e.event_time, json_object('rule', e.rule, 'events', e.n)
         FROM _idr_conflict c
         JOIN _idr_n na ON na.node = c.a JOIN _idr_n nb ON nb.node = c.b
-        JOIN _idr_prof pa ON pa.node = c.a JOIN _idr_prof pb ON pb.node = c.b
+        JOIN _idr_final pa ON pa.node = c.a JOIN _idr_final pb ON pb.node = c.b
         JOIN _idr_edges_full e ON (e.a_kind = na.kind AND e.a_value = na.value AND e.b_kind = nb.kind AND e.b_value = nb.value)
                                OR (e.a_kind = nb.kind AND e.a_value = nb.value AND e.b_kind = na.kind AND e.b_value = na.value)
     """)
@@ -229,13 +234,13 @@ def _write_blocked(engine: Engine) -> None:
     sql.run(engine, """
         INSERT INTO identity_blocked
         SELECT 'merge', a.reason, n.kind, n.value, NULL, NULL,
-               (SELECT p.profile_id FROM _idr_prof p WHERE p.node = a.candidates[1]),
-               (SELECT p.profile_id FROM _idr_prof p WHERE p.node = a.candidates[2]),
+               (SELECT p.profile_id FROM _idr_final p WHERE p.node = a.candidates[1]),
+               (SELECT p.profile_id FROM _idr_final p WHERE p.node = a.candidates[2]),
                s.first_message_id, s.first_source, s.first_seen,
                json_object('candidates', (SELECT list(json_object('type', cn.kind, 'value', cn.value, 'profile_id', cp.profile_id)
-                                                      ORDER BY cn.node)
+                                                      ORDER BY cn.first_seen, cn.rank, cn.kind, cn.value)
                                           FROM unnest(a.candidates) AS u(c) JOIN _idr_n cn ON cn.node = u.c
-                                          JOIN _idr_prof cp ON cp.node = u.c))
+                                          JOIN _idr_final cp ON cp.node = u.c))
         FROM _idr_amb a JOIN _idr_n n ON n.node = a.node
         JOIN _idr_idstats s ON s.kind = n.kind AND s.value = n.value
     """)
@@ -244,7 +249,7 @@ def _write_blocked(engine: Engine) -> None:
         INSERT INTO identity_blocked
         SELECT 'identifier', d.reason, n.kind, n.value, NULL, NULL, p.profile_id, NULL,
                s.first_message_id, s.first_source, s.first_seen, json_object('would_join', gp.profile_id)
-        FROM _idr_detached d JOIN _idr_n n ON n.node = d.node JOIN _idr_prof p ON p.node = d.node
+        FROM _idr_detached d JOIN _idr_n n ON n.node = d.node JOIN _idr_final p ON p.node = d.node
         JOIN _idr_n gn ON gn.node = d.g
         JOIN (SELECT DISTINCT g, 'prof_' || left(md5(k.kind || ':' || k.value), 24) AS profile_id
               FROM _idr_detached x JOIN _idr_n k ON k.node = x.g) gp ON gp.g = d.g
@@ -256,9 +261,13 @@ def _write_merges(engine: Engine, resolution_id: str, now: datetime) -> tuple[in
     # A previous profile id that no longer exists and whose identifiers now sit in another profile.
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_mcand AS
-        SELECT DISTINCT p.profile_id AS survivor, v.profile_id AS merged
-        FROM _idr_prof p JOIN _idr_prev v ON v.kind = p.kind AND v.value = p.value
-        WHERE v.profile_id <> p.profile_id AND v.profile_id NOT IN (SELECT profile_id FROM _idr_prof)
+        WITH c AS (
+            SELECT p.node, p.profile_id, v.profile_id AS old, v.kind, v.value
+            FROM _idr_final p JOIN _idr_prev v ON v.node = p.node WHERE v.profile_id <> p.profile_id
+        )
+        SELECT DISTINCT c.profile_id AS survivor, c.old AS merged
+        FROM c JOIN _idr_n n ON n.node = c.node AND n.kind = c.kind AND n.value = c.value  -- the same identifier, not a hash twin
+        WHERE c.old NOT IN (SELECT profile_id FROM _idr_final)
     """)
     merges = int(sql.scalar(engine, "SELECT count(*) FROM _idr_mcand"))
     if merges:
@@ -285,12 +294,12 @@ def _write_merges(engine: Engine, resolution_id: str, now: datetime) -> tuple[in
             ) ev ON ev.survivor = m.survivor AND ev.merged = m.merged
         """, rid=sql.lit(resolution_id), now=exp.cast(sql.lit(now.isoformat()), exp.DataType.build("TIMESTAMPTZ", dialect="duckdb")))
     unmerges = int(sql.scalar(engine, """
-        SELECT count(*) FROM profile_merges WHERE undone_at IS NULL AND merged_profile_id IN (SELECT profile_id FROM _idr_prof)
+        SELECT count(*) FROM profile_merges WHERE undone_at IS NULL AND merged_profile_id IN (SELECT profile_id FROM _idr_final)
     """))
     if unmerges:
         engine.execute(
             "UPDATE profile_merges SET undone_at = ?, undone_reason = 'split: the merged profile exists again' "
-            "WHERE undone_at IS NULL AND merged_profile_id IN (SELECT profile_id FROM _idr_prof)",
+            "WHERE undone_at IS NULL AND merged_profile_id IN (SELECT profile_id FROM _idr_final)",
             [now],
         )
     return merges, unmerges
