@@ -5,6 +5,7 @@ several user ids, CRM ids, emails and phones, ties in time."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -181,3 +182,16 @@ def test_reference_on_a_hand_made_family_laptop() -> None:
     assert res.key[("email", "m@a.io")] == ("user_id", "mum") != res.key[("user_id", "son")]
     assert res.status[("anonymous_id", "kiosk")] == "shared"
     assert [(n, c) for n, _, c in res.ambiguous] == [(("anonymous_id", "laptop"), [("user_id", "mum"), ("user_id", "son")])]
+
+
+def test_sql_lists_ambiguous_candidates_oldest_first(runtime: Runtime) -> None:
+    """An email used by two user ids joins neither; its refusal names both, the oldest first (in the
+    evidence too: with hashed node ids the evidence was once listed in hash order)."""
+    reset(runtime)
+    at = T0.isoformat()
+    send(runtime, [{"type": "identify", "messageId": "m1", "timestamp": at, "userId": "u0", "traits": {"email": "p0@shop.io"}},
+                   {"type": "identify", "messageId": "m2", "timestamp": at, "userId": "u3", "traits": {"email": "p0@shop.io"}}])
+    runtime.writer.call(lambda e: resolve(e, IdentityRules()))
+    [row] = rows_of(runtime, "SELECT * FROM identity_blocked WHERE value = 'p0@shop.io'")
+    assert row["profile_a"] == ref.profile_id(("user_id", "u0")) and row["profile_b"] == ref.profile_id(("user_id", "u3"))
+    assert [c["value"] for c in json.loads(row["evidence"])["candidates"]] == ["u0", "u3"]
