@@ -25,7 +25,8 @@ Per batch, inside the one writer transaction (`run_batch`):
    `profiles.build`'s own SQL, over those profiles only.
 
 It falls back to a full resolution (`profiles.build.resolve_and_build`) when nothing was resolved
-yet, when the rules changed since the last run, when a batch is larger than `max_events`, and in one
+yet, when the rules changed since the last run, while a user's removal or split is in force (or was
+revoked since the last run), when a batch is larger than `max_events`, and in one
 case whose effect is not local: a new user id equal to a known anonymous id (an older alias's
 `previousId` would now be typed as a user id).
 
@@ -106,6 +107,12 @@ def _watermark(engine: Engine, rules: IdentityRules) -> tuple[datetime | None, s
     covered, stored = rows[0]
     if json.loads(stored) != json.loads(json.dumps(rules.to_dict())):
         return covered, "the identity rules changed"
+    # A user's removals and splits (identity_overrides, when the store has them) are not applied
+    # locally yet: while one is in force, or one changed since the watermark, resolve in full.
+    has_overrides = engine.fetch_all("SELECT count(*) FROM information_schema.tables WHERE table_name = 'identity_overrides'")[0][0]
+    if has_overrides and engine.fetch_all(
+            "SELECT count(*) FROM identity_overrides WHERE revoked_at IS NULL OR revoked_at >= ?", [covered])[0][0]:
+        return covered, "identity overrides are in force"
     return covered, None
 
 
