@@ -78,15 +78,18 @@ def write_profiles(engine: Engine, now: datetime) -> None:
     engine.execute("DELETE FROM profiles")
     engine.execute("""
         INSERT INTO profiles
+        -- JSON objects are built with their keys sorted, so the same data always gives the same text.
         WITH ids AS (
             SELECT profile_id, identifier_type, list(value ORDER BY first_seen, value) AS vals
             FROM identities WHERE profile_id IS NOT NULL GROUP BY ALL
         ), idj AS (
-            SELECT profile_id, json_group_object(identifier_type, to_json(vals)) AS identifiers FROM ids GROUP BY profile_id
+            SELECT profile_id, to_json(map(list(identifier_type ORDER BY identifier_type), list(to_json(vals) ORDER BY identifier_type))) AS identifiers
+            FROM ids GROUP BY profile_id
         ), tr AS (
             SELECT profile_id,
-                   json_group_object(key, value) AS traits,
-                   json_group_object(key, json_object('source', source, 'message_id', message_id, 'at', ts, 'policy', policy))
+                   to_json(map(list(key ORDER BY key), list(value ORDER BY key))) AS traits,
+                   to_json(map(list(key ORDER BY key),
+                               list(json_object('source', source, 'message_id', message_id, 'at', ts, 'policy', policy) ORDER BY key)))
                        AS trait_sources
             FROM _prf_traits WHERE json_type(value) <> 'NULL'  -- a winning null clears the trait
             GROUP BY profile_id
