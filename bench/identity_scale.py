@@ -166,7 +166,11 @@ def run_full(db: Path, memory_limit: str, profile: bool = False) -> dict[str, An
     from refinery.runtime import Runtime
     from refinery.settings import Settings
 
-    settings = Settings(data_dir=db.parent / "full-data", admin_token="bench", duckdb_memory_limit=memory_limit, duckdb_threads=2)
+    import shutil
+
+    data_dir = db.parent / "full-data"
+    shutil.rmtree(data_dir, ignore_errors=True)  # a fresh data dir every run (--keep keeps only the edge list)
+    settings = Settings(data_dir=data_dir, admin_token="bench", duckdb_memory_limit=memory_limit, duckdb_threads=2)
     rt = Runtime.open(settings)
     try:
         def load(e: Any) -> None:
