@@ -75,6 +75,16 @@ class Client(abc.ABC):
     @abc.abstractmethod
     def sync_consent(self, full: bool = False) -> dict[str, Any]: ...
 
+    # retention (refinery.governance.retention)
+    @abc.abstractmethod
+    def retention_run(self, dry_run: bool = False) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def retention_runs(self, limit: int = 50) -> list[dict[str, Any]]: ...
+    @abc.abstractmethod
+    def retention_policy(self) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def set_retention(self, source: str, zone: str, days: int | None) -> dict[str, Any]: ...
+
 
 class LocalClient(Client):
     def __init__(self, settings: Settings):
@@ -290,6 +300,36 @@ class LocalClient(Client):
         result: dict[str, Any] = self.rt.writer.call(run)
         return result
 
+    # retention: runs and overrides audited as the local user
+    def retention_run(self, dry_run: bool = False) -> dict[str, Any]:
+        from refinery.governance import retention
+        from refinery.governance.principal import local_principal
+
+        return retention.run(self.rt.engine, self.rt.writer, self.rt.settings, local_principal(), trigger="cli", dry_run=dry_run).to_dict()
+
+    def retention_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        from refinery.governance import retention
+
+        return retention.runs(self.rt.engine, limit=limit)
+
+    def retention_policy(self) -> dict[str, Any]:
+        from refinery.governance import retention
+
+        return retention.Policy.load(self.rt.engine, self.rt.settings).to_dict()
+
+    def set_retention(self, source: str, zone: str, days: int | None) -> dict[str, Any]:
+        from refinery.governance import audit, retention
+        from refinery.governance.principal import local_principal
+
+        actor, known = local_principal(), [s.name for s in self.rt.sources.list()]
+
+        def change(e: Any) -> None:
+            retention.set_override(e, source, zone, days, actor=actor.name, known_sources=known)
+            audit.record(e, actor, "retention.set", f"source:{source}", {"zone": zone, "days": days})
+
+        self.rt.writer.call(change)
+        return self.retention_policy()
+
 
 class RemoteClient(Client):
     def __init__(self, url: str, token: str):
@@ -399,6 +439,22 @@ class RemoteClient(Client):
 
     def sync_consent(self, full: bool = False) -> dict[str, Any]:
         return self._call("POST", "/api/consent/sync", params={"full": full})
+
+    def retention_run(self, dry_run: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/api/retention/run", params={"dry_run": dry_run})
+        return result
+
+    def retention_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/api/retention/runs", params={"limit": limit})["runs"]
+        return result
+
+    def retention_policy(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/api/retention/policy")
+        return result
+
+    def set_retention(self, source: str, zone: str, days: int | None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("PUT", f"/api/retention/sources/{source}", json={"zone": zone, "days": days})
+        return result
 
 
 def connect(settings: Settings) -> Client:

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
 
     query_timeout_seconds: float = Field(60.0, gt=0, description="`refinery query` and `POST /api/query`: a query still running after this many seconds is stopped with an error.")
 
+    # retention (governance/retention.py, docs/retention.md): days to keep each zone; 0 keeps forever
+    retention_raw_days: int = Field(30, ge=0, description="Days to keep the raw zone (`raw_events`, and imported files under `<data_dir>/raw/imports` no import needs any more), counted from receipt; 0 keeps it forever. Per-source overrides: `refinery retention set`.")
+    retention_events_days: int = Field(395, ge=0, description="Days to keep clean events (`events`, and their `event_profiles` rows), counted from receipt; 0 keeps them forever.")
+    retention_failed_days: int = Field(90, ge=0, description="Days to keep quarantined events that are still pending (or failed again), counted from when they failed; 0 keeps them forever.")
+    retention_failed_resolved_days: int = Field(7, ge=0, description="Days to keep quarantined events a replay loaded (or found already loaded), counted from the replay; 0 keeps them forever.")
+    retention_interval_hours: float = Field(24.0, ge=0, description="How often `refinery serve` runs retention (checked hourly, remembered across restarts); 0 turns the scheduled job off.")
+    retention_first_check_minutes: float = Field(10.0, ge=0, description="Minutes after `refinery serve` starts before the scheduled retention job first checks whether a run is due (then hourly), so start-up is not slowed by a backlog.")
+    retention_batch_rows: int = Field(50_000, ge=100, description="Most rows retention deletes in one writer transaction, so a large backlog never holds the writer for long.")
+
     @property
     def database_path(self) -> Path:
         return self.data_dir / "refinery.duckdb"

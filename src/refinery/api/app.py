@@ -166,4 +166,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     from refinery.api.consent import router as consent_router
 
     app.include_router(consent_router(runtime))
+    from refinery.api.retention import router as retention_router  # retention (governance/retention.py)
+
+    app.include_router(retention_router(runtime))
     return app

@@ -88,6 +88,8 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
     async def main() -> None:
         serving = asyncio.ensure_future(server.serve(sockets=[sock]))
         chores = asyncio.ensure_future(housekeeping())
+        from refinery.governance.retention import scheduled  # retention: its own schedule (docs/retention.md)
+        retention_job = asyncio.ensure_future(scheduled(runtime.engine, runtime.writer, settings))
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
         if server.started:
@@ -98,6 +100,7 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
             await serving
         finally:
             chores.cancel()
+            retention_job.cancel()  # retention
 
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with the default handlers that
     # kills the process before the finally below can checkpoint the store and remove server.json.

@@ -133,3 +133,8 @@ define_role(
     "The event catalogue, sources, read-only SQL and profiles (without personal data in clear).",
     ["events:read", "sources:read", "query:read", "profiles:read"],
 )
+
+# retention (governance/retention.py): running it deletes data past its time-to-live; the privacy officer may run it.
+register_permission("retention:run", "Run retention: delete what is older than its time-to-live (or count it, in a dry run).")
+register_permission("retention:read", "Read the retention policy and past retention runs (counts, never data).")
+grant("privacy_officer", "retention:run", "retention:read")

@@ -349,6 +349,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        7,
+        "retention: retention_overrides (per-source time-to-live), retention_runs",
+        (
+            # A source's own time-to-live for one zone, beating the retention_*_days setting.
+            """CREATE TABLE retention_overrides (
+                source VARCHAR NOT NULL,
+                zone VARCHAR NOT NULL,                 -- raw | events | failed | failed_resolved
+                days INTEGER NOT NULL,                 -- 0: keep forever
+                set_at TIMESTAMPTZ NOT NULL,
+                set_by VARCHAR NOT NULL,               -- the actor's name
+                PRIMARY KEY (source, zone)
+            )""",
+            # One row per retention run (dry runs write nothing): what was deleted, under which policy.
+            """CREATE TABLE retention_runs (
+                run_id VARCHAR PRIMARY KEY,
+                trigger VARCHAR NOT NULL,              -- scheduled | api | cli
+                actor VARCHAR NOT NULL,
+                started_at TIMESTAMPTZ NOT NULL,
+                finished_at TIMESTAMPTZ NOT NULL,
+                as_of TIMESTAMPTZ NOT NULL,            -- the moment ages were measured from
+                status VARCHAR NOT NULL,               -- completed | failed
+                policy JSON NOT NULL,                  -- the days per zone, and per source where overridden
+                counts JSON NOT NULL,                  -- rows (and files) deleted per zone
+                error VARCHAR
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

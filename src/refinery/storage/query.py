@@ -38,6 +38,7 @@ QUERYABLE_TABLES: set[str] = {
     "identity_overrides",
     # governance
     "consent_log", "consent_conflicts", "consent_syncs",
+    "retention_overrides", "retention_runs",  # retention
     # profiles
     "profiles", "event_profiles",
 }
