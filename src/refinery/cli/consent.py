@@ -89,7 +89,14 @@ def set_(
 @app.command("sync")
 def sync(full: bool = typer.Option(False, help="Re-read every event, not only those loaded since the last run."),
          data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
-    """Read consent from new events (categoryPreferences, TC strings) into the receipts; record conflicts."""
+    """Read consent from new events (categoryPreferences, TC strings) into the receipts; record conflicts.
+
+    `refinery identity resolve` runs this too; run it alone after new events when profiles need no rebuild.
+
+    Examples:
+      refinery consent sync
+      refinery consent sync --full --json
+    """
     with client(data_dir) as c:
         report = c.sync_consent(full)
     if as_json:
