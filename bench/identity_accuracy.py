@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery.demo import crm, groundtruth
+from refinery.demo.identity import DEMO_RULES
 from refinery.demo.run import CRM_MAPPING
 from refinery.demo.world import CRM_SOURCE, World, generate
 from refinery.identity import parse_rules, resolve
@@ -36,12 +37,6 @@ from refinery.settings import Settings
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 #: The demo's identity rules: the CRM's web user id column is a user id; the world's reserved
 #: example.* domains (blocked by default as test addresses) are its people's real addresses.
-DEMO_RULES: dict[str, Any] = {
-    "identifiers": [{"type": "user_id", "path": "traits.webUserId", "sources": [CRM_SOURCE]}],
-    "blocked": {"disable_defaults": ["test_email_domain"]},
-}
-
-
 def load(rt: Runtime, world: World, folder: Path) -> None:
     for source in sorted({e.source for e in world.events}):
         msgs = [json.loads(json.dumps(e.message, default=str)) for e in world.events if e.source == source]

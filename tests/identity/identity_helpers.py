@@ -4,30 +4,18 @@ writer), then `refinery.identity.resolve` runs inside the writer like the CLI ru
 
 from __future__ import annotations
 
-import itertools
-import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from refinery.identity import IdentityRules, ResolveReport, resolve
-from refinery.ingest.protocol import Limits, stage
-from refinery.ingest.store import IngestItem
 from refinery.runtime import Runtime
 from refinery.settings import Settings
+from support import T0, event, write_events
 
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-_clock = itertools.count()
-
-
-def event(type_: str = "identify", *, minutes: int | None = None, **fields: Any) -> dict[str, Any]:
-    """A Segment call; `minutes` after T0 sets its timestamp (default: a fresh, later minute)."""
-    at = T0 + timedelta(minutes=next(_clock) if minutes is None else minutes)
-    return {"type": type_, "messageId": uuid.uuid4().hex, "timestamp": at.isoformat(), **fields}
-
+__all__ = ["T0", "Identity", "event", "ident"]
 
 class Identity:
     """A runtime plus helpers to send events and read the identity tables."""
@@ -36,11 +24,7 @@ class Identity:
         self.rt = rt
 
     def send(self, *events: dict[str, Any], source: str = "web", check: bool = True) -> None:
-        items = []
-        for ev in events:
-            staged = stage("batch", {"batch": [ev]}, Limits())
-            items.extend(IngestItem(source, "req", datetime.now(UTC), s) for s in staged)
-        outcomes = self.rt.writer.call(lambda e: self.rt.events.write(e, items))
+        outcomes = write_events(self.rt, *events, source=source)
         bad = [o for o in outcomes if o.status != "loaded"]
         assert not (check and bad), bad
 

@@ -7,12 +7,12 @@ import csv
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from identity_helpers import Identity
 
 from refinery.demo import crm, groundtruth
+from refinery.demo.identity import DEMO_RULES
 from refinery.demo.run import CRM_MAPPING
 from refinery.demo.world import CRM_SOURCE, World, generate
 from refinery.identity import parse_rules
@@ -23,12 +23,6 @@ from refinery.ingest.mapping import validate_mapping
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 #: What the demo needs beyond the defaults: the CRM's web user id column is a user id, and the
 #: world's reserved example.* email domains (blocked by default as test addresses) are its people's.
-DEMO_RULES: dict[str, Any] = {
-    "identifiers": [{"type": "user_id", "path": "traits.webUserId", "sources": [CRM_SOURCE]}],
-    "blocked": {"disable_defaults": ["test_email_domain"]},
-}
-
-
 def load_world(ident: Identity, world: World, folder: Path) -> None:
     for source in sorted({e.source for e in world.events}):
         msgs = [json.loads(json.dumps(e.message, default=str)) for e in world.events if e.source == source]
