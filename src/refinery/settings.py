@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     consent_categories: dict[str, str] = Field(default_factory=dict, description="CMP category names (keys of `context.consent.categoryPreferences`, compared case-insensitively) mapped to consent purposes (`analytics`, `personalisation`, `marketing`, `advertising`), e.g. `{\"C0002\": \"analytics\", \"C0004\": \"advertising\"}`; adds to the built-in names.")
     consent_unknown_allowed: list[str] = Field(default_factory=list, description="Purposes for which a person with no recorded choice counts as allowed (an opt-out regime); default none: unknown consent means no.")
 
-    identity_incremental: bool = Field(False, description="While the server runs, keep identities and profiles up to date as events are committed (`identity/incremental.py`): the same tables a full `refinery identity resolve` would give. Off by default until the per-batch cost is down (docs/benchmarks-identity-incremental.md): each batch holds the writer for tens of milliseconds.")
+    identity_incremental: bool = Field(False, description="While the server runs, keep identities and profiles up to date as events are committed (`identity/incremental.py`): the same tables a full `refinery identity resolve` would give. Off by default until the per-batch cost is down (docs/benchmarks.md, incremental identity): each batch holds the writer for tens of milliseconds.")
 
     query_timeout_seconds: float = Field(60.0, gt=0, description="`refinery query` and `POST /api/query`: a query still running after this many seconds is stopped with an error.")
 
