@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -22,6 +22,7 @@ from refinery.settings import Settings, load_settings
 console = Console()
 err_console = Console(stderr=True)
 T = TypeVar("T")
+C = TypeVar("C")
 
 DataDirOption = typer.Option(None, "--data-dir", "-d", help="Data folder (default ./refinery-data, or REFINERY_DATA_DIR).")
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
@@ -63,12 +64,19 @@ def fail(e: RefineryError) -> None:
 
 
 @contextmanager
-def client(data_dir: Path | None) -> Iterator[Client]:
+def connected(connect_fn: Callable[[Settings], AbstractContextManager[C]], data_dir: Path | None) -> Iterator[C]:
+    """A client from `connect_fn` (in process, or the running server's admin API); errors printed with their fix."""
     try:
-        with connect(settings_from(data_dir)) as c:
+        with connect_fn(settings_from(data_dir)) as c:
             yield c
     except RefineryError as e:
         fail(e)
+
+
+@contextmanager
+def client(data_dir: Path | None) -> Iterator[Client]:
+    with connected(connect, data_dir) as c:
+        yield c
 
 
 def run(fn: Callable[[], T]) -> T:

@@ -8,7 +8,16 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from refinery.cli.common import DataDirOption, JsonOption, client, console, print_json, print_table, run, settings_from
+from refinery.cli.common import (
+    DataDirOption,
+    JsonOption,
+    client,
+    console,
+    print_json,
+    print_table,
+    run,
+    settings_from,
+)
 
 app = typer.Typer(
     help=(

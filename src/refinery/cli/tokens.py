@@ -11,13 +11,11 @@ import typer
 from refinery.cli.common import (
     DataDirOption,
     JsonOption,
+    connected,
     console,
-    fail,
     print_json,
     print_table,
-    settings_from,
 )
-from refinery.errors import RefineryError
 from refinery.governance.client import GovernanceClient, connect
 
 app = typer.Typer(
@@ -34,11 +32,8 @@ app = typer.Typer(
 @contextmanager
 def governance(data_dir: Path | None) -> Iterator[GovernanceClient]:
     """The store in-process, or a running server's admin API (with the bootstrap admin token)."""
-    try:
-        with connect(settings_from(data_dir)) as c:
-            yield c
-    except RefineryError as e:
-        fail(e)
+    with connected(connect, data_dir) as c:
+        yield c
 
 
 @app.command("create")
