@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   set everything up, then run the demo on the embedded default (DuckDB)
-#   make test   set everything up, then run the test suite (.ci/run calls this)
+#   make test   set everything up, then lint (ruff, mypy) and run the test suite (.ci/run calls this)
 
 PYTHON ?= python3
 VENV := .venv
@@ -22,6 +22,8 @@ demo: $(STAMP)
 	$(VENV)/bin/refinery demo $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)

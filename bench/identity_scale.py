@@ -160,13 +160,13 @@ def run_full(db: Path, memory_limit: str, profile: bool = False) -> dict[str, An
     (not timed), then `profiles.build.resolve_and_build` inside the writer (timed): extraction and
     normalisation, the graph, writing identities, identity_edges, identity_blocked, profile_merges,
     event_profiles and profiles."""
+    import shutil
+
     from refinery.identity.rules import IdentityRules
     from refinery.profiles.build import resolve_and_build
     from refinery.profiles.policy import TraitPolicy
     from refinery.runtime import Runtime
     from refinery.settings import Settings
-
-    import shutil
 
     data_dir = db.parent / "full-data"
     shutil.rmtree(data_dir, ignore_errors=True)  # a fresh data dir every run (--keep keeps only the edge list)

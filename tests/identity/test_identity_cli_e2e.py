@@ -99,11 +99,12 @@ def _bad(tmp_path: Path) -> Path:
 
 
 def test_the_same_commands_work_in_process_without_a_server(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
     from refinery.ingest.protocol import Limits, stage
     from refinery.ingest.store import IngestItem
     from refinery.runtime import Runtime
     from refinery.settings import Settings
-    from datetime import UTC, datetime
 
     data_dir = tmp_path / "data"
     rt = Runtime.open(Settings(data_dir=data_dir))

@@ -24,6 +24,7 @@ from refinery.profiles.build import resolve_and_build
 from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
 
+
 class OverrideCreate(BaseModel):
     kind: Literal["remove_identifier", "remove_edge", "split"]
     identifiers: list[str] = Field(description="type:value each: the identifier, the edge's two ends, or the side to split off.")

@@ -41,7 +41,6 @@ from refinery.identity import sql
 from refinery.identity.rules import IdentityRules
 from refinery.storage.engine import Engine
 
-
 #: Salts tried, in order, for the 64-bit node ids (a collision between two identifiers, about one
 #: chance in 10^5 at 10 million identifiers, is detected and the next salt is used).
 _SALTS: tuple[str, ...] = ("", "refinery-1", "refinery-2", "refinery-3")

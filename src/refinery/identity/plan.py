@@ -11,6 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from sqlglot import exp
+
+from refinery.identity import sql
 from refinery.identity.graph import resolve_graph
 from refinery.identity.resolve import assign_profile_ids, build_inputs, drop_temp_tables
 from refinery.identity.rules import IdentityRules
@@ -23,9 +26,10 @@ def _snapshot(engine: Engine, rules: IdentityRules, table: str, blocked: str) ->
     build_inputs(engine, rules)
     stats = resolve_graph(engine, rules)
     assign_profile_ids(engine)
-    # Constant table names chosen above; no user text.
-    engine.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT kind, value, profile_id, status, reason FROM _idr_prof")
-    engine.execute(f"CREATE OR REPLACE TEMP TABLE {blocked} AS SELECT kind, value, reason FROM _idr_idstats WHERE reason IS NOT NULL")
+    assert table in _PLAN_TABLES and blocked in _PLAN_TABLES  # constant names chosen above; no user text
+    sql.run(engine, "CREATE OR REPLACE TEMP TABLE __t AS SELECT kind, value, profile_id, status, reason FROM _idr_prof", t=exp.to_table(table))
+    sql.run(engine, "CREATE OR REPLACE TEMP TABLE __t AS SELECT kind, value, reason FROM _idr_idstats WHERE reason IS NOT NULL",
+            t=exp.to_table(blocked))
     drop_temp_tables(engine)
     return {"identifiers": stats.nodes, "edges": stats.edges, "hubs": stats.hubs, "ambiguous": stats.ambiguous,
             "detached": stats.detached, "conflicts": stats.conflicts}
