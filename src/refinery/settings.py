@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     rate_limit_burst: float = Field(50_000.0, description="Default per-source burst of events allowed above the steady rate.")
 
     commit_max_events: int = Field(20_000, description="Most events the writer groups into one commit.")
-    commit_max_wait_ms: float = Field(2.0, description="How long the writer waits for more work to join a commit once it has some.")
+    commit_max_wait_ms: float = Field(2.0, description="When the writer was idle and work arrives, how long it waits for more to join the commit; work that queued while a commit ran is committed at once.")
 
     tracking_plans_dir: Path | None = Field(None, description="Folder of tracking plans (`<event name>.json` JSON Schemas). Default: `<data_dir>/tracking-plans`.")
     unplanned_events: Literal["accept", "quarantine"] = Field("accept", description="Default for sources: accept events without a plan, or quarantine them.")
