@@ -104,6 +104,8 @@ def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
     assert ident["matching"]["person_record"]["records"] > 0
     links = query(data_dir, "SELECT count(*) AS n FROM identity_links WHERE method = 'person_record' AND removed_at IS NULL")[0]["n"]
     assert ident["probabilistic_links"].get("person_record", 0) == links > 0
+    # Consent was read from the events' categoryPreferences into receipts during resolution.
+    assert ident["consent"]["receipts"] == query(data_dir, "SELECT count(*) AS n FROM consent_log")[0]["n"] > 0
     prob = ident["accuracy"]["with_probabilistic_links"]
     assert prob["precision"] >= 0.99 and prob["recall_of_all_pairs"] >= det["recall_of_all_pairs"]
 

@@ -125,5 +125,11 @@ def _print_identity(i: dict[str, Any]) -> None:
             f"With probabilistic links at {prob['threshold']}: precision [bold]{prob['precision']:.4f}[/], "
             f"recall {prob['recall_of_all_pairs']:.4f} of all pairs ({prob['links_used']} links used)."
         )
+    consent = i.get("consent")
+    if consent:
+        lines.append(
+            f"Consent: {consent['receipts']} receipts read from the events' choices per purpose; "
+            f"{consent['conflicts_open']} profile purposes where a person's devices disagree (the denial wins)."
+        )
     lines.append(f"Rules: {escape(i['rules_file'])}")
     console.print(Panel("\n".join(lines), title="Identity", title_align="left"))

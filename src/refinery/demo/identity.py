@@ -57,6 +57,10 @@ def summarise(api: Client, truth: dict[str, Any], resolution: dict[str, Any], pe
         "events_attributed": resolution["profiles"]["events_attributed"],
         "events_unattributed": resolution["profiles"]["events_unattributed"],
         "probabilistic_links": links,
+        "consent": {
+            "receipts": int(_rows(api, "SELECT count(*) FROM consent_log")[0][0]),
+            "conflicts_open": int(_rows(api, "SELECT count(*) FROM consent_conflicts WHERE resolved_at IS NULL")[0][0]),
+        },
         "accuracy": {"deterministic": {**det.to_dict(), "recall_of_all_pairs": _recall_all(truth, assignment)}},
     }
     if persons is not None:
