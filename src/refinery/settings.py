@@ -23,7 +23,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("./refinery-data"), description="Folder holding the database, the raw zone files and server state.")
     engine: Literal["duckdb"] = Field("duckdb", description="Engine that runs batch SQL. Only `duckdb` ships today; Spark arrives with the scale-out work.")
-    duckdb_memory_limit: str = Field("2GB", description="DuckDB memory limit (e.g. `2GB`); imports stream and stay under it.")
+    duckdb_memory_limit: str = Field("2GB", description="DuckDB memory limit for batch work (e.g. `2GB`): a CLI command's own process, and jobs such as identity resolution while they run inside the server (docs/decisions/0012-memory-policy.md).")
+    duckdb_steady_memory_limit: str = Field("256MB", description="DuckDB memory limit for long-running and streaming work: `refinery serve` between batch jobs, and every import; keeps RSS flat (DuckDB evicts to `<database>.tmp`).")
     duckdb_threads: int = Field(2, ge=1, description="Threads DuckDB may use.")
 
     host: str = Field("127.0.0.1", description="Address `refinery serve` binds to.")

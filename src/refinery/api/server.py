@@ -25,6 +25,7 @@ from refinery.api.app import create_app
 from refinery.api.collector import collector_first
 from refinery.runtime import Runtime
 from refinery.settings import Settings
+from refinery.storage.duckdb_engine import batch_memory, steady_memory
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,33 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _batch_memory_for_identity_jobs(asgi: Any, runtime: Runtime) -> Any:
+    """POSTs under /api/identity/ resolve identities (GBs for millions of edges): the batch limit while they run."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/api/identity/"):
+            return await asgi(scope, receive, send)
+        raised = batch_memory(runtime.engine)
+        await asyncio.to_thread(raised.__enter__)
+        try:
+            await asgi(scope, receive, send)
+        finally:
+            await asyncio.to_thread(raised.__exit__, None, None, None)
+
+    return app
+
+
 def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> None:
     """Run until interrupted. `on_ready(url)` is called once the socket accepts connections."""
     runtime = Runtime.open(settings)
+    # Memory policy (docs/decisions/0012-memory-policy.md): a steady DuckDB limit for the server's
+    # life, raised to `duckdb_memory_limit` only while a batch job (identity resolution) runs.
+    steady_memory(runtime.engine, settings.duckdb_steady_memory_limit)
     # identity_incremental (identity/incremental.py, owner: incremental identity): profiles follow commits.
     from refinery.identity.incremental import start_follower
     follower = start_follower(runtime)
     app = create_app(runtime)
-    asgi = collector_first(app, app.router.routes)
+    asgi = _batch_memory_for_identity_jobs(collector_first(app, app.router.routes), runtime)
     # Move start-up objects (imports, app, caches) out of the collector's way: otherwise every
     # full collection walks them all and stalls acknowledgements by 50-130 ms (p99 58 -> 26 ms at 1k req/s).
     gc.collect()

@@ -50,6 +50,7 @@ from refinery.ingest.import_clean import (
 )
 from refinery.ingest.mapping import column_uses, validate_mapping
 from refinery.ingest.replay import with_pending
+from refinery.storage.duckdb_engine import capped_memory
 from refinery.storage.engine import Engine
 
 if TYPE_CHECKING:
@@ -310,7 +311,10 @@ def _run_locked(runtime: Runtime, plan: _Plan, progress: Progress | None) -> Non
         job.file_sha256, job.stored_path = sha, str(stored)
         runtime.writer.call(lambda e: e.execute(
             "UPDATE imports SET file_sha256 = ?, stored_path = ? WHERE import_id = ?", [sha, str(stored), job.import_id]))
-        _stream(runtime, plan, stored, progress)
+        # A streaming job: DuckDB needs little for it, and at a high limit it would keep every block
+        # it writes cached (docs/decisions/0012-memory-policy.md).
+        with capped_memory(runtime.engine, runtime.settings.duckdb_steady_memory_limit):
+            _stream(runtime, plan, stored, progress)
         job.status = "completed"
     except Exception as e:  # recorded on the job; the caller (CLI, API poller) shows it
         job.status = "failed"
