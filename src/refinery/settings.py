@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     retention_first_check_minutes: float = Field(10.0, ge=0, description="Minutes after `refinery serve` starts before the scheduled retention job first checks whether a run is due (then hourly), so start-up is not slowed by a backlog.")
     retention_batch_rows: int = Field(50_000, ge=100, description="Most rows retention deletes in one writer transaction, so a large backlog never holds the writer for long.")
 
+    # lineage (governance/lineage.py, docs/lineage.md): every batch job's OpenLineage run events
+    lineage_file: Path | None = Field(None, description="JSON lines file every batch job appends its OpenLineage run events to (START, then COMPLETE or FAIL); `refinery lineage` reads it. Default: `<data_dir>/lineage/events.jsonl`.")
+    lineage_url: str | None = Field(None, description="Base URL of an OpenLineage HTTP endpoint (e.g. Marquez, `http://localhost:5000`) that also receives every run event, at `/api/v1/lineage`; unset sends none. A failing endpoint is logged and never fails a job.")
+    lineage_timeout_seconds: float = Field(2.0, gt=0, description="How long one run event may take to reach `lineage_url` before it is given up (logged, the job goes on).")
+
     @property
     def database_path(self) -> Path:
         return self.data_dir / "refinery.duckdb"
@@ -99,6 +104,10 @@ class Settings(BaseSettings):
     @property
     def identity_rules_path(self) -> Path:
         return self.identity_rules_file or (self.data_dir / "identity-rules.yaml")
+
+    @property
+    def lineage_path(self) -> Path:
+        return self.lineage_file or (self.data_dir / "lineage" / "events.jsonl")
 
 
 CONFIG_ENV = "REFINERY_CONFIG"
