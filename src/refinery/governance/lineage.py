@@ -64,9 +64,32 @@ class LineageRun:
         """Ids and numbers of the job's own records (an import id, a retention run id); never personal values."""
         self.details.update({k: v for k, v in details.items() if v is not None})
 
+    failure: str | None = None
+
     def add_input(self, name: str) -> None:
         if name not in self.inputs:
             self.inputs.append(name)
+
+    def add_output(self, name: str) -> None:
+        if name not in self.outputs:
+            self.outputs.append(name)
+
+    def failed(self, message: str) -> None:
+        """A job that records its failure instead of raising: the run ends FAIL with `message`
+        (written by us, never holding values from the data)."""
+        self.failure = message[:_MAX_ERROR]
+
+    def record_import(self, job: Any) -> None:
+        """An import job's outcome (`ingest.importer.ImportJob`): its ids, counts, stored file and state.
+        Its error text stays in `imports.error` (it may quote a value); the event points there."""
+        self.note(import_id=job.import_id, source=job.source, file_sha256=job.file_sha256 or None,
+                  rows_read=job.rows_read, rows_duplicate=job.rows_duplicate)
+        self.count("events", job.rows_loaded)
+        self.count("failed_events", job.rows_failed)
+        if job.stored_path:
+            self.add_output(f"{FILE_NAMESPACE}:{job.stored_path}")
+        if job.status == "failed":
+            self.failed(f"Import {job.import_id} failed; its error is recorded in imports.error.")
 
 
 def _new_run_id() -> uuid.UUID:
@@ -85,7 +108,7 @@ def run(settings: Settings, *, job: str, inputs: Sequence[str], outputs: Sequenc
     except BaseException as e:
         emit(settings, current, "FAIL", error=e)
         raise
-    emit(settings, current, "COMPLETE")
+    emit(settings, current, "FAIL" if current.failure else "COMPLETE")
 
 
 def error_text(e: BaseException) -> str:
@@ -114,12 +137,13 @@ def build_event(current: LineageRun, state: str, *, error: BaseException | None 
     run_facets: dict[str, Any] = {}
     if current.details:
         run_facets["refinery"] = _facet_class()(details=dict(current.details))
-    if error is not None:
-        run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(message=error_text(error), programmingLanguage="python")
+    message = error_text(error) if error is not None else current.failure if state == "FAIL" else None
+    if message:
+        run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(message=message, programmingLanguage="python")
     outputs = []
     for name in current.outputs:
         facets = None
-        if state == "COMPLETE" and name in current.counts:
+        if state != "START" and name in current.counts:
             facets = {"outputStatistics": output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(rowCount=current.counts[name])}
         outputs.append(_dataset(name, OutputDataset, facets))
     return RunEvent(

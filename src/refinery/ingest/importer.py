@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from sqlglot import exp
 
 from refinery.errors import ImportError_, NotFoundError, RefineryError
+from refinery.governance import lineage
 from refinery.ingest.clean import EVENT_COLUMNS
 from refinery.ingest.import_clean import (
     LINE_DELIMITER,
@@ -297,8 +298,10 @@ def _execute(runtime: Runtime, plan: _Plan, progress: Progress | None) -> None:
         _RUNNING.add(job.import_id)
         source_lock = _SOURCE_LOCKS.setdefault(job.source, threading.Lock())
     try:
-        with source_lock:
+        with source_lock, lineage.run(runtime.settings, job="ingest.import", inputs=[f"file:{plan.original}"],
+                                      outputs=["events", "failed_events", "imports"]) as run:
             _run_locked(runtime, plan, progress)
+            run.record_import(job)
     finally:
         with _RUNNING_LOCK:
             _RUNNING.discard(job.import_id)
