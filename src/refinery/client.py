@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from refinery.errors import RefineryError, ServerUnavailable
+from refinery.governance import lineage
 from refinery.settings import Settings
 
 
@@ -175,7 +176,10 @@ class LocalClient(Client):
             self._audited(e, "identity.resolve", None, audit.counts(result))
             return result
 
-        return self.rt.writer.call(run)
+        with lineage.run(self.rt.settings, **lineage.RESOLVE) as lr:  # lineage: emitted outside the writer
+            result: dict[str, Any] = self.rt.writer.call(run)
+            lr.record_resolution(result)
+        return result
 
     def match_identities(self, source: str | None = None) -> dict[str, Any]:
         from refinery.identity.matching.run import run_matching
@@ -231,7 +235,9 @@ class LocalClient(Client):
                          {"kind": o.kind, "identifier_types": sorted({i["type"] for i in o.identifiers}), **audit.counts(resolution)})
             return {"override": o.to_dict(), "resolution": resolution}
 
-        result: dict[str, Any] = self.rt.writer.call(work)
+        with lineage.run(self.rt.settings, **lineage.RESOLVE) as lr:
+            result: dict[str, Any] = self.rt.writer.call(work)
+            lr.record_resolution(result["resolution"])
         return result
 
     def create_override(self, kind: str, identifiers: list[str], profile: str | None, reason: str | None) -> dict[str, Any]:

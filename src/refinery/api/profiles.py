@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from refinery.api.auth import current_principal, record_for, require
-from refinery.governance import audit
+from refinery.governance import audit, lineage
 from refinery.governance.principal import Principal
 from refinery.identity import rules_from_settings
 from refinery.profiles import explain as explain_mod
@@ -45,7 +45,10 @@ def router(runtime: Runtime) -> APIRouter:
             audit.record(e, actor, "identity.resolve", None, audit.counts(result))
             return result
 
-        return runtime.writer.call(run)
+        with lineage.run(runtime.settings, **lineage.RESOLVE) as lr:  # lineage: emitted outside the writer
+            result: dict[str, Any] = runtime.writer.call(run)
+            lr.record_resolution(result)
+        return result
 
     @r.post("/api/identity/match", dependencies=[identity_write])
     def post_match(request: Request, source: str | None = None) -> dict[str, Any]:

@@ -79,6 +79,17 @@ class LineageRun:
         (written by us, never holding values from the data)."""
         self.failure = message[:_MAX_ERROR]
 
+    def record_resolution(self, result: dict[str, Any]) -> None:
+        """`profiles.build.resolve_and_build`'s result: the resolution id, and the rows it left."""
+        identity, profiles, consent = result.get("identity", {}), result.get("profiles", {}), result.get("consent", {})
+        self.note(resolution_id=identity.get("resolution_id"), consent_sync_id=consent.get("sync_id"),
+                  merges=identity.get("merges"), unmerges=identity.get("unmerges"))
+        self.count("identities", identity.get("identifiers"))
+        self.count("identity_edges", identity.get("edges"))
+        self.count("profiles", profiles.get("profiles"))
+        self.count("event_profiles", profiles.get("events_attributed"))
+        self.count("consent_log", consent.get("log_rows"))
+
     def record_import(self, job: Any) -> None:
         """An import job's outcome (`ingest.importer.ImportJob`): its ids, counts, stored file and state.
         Its error text stays in `imports.error` (it may quote a value); the event points there."""
@@ -96,6 +107,15 @@ def _new_run_id() -> uuid.UUID:
     from openlineage.client.uuid import generate_new_uuid
 
     return generate_new_uuid()
+
+
+#: What a full resolution (`profiles.build.resolve_and_build`, consent sync included) reads and writes.
+RESOLVE: dict[str, Any] = {
+    "job": "identity.resolve",
+    "inputs": ["events", "identity_overrides", "consent_log"],
+    "outputs": ["identities", "identity_edges", "identity_blocked", "profile_merges", "identity_resolutions",
+                "profiles", "event_profiles", "consent_log", "consent_conflicts", "consent_syncs"],
+}
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery.errors import RefineryError
-from refinery.governance import audit
+from refinery.governance import audit, lineage
 from refinery.governance.errors import GovernanceError
 from refinery.governance.principal import Principal
 from refinery.ingest.maintenance import prune_message_ids
@@ -267,7 +267,20 @@ def _iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat()
 
 
-def run(
+def run(engine: Engine, writer: Writer, settings: Settings, actor: Principal, *, trigger: str = "cli", dry_run: bool = False,
+        as_of: datetime | None = None, on_progress: Callable[[dict[str, int]], None] | None = None) -> RunReport:
+    """`_run` as a lineage run (`governance.retention`): the rows it deleted, per table, in the run's facet."""
+    outputs = [] if dry_run else [*_LINEAGE_TABLES, "retention_runs", f"file:{settings.raw_files_dir}"]
+    with lineage.run(settings, job="governance.retention", inputs=[*_LINEAGE_TABLES, "retention_overrides"], outputs=outputs) as lr:
+        report = _run(engine, writer, settings, actor, trigger=trigger, dry_run=dry_run, as_of=as_of, on_progress=on_progress)
+        lr.note(retention_run_id=report.run_id, dry_run=report.dry_run, trigger=report.trigger, deleted=report.counts)
+    return report
+
+
+_LINEAGE_TABLES = ["raw_events", "events", "event_profiles", "failed_events", "message_ids"]
+
+
+def _run(
     engine: Engine,
     writer: Writer,
     settings: Settings,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from refinery.governance import lineage
 from refinery.identity.matching.device import DeviceSignalConfig, device_signal_links
 from refinery.identity.matching.links import DEVICE_SIGNAL, PERSON_RECORD
 from refinery.identity.matching.person import PersonMatchConfig, match_person_records
@@ -21,12 +22,15 @@ from refinery.storage.writer import Writer
 
 def run_matching(engine: Engine, writer: Writer, settings: Settings, *, source: str | None = None) -> dict[str, Any]:
     """Match person records (optionally of one source) and device signals; returns what each wrote."""
-    records = from_events(engine, source=source)
-    person = match_person_records(records, PersonMatchConfig.from_settings(settings))
-    person_written = save_links(writer, person.links, method=PERSON_RECORD, model_version=person.model_version)
-    device_config = DeviceSignalConfig.from_settings(settings)
-    device = device_signal_links(engine, device_config)
-    device_written = save_links(writer, device, method=DEVICE_SIGNAL, model_version=device_config.model_version)
+    with lineage.run(settings, job="identity.match", inputs=["events", "identities"], outputs=["identity_links"]) as lr:
+        records = from_events(engine, source=source)
+        person = match_person_records(records, PersonMatchConfig.from_settings(settings))
+        person_written = save_links(writer, person.links, method=PERSON_RECORD, model_version=person.model_version)
+        device_config = DeviceSignalConfig.from_settings(settings)
+        device = device_signal_links(engine, device_config)
+        device_written = save_links(writer, device, method=DEVICE_SIGNAL, model_version=device_config.model_version)
+        lr.count("identity_links", sum(w.inserted + w.refreshed for w in (person_written, device_written)))
+        lr.note(source=source, person_model=person.model_version, device_model=device_config.model_version)
     return {
         "person_record": {**person.summary(), "written": _summary(person_written)},
         "device_signal": {"links": device.num_rows, "model_version": device_config.model_version, "written": _summary(device_written)},
