@@ -86,6 +86,10 @@ class Client(abc.ABC):
     @abc.abstractmethod
     def set_retention(self, source: str, zone: str, days: int | None) -> dict[str, Any]: ...
 
+    # lineage (refinery.governance.lineage)
+    @abc.abstractmethod
+    def lineage(self, target: str, limit: int = 50) -> dict[str, Any]: ...
+
 
 class LocalClient(Client):
     def __init__(self, settings: Settings):
@@ -336,6 +340,15 @@ class LocalClient(Client):
         self.rt.writer.call(change)
         return self.retention_policy()
 
+    def lineage(self, target: str, limit: int = 50) -> dict[str, Any]:
+        from refinery.profiles import read
+
+        result = lineage.trail(self.rt.settings, self.rt.engine, target, limit=limit)
+        if result["kind"] == "profile":  # audited as the API does: by identifier type, never the value
+            by = "profile_id" if target.startswith("prof_") else read.parse_identifier(target, self._rules())[0] or "any"
+            self._audit_read("lineage.read", f"profile:{result['profile_id']}", {"by": by, "events": result["total_events"]})
+        return result
+
 
 class RemoteClient(Client):
     def __init__(self, url: str, token: str):
@@ -460,6 +473,10 @@ class RemoteClient(Client):
 
     def set_retention(self, source: str, zone: str, days: int | None) -> dict[str, Any]:
         result: dict[str, Any] = self._call("PUT", f"/api/retention/sources/{source}", json={"zone": zone, "days": days})
+        return result
+
+    def lineage(self, target: str, limit: int = 50) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/api/lineage", params={"target": target, "limit": limit})
         return result
 
 

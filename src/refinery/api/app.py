@@ -169,4 +169,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     from refinery.api.retention import router as retention_router  # retention (governance/retention.py)
 
     app.include_router(retention_router(runtime))
+    from refinery.api.lineage import router as lineage_router  # lineage (governance/lineage.py)
+
+    app.include_router(lineage_router(runtime))
     return app

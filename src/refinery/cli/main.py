@@ -11,7 +11,18 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from refinery.cli import audit, consent, events, identity, plans, profiles, retention, sources, tokens
+from refinery.cli import (
+    audit,
+    consent,
+    events,
+    identity,
+    lineage,
+    plans,
+    profiles,
+    retention,
+    sources,
+    tokens,
+)
 from refinery.cli.common import (
     DataDirOption,
     JsonOption,
@@ -41,6 +52,7 @@ app.add_typer(tokens.app, name="tokens")
 app.add_typer(audit.app, name="audit")
 app.add_typer(consent.app, name="consent")
 app.add_typer(retention.app, name="retention")
+app.command("lineage")(lineage.show)
 
 
 @app.command()

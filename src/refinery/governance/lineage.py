@@ -371,4 +371,10 @@ def trail(settings: Settings, engine: Any, target: str, *, limit: int = 50) -> d
     """`refinery lineage TARGET`: a table's runs, or a profile's trail."""
     if is_table(target, settings):
         return table_trail(settings, target, limit=limit)
-    return profile_trail(settings, engine, target, limit=limit)
+    try:
+        return profile_trail(settings, engine, target, limit=limit)
+    except NotFoundError as e:
+        raise NotFoundError(
+            f"{target!r} is neither a table with lineage nor a known profile: {e.message}",
+            fix="Pass a table (events, profiles, identities...), a profile id (prof_...) or an identifier as type:value.",
+        ) from e

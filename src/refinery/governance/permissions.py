@@ -138,3 +138,8 @@ define_role(
 register_permission("retention:run", "Run retention: delete what is older than its time-to-live (or count it, in a dry run).")
 register_permission("retention:read", "Read the retention policy and past retention runs (counts, never data).")
 grant("privacy_officer", "retention:run", "retention:read")
+
+# lineage (governance/lineage.py): the runs that read or wrote a table, and a profile's sources; no personal values.
+register_permission("lineage:read", "Read lineage: the job runs behind a table, and the sources, messages and files behind a profile.")
+grant("privacy_officer", "lineage:read")
+grant("analyst", "lineage:read")
