@@ -5,6 +5,7 @@ test folders have a conftest.py of their own, and only one module can be called 
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import os
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -110,3 +112,16 @@ def write_events(rt: Runtime, *events: dict[str, Any], source: str = "web") -> l
         items.extend(IngestItem(source, "req", datetime.now(UTC), s) for s in stage("batch", {"batch": [ev]}, Limits()))
     outcomes: list[Any] = rt.writer.call(lambda e: rt.events.write(e, items))
     return outcomes
+
+
+@contextlib.contextmanager
+def fresh_runtime(tmp_path: Path) -> Iterator[Runtime]:
+    """A runtime on a new data dir under `tmp_path` (admin token 't'), closed afterwards."""
+    from refinery.runtime import Runtime
+    from refinery.settings import Settings
+
+    rt = Runtime.open(Settings(data_dir=tmp_path / "data", admin_token="t"))
+    try:
+        yield rt
+    finally:
+        rt.close()

@@ -12,8 +12,7 @@ import pytest
 
 from refinery.identity import IdentityRules, ResolveReport, resolve
 from refinery.runtime import Runtime
-from refinery.settings import Settings
-from support import T0, event, write_events
+from support import T0, event, fresh_runtime, write_events
 
 __all__ = ["T0", "Identity", "event", "ident"]
 
@@ -58,8 +57,5 @@ class Identity:
 
 @pytest.fixture
 def ident(tmp_path: Path) -> Iterator[Identity]:
-    rt = Runtime.open(Settings(data_dir=tmp_path / "data", admin_token="t"))
-    try:
+    with fresh_runtime(tmp_path) as rt:
         yield Identity(rt)
-    finally:
-        rt.close()

@@ -13,8 +13,7 @@ from refinery.identity import IdentityRules
 from refinery.profiles.build import resolve_and_build
 from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
-from refinery.settings import Settings
-from support import event, write_events
+from support import event, fresh_runtime, write_events
 
 __all__ = ["World", "event", "world"]
 
@@ -43,8 +42,5 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    rt = Runtime.open(Settings(data_dir=tmp_path / "data", admin_token="t"))
-    try:
+    with fresh_runtime(tmp_path) as rt:
         yield World(rt)
-    finally:
-        rt.close()
