@@ -384,6 +384,19 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, max_
     return report
 
 
+def _tally(table: dict[Any, dict[str, Any]], key: Any, o: dict[str, Any], label: str) -> None:
+    """Fold one occurrence `o` into `table[key]`: first and last time, count, and `label` (the rule or
+    block reason) of the earliest occurrence by (time, source, message id)."""
+    first = (o["ts"], o["source"], o["message_id"])
+    t = table.get(key)
+    if t is None:
+        table[key] = {"first_seen": o["ts"], "last_seen": o["ts"], "n": 1, "first": first, label: o[label]}
+        return
+    t["first_seen"], t["last_seen"], t["n"] = min(t["first_seen"], o["ts"]), max(t["last_seen"], o["ts"]), t["n"] + 1
+    if first < t["first"]:
+        t["first"], t[label] = first, o[label]
+
+
 def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, watermark: datetime, now: datetime) -> BatchReport | None:
     """The local path; None when the batch needs a full resolution."""
     batch = sql.template("SELECT * FROM __events WHERE loaded_at >= __w", events=_main(engine, "events"), w=_ts(watermark))
@@ -402,15 +415,7 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
     # Identifier statistics of the batch.
     add: dict[Ident, dict[str, Any]] = {}
     for o in occ:
-        i = (o["kind"], o["value"])
-        s = add.get(i)
-        k = (o["ts"], o["source"], o["message_id"])
-        if s is None:
-            add[i] = {"first_seen": o["ts"], "last_seen": o["ts"], "n": 1, "first": k, "reason": o["reason"]}
-        else:
-            s["first_seen"], s["last_seen"], s["n"] = min(s["first_seen"], o["ts"]), max(s["last_seen"], o["ts"]), s["n"] + 1
-            if k < s["first"]:
-                s["first"], s["reason"] = k, o["reason"]
+        _tally(add, (o["kind"], o["value"]), o, "reason")
     report.identifiers = len(add)
     new_users = [v for (kind, v) in add if kind == "user_id"]
     stored = _fetch_identities(engine, [*add, *(("anonymous_id", v) for v in new_users)])
@@ -446,15 +451,7 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
         c = lst[0]
         a = (c["kind"], c["value"])
         for o in lst[1:]:
-            key = (a, (o["kind"], o["value"]))
-            k = (o["ts"], o["source"], o["message_id"])
-            e = eadd.get(key)
-            if e is None:
-                eadd[key] = {"event_time": o["ts"], "last_seen": o["ts"], "n": 1, "first": k, "rule": o["rule"]}
-            else:
-                e["event_time"], e["last_seen"], e["n"] = min(e["event_time"], o["ts"]), max(e["last_seen"], o["ts"]), e["n"] + 1
-                if k < e["first"]:
-                    e["first"], e["rule"] = k, o["rule"]
+            _tally(eadd, (a, (o["kind"], o["value"])), o, "rule")
     ends = {end for key in eadd for end in key}
     for r in _fetch_edges(engine, touched | ends):
         st.add_edge_row(r)
@@ -463,7 +460,7 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
         old_e = st.edges.get(key)
         if old_e is None:
             row = {"a_type": key[0][0], "a_value": key[0][1], "b_type": key[1][0], "b_value": key[1][1], "rule": e["rule"],
-                   "message_id": e["first"][2], "source": e["first"][1], "event_time": e["event_time"], "last_seen": e["last_seen"],
+                   "message_id": e["first"][2], "source": e["first"][1], "event_time": e["first_seen"], "last_seen": e["last_seen"],
                    "event_count": e["n"], "status": None, "reason": None}
             st.new_edges.add(key)
             touched.update(key)
@@ -472,7 +469,7 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
             row = old_e
             if e["first"] < (old_e["event_time"], old_e["source"], old_e["message_id"]):
                 row["rule"], row["message_id"], row["source"] = e["rule"], e["first"][2], e["first"][1]
-            row["event_time"] = min(old_e["event_time"], e["event_time"])
+            row["event_time"] = min(old_e["event_time"], e["first_seen"])
             row["last_seen"] = max(old_e["last_seen"], e["last_seen"])
             row["event_count"] = old_e["event_count"] + e["n"]
         st.touched_edges.add(key)
