@@ -170,13 +170,12 @@ class LocalClient(Client):
 
     def resolve_identities(self) -> dict[str, Any]:
         from refinery.governance import audit
-        from refinery.profiles.build import resolve_and_build
-        from refinery.profiles.policy import TraitPolicy
+        from refinery.profiles.build import Refresh
 
-        rules, policy, categories = self._rules(), TraitPolicy.from_settings(self.rt.settings), self.rt.settings.consent_categories
+        refresh = Refresh.from_settings(self.rt.settings)
 
         def run(e: Any) -> dict[str, Any]:
-            result = resolve_and_build(e, rules, policy, consent_categories=categories)
+            result = refresh(e)
             self._audited(e, "identity.resolve", None, audit.counts(result))
             return result
 
@@ -227,14 +226,13 @@ class LocalClient(Client):
         """Run `change(engine, actor)` (an override) then resolution + profile build, audited, in one writer transaction."""
         from refinery.governance import audit
         from refinery.governance.principal import local_principal
-        from refinery.profiles.build import resolve_and_build
-        from refinery.profiles.policy import TraitPolicy
+        from refinery.profiles.build import Refresh
 
-        rules, policy, actor = self._rules(), TraitPolicy.from_settings(self.rt.settings), local_principal()
+        refresh, actor = Refresh.from_settings(self.rt.settings), local_principal()
 
         def work(e: Any) -> dict[str, Any]:
             o = change(e, actor.name)
-            resolution = resolve_and_build(e, rules, policy)
+            resolution = refresh(e)
             audit.record(e, actor, action, f"identity_override:{o.override_id}",
                          {"kind": o.kind, "identifier_types": sorted({i["type"] for i in o.identifiers}), **audit.counts(resolution)})
             return {"override": o.to_dict(), "resolution": resolution}

@@ -20,8 +20,7 @@ from refinery.governance.principal import Principal
 from refinery.identity import overrides as ov
 from refinery.identity.plan import plan
 from refinery.identity.rules import parse_rules, rules_from_settings, thresholds_from_settings
-from refinery.profiles.build import resolve_and_build
-from refinery.profiles.policy import TraitPolicy
+from refinery.profiles.build import Refresh
 from refinery.runtime import Runtime
 
 
@@ -47,7 +46,7 @@ def router(runtime: Runtime) -> APIRouter:
         return rules_from_settings(runtime.settings)
 
     def then_resolve(e: Any) -> dict[str, Any]:
-        return resolve_and_build(e, rules(), TraitPolicy.from_settings(runtime.settings))
+        return Refresh.from_settings(runtime.settings)(e)
 
     def changed(e: Any, actor: Principal, action: str, o: ov.Override) -> dict[str, Any]:
         result = {"override": o.to_dict(), "resolution": then_resolve(e)}

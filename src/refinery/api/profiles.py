@@ -16,9 +16,8 @@ from refinery.governance.principal import Principal
 from refinery.identity import rules_from_settings
 from refinery.profiles import explain as explain_mod
 from refinery.profiles import read
-from refinery.profiles.build import resolve_and_build
+from refinery.profiles.build import Refresh
 from refinery.profiles.persons import IdentityPolicy, persons, summary
-from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
 
 
@@ -38,10 +37,10 @@ def router(runtime: Runtime) -> APIRouter:
 
     @r.post("/api/identity/resolve", dependencies=[identity_write])
     def post_resolve(actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        rs, policy = rules(), TraitPolicy.from_settings(runtime.settings)
+        refresh = Refresh.from_settings(runtime.settings)
 
         def run(e: Any) -> dict[str, Any]:
-            result = resolve_and_build(e, rs, policy, consent_categories=runtime.settings.consent_categories)
+            result = refresh(e)
             audit.record(e, actor, "identity.resolve", None, audit.counts(result))
             return result
 

@@ -44,7 +44,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -343,7 +343,8 @@ class _State:
             self.incident.setdefault(end, set()).add(key)
 
 
-def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, max_events: int = MAX_BATCH_EVENTS,
+def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, consent_categories: Mapping[str, str] | None = None,
+              max_events: int = MAX_BATCH_EVENTS,
               max_full_events: int | None = None) -> BatchReport:
     """Bring the identity and profile tables up to date with the events committed since the watermark
     (call inside the writer: `writer.call(lambda e: run_batch(e, rules, policy))`).
@@ -375,7 +376,7 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, max_
                                seconds=time.perf_counter() - clock)
         from refinery.profiles.build import resolve_and_build
 
-        result = resolve_and_build(engine, rules, policy)
+        result = resolve_and_build(engine, rules, policy, consent_categories=consent_categories)
         report = BatchReport("full", events=int(result["profiles"]["events_attributed"]) + int(result["profiles"]["events_unattributed"]),
                              identifiers=int(result["identity"]["identifiers"]), merges=int(result["identity"]["merges"]),
                              unmerges=int(result["identity"]["unmerges"]), reason=why_full)
@@ -887,8 +888,9 @@ class Follower:
     last batch, so profiles follow events within a few milliseconds of their commit."""
 
     def __init__(self, writer: Writer, rules: IdentityRules, policy: TraitPolicy, *, poll_seconds: float = 0.001,
-                 max_full_events: int | None = FOLLOWER_MAX_FULL_EVENTS):
+                 max_full_events: int | None = FOLLOWER_MAX_FULL_EVENTS, consent_categories: Mapping[str, str] | None = None):
         self.writer, self.rules, self.policy, self.poll = writer, rules, policy, poll_seconds
+        self.consent_categories = consent_categories
         self.max_full_events = max_full_events
         self._warned = False
         self.batches = 0
@@ -919,7 +921,8 @@ class Follower:
             # other than the batch's own makes the counter pass commits + 1 and triggers one more.
             try:
                 report = self.writer.submit(
-                    lambda e: run_batch(e, self.rules, self.policy, max_full_events=self.max_full_events)).result()
+                    lambda e: run_batch(e, self.rules, self.policy, consent_categories=self.consent_categories,
+                                        max_full_events=self.max_full_events)).result()
             except Exception as e:  # the follower must not die; the next commit retries
                 self.failures += 1
                 log.warning("identity follower: batch failed (%s); retrying after the next commit", type(e).__name__, exc_info=True)
@@ -948,6 +951,6 @@ def start_follower(runtime: Any) -> Follower | None:
     except IdentityRulesError as e:
         log.warning("identity follower not started: %s", e.message)
         return None
-    follower = Follower(runtime.writer, rules, TraitPolicy.from_settings(settings))
+    follower = Follower(runtime.writer, rules, TraitPolicy.from_settings(settings), consent_categories=settings.consent_categories)
     follower.start()
     return follower

@@ -126,6 +126,25 @@ def build(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, now: dat
     return BuildReport(profiles, attributed, total - attributed, traits)
 
 
+@dataclass(frozen=True)
+class Refresh:
+    """A resolution + profile build with everything it needs from the settings, taken once: the
+    identity rules, the trait policy and the consent category names. Call it inside the writer."""
+
+    rules: IdentityRules
+    policy: TraitPolicy
+    consent_categories: Mapping[str, str]
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Refresh:
+        from refinery.identity import rules_from_settings
+
+        return cls(rules_from_settings(settings), TraitPolicy.from_settings(settings), dict(settings.consent_categories))
+
+    def __call__(self, engine: Engine) -> dict[str, Any]:
+        return resolve_and_build(engine, self.rules, self.policy, consent_categories=self.consent_categories)
+
+
 def resolve_and_build(
     engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, consent_categories: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
