@@ -14,6 +14,8 @@ from refinery.ingest.clean import CleanRules
 from refinery.ingest.plans import TrackingPlans
 from refinery.ingest.sources import SourceRegistry
 from refinery.ingest.store import EventStore
+from refinery.privacy.pii import use_tokeniser
+from refinery.privacy.vault import Vault
 from refinery.settings import Settings
 from refinery.storage.duckdb_engine import DuckDBEngine
 from refinery.storage.engine import Engine
@@ -31,6 +33,7 @@ class Runtime:
     sources: SourceRegistry
     events: EventStore
     plans: TrackingPlans
+    vault: Vault
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -39,9 +42,16 @@ class Runtime:
         engine = DuckDBEngine(
             settings.database_path, memory_limit=settings.duckdb_memory_limit, threads=settings.duckdb_threads
         )
+        try:
+            vault = Vault.open(settings, engine)  # before migrating: a missing or wrong key touches nothing
+        except BaseException:
+            engine.close()
+            raise
+        use_tokeniser(vault.tokens)
         applied = migrate(engine)
         if applied:
             log.info("storage migrated to version %s", applied[-1])
+        vault.load_suppression(engine)
         writer = Writer(engine, max_group=settings.commit_max_events, max_wait_ms=settings.commit_max_wait_ms)
         if start_writer:
             writer.start()
@@ -51,8 +61,9 @@ class Runtime:
             engine=engine,
             writer=writer,
             sources=SourceRegistry(engine),
-            events=EventStore(rules),
+            events=EventStore(rules, vault),
             plans=TrackingPlans(settings.plans_dir, default_mode=settings.unplanned_events),
+            vault=vault,
         )
         # This process holds the database alone (DuckDB's file lock), so an import still marked as
         # running was cut off by a stop: say so now rather than leave it 'started' forever.
@@ -68,6 +79,7 @@ class Runtime:
     def close(self) -> None:
         self.writer.stop()
         self.engine.close()
+        self.vault.close()
 
     def __enter__(self) -> Runtime:
         return self

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from refinery.errors import ConfigurationError
+from refinery.privacy.tokens import DEFAULT_PROPERTY_FIELDS, DEFAULT_TRAIT_FIELDS, PiiPolicy
 
 
 class Settings(BaseSettings):
@@ -88,6 +89,27 @@ class Settings(BaseSettings):
     lineage_file: Path | None = Field(None, description="JSON lines file every batch job appends its OpenLineage run events to (START, then COMPLETE or FAIL); `refinery lineage` reads it. Default: `<data_dir>/lineage/events.jsonl`.")
     lineage_url: str | None = Field(None, description="Base URL of an OpenLineage HTTP endpoint (e.g. Marquez, `http://localhost:5000`) that also receives every run event, at `/api/v1/lineage`; unset sends none. A failing endpoint is logged and never fails a job.")
     lineage_timeout_seconds: float = Field(2.0, gt=0, description="How long one run event may take to reach `lineage_url` before it is given up (logged, the job goes on).")
+
+    # privacy (privacy/, docs/privacy.md): pseudonymisation and the vault
+    pseudonymise: bool = Field(True, description="Replace personal fields by keyed tokens (`pii:<kind>:<hex>`) in the clean and curated zones, keeping the values only in the vault, sealed per subject. Off keeps them in clear (raw and failed payloads are sealed either way).")
+    pii_trait_fields: list[str] = Field(default_factory=lambda: list(DEFAULT_TRAIT_FIELDS), description="Trait names (in `traits` and `context.traits`) that hold personal data and are replaced by tokens.")
+    pii_property_fields: list[str] = Field(default_factory=lambda: list(DEFAULT_PROPERTY_FIELDS), description="Event property names (in `properties`) that hold personal data and are replaced by tokens.")
+    ip_handling: Literal["tokenise", "truncate", "keep"] = Field("tokenise", description="What the clean zone keeps of `context.ip`: a token (`tokenise`; equal addresses still match), the address truncated to its /24 (IPv4) or /48 (IPv6) network (`truncate`), or the address (`keep`).")
+    master_key_file: Path | None = Field(None, description="File holding the base64 master key (32 bytes) that protects the vault's keys; `REFINERY_MASTER_KEY` (base64) takes precedence. Default: `<data_dir>/keys/master.key`, generated on first start. Keep it, and the key store, out of the data's backups.")
+    key_store_file: Path | None = Field(None, description="SQLite file holding each subject's data key, wrapped by the master key; deleting a key is crypto-shredding. Default: `<data_dir>/keys/subject-keys.sqlite`.")
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.master_key_file or (self.data_dir / "keys" / "master.key")
+
+    @property
+    def key_store_path(self) -> Path:
+        return self.key_store_file or (self.data_dir / "keys" / "subject-keys.sqlite")
+
+    @property
+    def pii_policy(self) -> PiiPolicy:
+        return PiiPolicy(tuple(self.pii_trait_fields), tuple(self.pii_property_fields), self.ip_handling,
+                         self.identity_phone_region, self.pseudonymise)
 
     @property
     def database_path(self) -> Path:

@@ -35,7 +35,7 @@ from refinery.errors import NotFoundError
 from refinery.governance.purposes import PURPOSES, ConsentPolicy, InvalidConsent, check_purpose, from_tcf
 from refinery.governance.tcf import decode as decode_tcf
 from refinery.identity import sql
-from refinery.identity.normalise import normalise
+from refinery.privacy.normalise import normalise
 from refinery.identity.rules import PII_TYPES, IdentityRules
 from refinery.privacy.pii import protect_identifier
 from refinery.storage.engine import Engine

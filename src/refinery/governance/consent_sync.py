@@ -40,7 +40,7 @@ from refinery.governance.purposes import CategoryMap, from_tcf
 from refinery.governance.tcf import TCFError
 from refinery.governance.tcf import decode as decode_tcf
 from refinery.identity import sql
-from refinery.identity.normalise import normalise
+from refinery.privacy.normalise import normalise
 from refinery.storage.engine import Engine
 
 _TEMP = ("_cns_subj", "_cns_sig", "_cns_new", "_cns_conf")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from itertools import combinations
 from typing import Any
 
-from refinery.identity.normalise import normalise
+from refinery.privacy.normalise import normalise
 
 Ident = tuple[str, str]
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from refinery.identity import sql
-from refinery.identity.normalise import normalise
+from refinery.privacy.normalise import normalise
 from refinery.identity.rules import PII_TYPES, IdentityRules
 from refinery.privacy.pii import protect_identifier
 from refinery.storage.engine import Engine

@@ -27,7 +27,7 @@ from sqlglot import exp
 
 from refinery.errors import ConflictError, NotFoundError
 from refinery.identity.errors import OverrideError
-from refinery.identity.normalise import normalise
+from refinery.privacy.normalise import normalise
 from refinery.identity.rules import PII_TYPES, IdentityRules
 from refinery.privacy.pii import protect_identifier
 from refinery.storage.engine import Engine

@@ -13,9 +13,6 @@ from dataclasses import dataclass
 
 from sqlglot import exp
 
-from refinery.privacy.pii import protect_expression
-from refinery.storage.engine import parse
-
 #: Columns of `events`, in table order.
 EVENT_COLUMNS: tuple[str, ...] = (
     "message_id", "source", "type", "event", "name", "user_id", "anonymous_id", "group_id", "previous_id",
@@ -165,8 +162,6 @@ def _stages(rules: CleanRules) -> list[list[str]]:
         import_id="import_id",
         loaded_at="now()",
     )
-    for col, kind in (("ip", "ip"),):
-        columns[col] = protect_expression(kind, parse(columns[col])).sql("duckdb")
     cleaned = [f"{columns[c]} AS {c}" for c in EVENT_COLUMNS] + ["payload AS _payload", *_CHECKED]
     checked = ["*", f"{_check(rules)} AS _check"]
     stages: list[list[str]] = [["*", *extracted], ["*", *typed], ["*", *parsed], ["*", *event_time], cleaned, checked]

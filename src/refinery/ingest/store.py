@@ -19,6 +19,7 @@ from sqlglot import exp
 
 from refinery.ingest.clean import EVENT_COLUMNS, CleanRules, clean_select
 from refinery.ingest.protocol import Failure, StagedEvent
+from refinery.privacy.vault import Vault
 from refinery.storage.engine import ConstraintViolation, Engine, parse
 from refinery.storage.writer import RetryGroup
 
@@ -72,8 +73,9 @@ FAILED_COLUMNS = (
 class EventStore:
     """The writer's batch handler for collector events (see the module docstring)."""
 
-    def __init__(self, rules: CleanRules):
+    def __init__(self, rules: CleanRules, vault: Vault | None = None):
         self.rules = rules
+        self.vault = vault
         self._next_raw_id: int | None = None
         #: Record message ids with a plain INSERT (cheap) rather than INSERT ... ON CONFLICT
         #: (~4x dearer in DuckDB). Switched off by a group that met an id already stored, and on

@@ -10,7 +10,7 @@ from typing import Any
 from sqlglot import exp
 
 from refinery.errors import NotFoundError, QueryError
-from refinery.identity.normalise import normalise
+from refinery.privacy.normalise import normalise
 from refinery.identity.rules import PII_TYPES, IdentityRules
 from refinery.privacy.pii import protect_identifier
 from refinery.storage.engine import Engine

@@ -377,6 +377,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        8,
+        "vault: vault_values (sealed personal values per subject); sealed raw and failed payloads",
+        (
+            # Each personal value replaced by a token, once per subject key, sealed (AES-GCM) under
+            # that subject's data key (kept in the separate key store, never here).
+            """CREATE TABLE vault_values (
+                token VARCHAR NOT NULL,                -- pii:<kind>:<hex>, as in the clean and curated zones
+                key_id VARCHAR NOT NULL,               -- sk_<hex> (a subject) or ek_<hex> (one event)
+                kind VARCHAR NOT NULL,                 -- email, phone, name, ip, ...
+                sealed BLOB NOT NULL,                  -- nonce || ciphertext || tag
+                first_seen TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (token, key_id)
+            )""",
+            # Raw and quarantined payloads are sealed under the same keys: `payload`/`envelope` stay
+            # NULL for sealed rows (older rows keep their clear payload until they expire).
+            "ALTER TABLE raw_events ADD COLUMN key_id VARCHAR",
+            "ALTER TABLE raw_events ADD COLUMN sealed BLOB",
+            "ALTER TABLE raw_events ALTER COLUMN payload DROP NOT NULL",
+            "ALTER TABLE failed_events ADD COLUMN key_id VARCHAR",
+            "ALTER TABLE failed_events ADD COLUMN sealed BLOB",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
