@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     master_key_file: Path | None = Field(None, description="File holding the base64 master key (32 bytes) that protects the vault's keys; `REFINERY_MASTER_KEY` (base64) takes precedence. Default: `<data_dir>/keys/master.key`, generated on first start. Keep it, and the key store, out of the data's backups.")
     key_store_file: Path | None = Field(None, description="SQLite file holding each subject's data key, wrapped by the master key; deleting a key is crypto-shredding. Default: `<data_dir>/keys/subject-keys.sqlite`.")
 
+    # k-anonymity (governance/kanon.py, docs/decisions/0017-k-anonymity.md): aggregate reports to roles without pii:read
+    min_group_size: int = Field(10, ge=2, description="Aggregate reports served to roles without `pii:read` (the catalog, `POST /api/query` in aggregate mode) leave out every group seen from fewer than this many distinct people, and say how many they left out.")
+
     @property
     def master_key_path(self) -> Path:
         return self.master_key_file or (self.data_dir / "keys" / "master.key")
