@@ -12,6 +12,10 @@ Defence in depth, in order:
 4. table functions are refused (but `range`, `generate_series`, `unnest`), and so are scalar
    functions with side effects or that reveal the environment (`getenv`, `nextval`, ...);
 5. tables with secrets are swapped for safe views; results are capped with an outer LIMIT.
+
+Callers without `pii:read` run `run_aggregate_query` instead: the same checks, then only one
+aggregate SELECT over one person-keyed table, whose groups of fewer than k distinct people are not
+returned (`refinery.governance.kanon`, docs/decisions/0017-k-anonymity.md).
 """
 
 from __future__ import annotations
@@ -66,9 +70,19 @@ class QueryResult:
     columns: list[str]
     rows: list[tuple[Any, ...]]
     truncated: bool
+    #: aggregate queries (`run_aggregate_query`): groups not shown, having fewer than `min_group_size` people
+    suppressed_groups: int | None = None
+    min_group_size: int | None = None
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [dict(zip(self.columns, r, strict=True)) for r in self.rows]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's answer: columns, rows, truncated, and for aggregate queries what was suppressed."""
+        body: dict[str, Any] = {"columns": self.columns, "rows": [list(r) for r in self.rows], "truncated": self.truncated}
+        if self.suppressed_groups is not None:
+            body.update(suppressed_groups=self.suppressed_groups, min_group_size=self.min_group_size)
+        return body
 
 
 def _refuse(message: str, fix: str = "Query Refinery's tables only, with SELECT.") -> QueryError:
@@ -168,6 +182,34 @@ def run_query(engine: Engine, sql: str, *, limit: int | None = 10_000, timeout: 
     """Check and run one read-only query; at most `limit` rows come back (`truncated` says if more
     exist), and a query still running after `timeout` seconds is stopped with a clear error."""
     tree = check_read_only(sql, engine.dialect)
+    return _run(engine, tree, limit=limit, timeout=timeout)
+
+
+def run_aggregate_query(engine: Engine, sql: str, *, min_group_size: int, limit: int | None = 10_000,
+                        timeout: float | None = 60.0) -> QueryResult:
+    """`run_query` for callers without `pii:read`: only one aggregate SELECT over one person-keyed
+    table (`kanon.PERSON_TABLES`, each with a `_person` column) runs, and only its groups of at
+    least `min_group_size` distinct people come back; `suppressed_groups` counts the others.
+    `DESCRIBE` of a person-keyed table runs as it is (it shows columns, no data)."""
+    from refinery.governance import kanon
+
+    kanon.check_k(min_group_size)
+    tree = check_read_only(sql, engine.dialect)
+    if isinstance(tree, exp.Describe):
+        target = tree.this
+        if not (isinstance(target, exp.Table) and target.name.lower() in kanon.PERSON_TABLES):
+            raise _refuse("Without pii:read, DESCRIBE takes one of: " + ", ".join(sorted(kanon.PERSON_TABLES)) + ".",
+                          "e.g. DESCRIBE events")
+        return _run(engine, tree, limit=limit, timeout=timeout)
+    select = kanon.person_keyed(kanon.check_aggregate(tree), dialect=engine.dialect)
+    shown, counted = kanon.threshold(select, min_group_size)
+    result = _run(engine, shown, limit=limit, timeout=timeout)
+    suppressed = _run(engine, counted, limit=None, timeout=timeout).rows[0][0]
+    result.suppressed_groups, result.min_group_size = int(suppressed), min_group_size
+    return result
+
+
+def _run(engine: Engine, tree: exp.Expression, *, limit: int | None, timeout: float | None) -> QueryResult:
     if limit is not None and isinstance(tree, exp.Query):
         # Cap in the engine, not after fetching everything: a cross join must not fill memory.
         tree = exp.select("*").from_(tree.subquery("_q")).limit(limit + 1)
