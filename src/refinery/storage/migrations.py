@@ -400,6 +400,37 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE failed_events ADD COLUMN sealed BLOB",
         ),
     ),
+    Migration(
+        9,
+        "subject requests: privacy_requests (export and erasure, with receipts), suppression_list",
+        (
+            # One row per subject request. The person is named only by a keyed hash of the identifier
+            # asked for (as on the suppression list), never its value or token.
+            """CREATE TABLE privacy_requests (
+                request_id VARCHAR PRIMARY KEY,
+                kind VARCHAR NOT NULL,                 -- export | erase
+                status VARCHAR NOT NULL,               -- received | in_progress | completed | failed | rejected
+                identifier_type VARCHAR,               -- the type asked for (NULL: a bare value)
+                identifier_hash VARCHAR,               -- sup_<hex>: keyed hash of the type and normal value
+                actor VARCHAR NOT NULL,                -- who asked (a token's name)
+                received_at TIMESTAMPTZ NOT NULL,
+                due_at TIMESTAMPTZ NOT NULL,           -- received_at + the legal deadline
+                started_at TIMESTAMPTZ,
+                finished_at TIMESTAMPTZ,
+                receipt JSON,                          -- counts per store, keys destroyed, suppression entries; no personal values
+                error VARCHAR,                         -- why it failed or was rejected (no personal values)
+                key_id VARCHAR,                        -- export: the subject key the document is sealed under
+                document BLOB                          -- export: the JSON document, sealed; dropped when the person is erased
+            )""",
+            # Erased identifiers, as keyed hashes: events, replays and imports naming one are dropped.
+            """CREATE TABLE suppression_list (
+                hash VARCHAR PRIMARY KEY,              -- sup_<hex> = HMAC(suppression key, kind 0x1f normal value)
+                kind VARCHAR,                          -- the identifier's type
+                request_id VARCHAR,                    -- the erasure that added it
+                added_at TIMESTAMPTZ
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
