@@ -90,6 +90,14 @@ class Client(abc.ABC):
     @abc.abstractmethod
     def lineage(self, target: str, limit: int = 50) -> dict[str, Any]: ...
 
+    # data subject requests (refinery.privacy.requests)
+    @abc.abstractmethod
+    def privacy_request(self, kind: str, identifier: str) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def privacy_requests(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]: ...
+    @abc.abstractmethod
+    def privacy_request_get(self, request_id: str) -> dict[str, Any]: ...
+
 
 class LocalClient(Client):
     def __init__(self, settings: Settings):
@@ -348,6 +356,32 @@ class LocalClient(Client):
         return result
 
 
+    # data subject requests, audited as the API does (by request id and identifier type)
+    def privacy_request(self, kind: str, identifier: str) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.privacy import requests
+
+        if kind == "export":
+            return requests.export(self.rt, identifier, local_principal())
+        if kind == "erase":
+            return requests.erase(self.rt, identifier, local_principal())
+        raise requests.RequestError(f"Unknown request kind {kind!r}.", fix="Use export or erase.", field="kind")
+
+    def privacy_requests(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        from refinery.privacy import requests
+
+        rows = requests.list_requests(self.rt.engine, limit=limit, status=status)
+        self._audit_read("privacy.requests_read", None, {"rows": len(rows)})
+        return rows
+
+    def privacy_request_get(self, request_id: str) -> dict[str, Any]:
+        from refinery.privacy import requests
+
+        body = requests.get(self.rt, request_id, with_document=True)
+        self._audit_read("privacy.request_read", f"privacy_request:{request_id}", {"document": body.get("document") is not None})
+        return body
+
+
 class RemoteClient(Client):
     def __init__(self, url: str, token: str):
         self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=600)
@@ -475,6 +509,19 @@ class RemoteClient(Client):
 
     def lineage(self, target: str, limit: int = 50) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/api/lineage", params={"target": target, "limit": limit})
+        return result
+
+    def privacy_request(self, kind: str, identifier: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/api/privacy/requests", json={"kind": kind, "identifier": identifier})
+        return result
+
+    def privacy_requests(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
+        result: list[dict[str, Any]] = self._call("GET", "/api/privacy/requests", params=params)["requests"]
+        return result
+
+    def privacy_request_get(self, request_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/api/privacy/requests/{request_id}")
         return result
 
 

@@ -173,3 +173,5 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app.include_router(lineage_router(runtime))
     return app
+    from refinery.api.privacy import router as privacy_router  # subject requests (privacy/requests.py)
+    app.include_router(privacy_router(runtime))

@@ -18,6 +18,7 @@ from refinery.cli import (
     identity,
     lineage,
     plans,
+    privacy,
     profiles,
     retention,
     sources,
@@ -53,6 +54,7 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(consent.app, name="consent")
 app.add_typer(retention.app, name="retention")
 app.command("lineage")(lineage.show)
+app.add_typer(privacy.app, name="privacy")
 
 
 @app.command()
