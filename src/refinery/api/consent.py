@@ -2,7 +2,8 @@
 receipts, and run the consent job.
 
 Thin routes over `refinery.governance.consent`; writes go through the writer and are audited in
-the same transaction; reads of consent (personal data) are audited before the answer leaves.
+the same transaction, each inside a lineage run (`governance.consent_record`, `governance.consent_sync`)
+emitted outside the writer; reads of consent (personal data) are audited before the answer leaves.
 Audit details name the identifier *type* and the purposes, never the identifier's value.
 """
 
@@ -14,7 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from refinery.api.auth import current_principal, record_for, require
-from refinery.governance import audit
+from refinery.governance import audit, lineage
 from refinery.governance.consent import ConsentService, record_request
 from refinery.governance.principal import Principal
 from refinery.governance.purposes import PURPOSES
@@ -47,7 +48,12 @@ def router(runtime: Runtime) -> APIRouter:
                          {"identifier_type": done.subject_type, "choices": done.choices, "tcf": body.tcString is not None})
             return done.to_dict()
 
-        recorded = runtime.writer.call(write)
+        with lineage.run(runtime.settings, **lineage.CONSENT_RECORD) as lr:  # emitted outside the writer
+            recorded = runtime.writer.call(write)
+            # the run names the request and the purposes, never the identifier or the choices
+            lr.note(request_id=recorded["request_id"], identifier_type=recorded["subject_type"],
+                    purposes=sorted(recorded["choices"]), tcf=body.tcString is not None)
+            lr.count("consent_log", len(recorded["log_ids"]))
         return {**recorded, **service.for_identifier(body.identifier, rs)}
 
     @r.get("/api/consent", dependencies=[Depends(require("privacy:read"))])
@@ -63,17 +69,8 @@ def router(runtime: Runtime) -> APIRouter:
 
     @r.post("/api/consent/sync", dependencies=[Depends(require("privacy:write"))])
     def post_sync(full: bool = False, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        from refinery.governance.consent_sync import sync
-        from refinery.governance.purposes import CategoryMap
+        from refinery.governance.consent_sync import run_audited
 
-        categories = CategoryMap.build(runtime.settings.consent_categories)
-
-        def run(e: Any) -> dict[str, Any]:
-            report = sync(e, categories, full=full).to_dict()
-            audit.record(e, actor, "consent.sync", f"consent_sync:{report['sync_id']}", audit.counts(report))
-            return report
-
-        result: dict[str, Any] = runtime.writer.call(run)
-        return result
+        return run_audited(runtime.settings, runtime.writer, actor, full=full)
 
     return r

@@ -2,9 +2,10 @@
 edge, split a profile; list; revoke) and the dry run of changed rules.
 
 Writes (`identity:write`) go through the writer and re-resolve in the same transaction (resolution,
-then profiles), audited in it; the override records the caller's token name as its actor. Reads
-show identifier values, so they need `profiles:read` and `pii:read` and are audited (types and
-counts only). `POST /api/identity/resolve` itself lives in `api/profiles.py`.
+then profiles), audited in it, inside an `identity.override` lineage run that names the override; the
+override records the caller's token name as its actor. Reads show identifier values, so they need
+`profiles:read` and `pii:read` and are audited (types and counts only).
+`POST /api/identity/resolve` itself lives in `api/profiles.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from refinery.api.auth import current_principal, record_for, require
-from refinery.governance import audit
+from refinery.governance import audit, lineage
 from refinery.governance.principal import Principal
 from refinery.identity import overrides as ov
 from refinery.identity.plan import plan
@@ -55,6 +56,13 @@ def router(runtime: Runtime) -> APIRouter:
                       **audit.counts(result["resolution"])})
         return result
 
+    def with_lineage(work: Any, action: str) -> dict[str, Any]:
+        """The override's writer call inside an `identity.override` lineage run (emitted outside the writer)."""
+        with lineage.run(runtime.settings, **lineage.OVERRIDE) as lr:
+            result: dict[str, Any] = runtime.writer.call(work)
+            lr.record_override(result, action)
+        return result
+
     @r.post("/api/identity/overrides", dependencies=[identity_write], status_code=201)
     def post_override(body: OverrideCreate, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
         rs = rules()
@@ -63,7 +71,7 @@ def router(runtime: Runtime) -> APIRouter:
             o = ov.create(e, rs, body.kind, body.identifiers, profile=body.profile, reason=body.reason, actor=actor.name)
             return changed(e, actor, "identity.override", o)
 
-        return runtime.writer.call(work)
+        return with_lineage(work, "create")
 
     @r.get("/api/identity/overrides", dependencies=[read_pii])
     def get_overrides(request: Request, all: bool = Query(False, description="Include revoked overrides.")) -> dict[str, Any]:  # noqa: A002
@@ -79,7 +87,7 @@ def router(runtime: Runtime) -> APIRouter:
 
     @r.post("/api/identity/overrides/{override_id}/revoke", dependencies=[identity_write])
     def post_revoke(override_id: str, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return runtime.writer.call(lambda e: changed(e, actor, "identity.override_revoke", ov.revoke(e, override_id, actor=actor.name)))
+        return with_lineage(lambda e: changed(e, actor, "identity.override_revoke", ov.revoke(e, override_id, actor=actor.name)), "revoke")
 
     @r.post("/api/identity/plan", dependencies=[plan_dep])
     def post_plan(request: Request, body: PlanRequest) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from sqlglot import exp
@@ -42,6 +42,11 @@ from refinery.governance.tcf import decode as decode_tcf
 from refinery.identity import sql
 from refinery.privacy.normalise import normalise
 from refinery.storage.engine import Engine
+
+if TYPE_CHECKING:
+    from refinery.governance.principal import Principal
+    from refinery.settings import Settings
+    from refinery.storage.writer import Writer
 
 _TEMP = ("_cns_subj", "_cns_sig", "_cns_new", "_cns_conf")
 
@@ -106,6 +111,25 @@ def sync(engine: Engine, categories: CategoryMap, *, now: datetime | None = None
             with contextlib.suppress(Exception):  # not registered when an earlier step failed
                 engine.unregister(t)
     return report
+
+
+def run_audited(settings: Settings, writer: Writer, actor: Principal, *, full: bool = False) -> dict[str, Any]:
+    """The consent job on its own, as `POST /api/consent/sync` and `refinery consent sync` run it: in one
+    writer transaction, audited there as `actor` (`consent.sync`), inside a `governance.consent_sync`
+    lineage run emitted outside the writer."""
+    from refinery.governance import audit, lineage
+
+    categories = CategoryMap.build(settings.consent_categories)
+
+    def work(e: Engine) -> dict[str, Any]:
+        report = sync(e, categories, full=full).to_dict()
+        audit.record(e, actor, "consent.sync", f"consent_sync:{report['sync_id']}", audit.counts(report))
+        return report
+
+    with lineage.run(settings, **lineage.CONSENT_SYNC) as lr:
+        result: dict[str, Any] = writer.call(work)
+        lr.record_consent_sync(result)
+    return result
 
 
 def _subjects(engine: Engine, since: datetime | None) -> None:

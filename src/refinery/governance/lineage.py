@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -65,6 +66,8 @@ class LineageRun:
         self.details.update({k: v for k, v in details.items() if v is not None})
 
     failure: str | None = None
+    #: False for jobs whose errors quote the caller's input (an identifier's value): FAIL says only the type.
+    quote_errors: bool = True
 
     def add_input(self, name: str) -> None:
         if name not in self.inputs:
@@ -103,6 +106,23 @@ class LineageRun:
             self.failed(f"Import {job.import_id} failed; its error is recorded in imports.error.")
 
 
+    def record_override(self, result: dict[str, Any], action: str) -> None:
+        """An override (`{"override": ..., "resolution": ...}`) and the resolution it ran: the run names
+        the override by id and kind (never its identifiers' values)."""
+        o = result.get("override", {})
+        self.note(override_id=o.get("override_id"), kind=o.get("kind"), action=action)
+        self.count("identity_overrides", 1)
+        self.record_resolution(result.get("resolution", {}))
+
+    def record_consent_sync(self, report: dict[str, Any]) -> None:
+        """The consent job's report (`consent_sync.SyncReport.to_dict()`)."""
+        self.note(consent_sync_id=report.get("sync_id"), events=report.get("events"), subjects=report.get("subjects"),
+                  conflicts_open=report.get("conflicts_open"))
+        self.count("consent_log", report.get("log_rows"))
+        self.count("consent_conflicts", (report.get("conflicts_new") or 0) + (report.get("conflicts_resolved") or 0))
+        self.count("consent_syncs", 1)
+
+
 def _new_run_id() -> uuid.UUID:
     from openlineage.client.uuid import generate_new_uuid
 
@@ -118,10 +138,42 @@ RESOLVE: dict[str, Any] = {
 }
 
 
+#: A user's override (remove an identifier or an edge, split a profile, or revoke one), then the full
+#: resolution it reruns in the same transaction.
+OVERRIDE: dict[str, Any] = {
+    "job": "identity.override",
+    "inputs": RESOLVE["inputs"],
+    "outputs": ["identity_overrides", *RESOLVE["outputs"]],
+    "quote_errors": False,  # "No identifier 'user_id:...'": the caller's input
+}
+#: The consent job run on its own (`POST /api/consent/sync`, `refinery consent sync`).
+CONSENT_SYNC: dict[str, Any] = {
+    "job": "governance.consent_sync",
+    "inputs": ["events", "identities", "consent_log"],
+    "outputs": ["consent_log", "consent_conflicts", "consent_syncs"],
+}
+#: A choice recorded through `POST /api/consent` (`refinery consent set`): receipts appended to consent_log.
+CONSENT_RECORD: dict[str, Any] = {
+    "job": "governance.consent_record",
+    "inputs": ["identities"],
+    "outputs": ["consent_log"],
+    "quote_errors": False,
+}
+#: The incremental identity follower: one run per window of batches (`identity/incremental.py`).
+INCREMENTAL: dict[str, Any] = {
+    "job": "identity.incremental",
+    "inputs": ["events", "identity_overrides", "consent_log"],
+    "outputs": ["identities", "identity_edges", "identity_blocked", "profile_merges", "identity_resolutions",
+                "profiles", "event_profiles"],
+}
+
+
 @contextmanager
-def run(settings: Settings, *, job: str, inputs: Sequence[str], outputs: Sequence[str]) -> Iterator[LineageRun]:
-    """Wrap a batch job: START now, COMPLETE when the block ends, FAIL (and re-raise) when it raises."""
-    current = LineageRun(job, list(inputs), list(outputs))
+def run(settings: Settings, *, job: str, inputs: Sequence[str], outputs: Sequence[str],
+        quote_errors: bool = True) -> Iterator[LineageRun]:
+    """Wrap a batch job: START now, COMPLETE when the block ends, FAIL (and re-raise) when it raises.
+    With `quote_errors=False` a FAIL names only the error's type (for jobs whose errors quote their input)."""
+    current = LineageRun(job, list(inputs), list(outputs), quote_errors=quote_errors)
     emit(settings, current, "START")
     try:
         yield current
@@ -129,6 +181,53 @@ def run(settings: Settings, *, job: str, inputs: Sequence[str], outputs: Sequenc
         emit(settings, current, "FAIL", error=e)
         raise
     emit(settings, current, "FAIL" if current.failure else "COMPLETE")
+
+
+class RunWindow:
+    """A continuous job's lineage: its batches folded into one run per window of `seconds`.
+
+    A job that runs many times a minute (the incremental identity follower) would write two events per
+    batch; instead, the first batch that does work opens a run (START, dated when that batch began),
+    later batches add their counts, and `tick()` - called by the job's own loop, outside the writer -
+    ends it (COMPLETE, with the sums) once `seconds` have passed. A failing batch ends the open run
+    FAIL. `close()` ends it at shutdown. Not thread-safe: one job thread owns a window."""
+
+    def __init__(self, settings: Settings, spec: dict[str, Any], seconds: float):
+        self.settings, self.spec, self.seconds = settings, spec, seconds
+        self.current: LineageRun | None = None
+        self._opened = 0.0
+
+    def _open(self, started_at: datetime) -> LineageRun:
+        if self.current is None:
+            self.current = LineageRun(self.spec["job"], list(self.spec["inputs"]), list(self.spec["outputs"]))
+            self._opened = time.monotonic()
+            emit(self.settings, self.current, "START", at=started_at)
+        return self.current
+
+    def add(self, started_at: datetime, counts: dict[str, int], totals: dict[str, int]) -> None:
+        """One batch that did work: rows it wrote per output table, and numbers to sum in the run's facet."""
+        current = self._open(started_at)
+        for table, rows in counts.items():
+            current.counts[table] = current.counts.get(table, 0) + int(rows)
+        for key, value in totals.items():
+            current.details[key] = int(current.details.get(key, 0)) + int(value)
+        current.details["batches"] = int(current.details.get("batches", 0)) + 1
+
+    def fail(self, started_at: datetime, error: BaseException) -> None:
+        """A batch raised: the open run (or a new one for this batch) ends FAIL with the error's type."""
+        current = self._open(started_at)
+        emit(self.settings, current, "FAIL", error=error)
+        self.current = None
+
+    def tick(self) -> None:
+        """End the open run when its window has passed."""
+        if self.current is not None and time.monotonic() - self._opened >= self.seconds:
+            self.close()
+
+    def close(self) -> None:
+        if self.current is not None:
+            emit(self.settings, self.current, "COMPLETE")
+            self.current = None
 
 
 def error_text(e: BaseException) -> str:
@@ -149,15 +248,18 @@ def _dataset(name: str, cls: Any, facets: dict[str, Any] | None = None) -> Any:
     return cls(namespace=namespace, name=name, outputFacets=facets)
 
 
-def build_event(current: LineageRun, state: str, *, error: BaseException | None = None) -> Any:
-    """The OpenLineage RunEvent for `current` in `state` (START, COMPLETE or FAIL)."""
+def build_event(current: LineageRun, state: str, *, error: BaseException | None = None, at: datetime | None = None) -> Any:
+    """The OpenLineage RunEvent for `current` in `state` (START, COMPLETE or FAIL), at `at` (default: now)."""
     from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
     from openlineage.client.facet_v2 import error_message_run, output_statistics_output_dataset
 
     run_facets: dict[str, Any] = {}
     if current.details:
         run_facets["refinery"] = _facet_class()(details=dict(current.details))
-    message = error_text(error) if error is not None else current.failure if state == "FAIL" else None
+    if error is not None:
+        message: str | None = error_text(error) if current.quote_errors else type(error).__name__
+    else:
+        message = current.failure if state == "FAIL" else None
     if message:
         run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(message=message, programmingLanguage="python")
     outputs = []
@@ -168,7 +270,7 @@ def build_event(current: LineageRun, state: str, *, error: BaseException | None 
         outputs.append(_dataset(name, OutputDataset, facets))
     return RunEvent(
         eventType=RunState[state],
-        eventTime=datetime.now(UTC).isoformat(),
+        eventTime=(at or datetime.now(UTC)).astimezone(UTC).isoformat(),
         run=Run(runId=current.run_id, facets=run_facets),
         job=Job(namespace=NAMESPACE, name=current.job),
         inputs=[_dataset(n, InputDataset) for n in current.inputs],
@@ -220,11 +322,13 @@ def _client(kind: str, target: str, timeout: float) -> Any:
         return _CLIENTS[key]
 
 
-def emit(settings: Settings, current: LineageRun, state: str, *, error: BaseException | None = None) -> bool:
+def emit(settings: Settings, current: LineageRun, state: str, *, error: BaseException | None = None,
+         at: datetime | None = None) -> bool:
     """Send one run event to the file (always) and to `lineage_url` (when set); True when every
-    target took it. Failures are logged by kind and exception type only, and never raised."""
+    target took it. `at` dates an event sent after the fact (default: now). Failures are logged by
+    kind and exception type only, and never raised."""
     try:
-        event = build_event(current, state, error=error)
+        event = build_event(current, state, error=error, at=at)
     except Exception as e:  # noqa: BLE001 - lineage must never fail the job
         log.warning("lineage: could not build the %s event of %s (run %s): %s", state, current.job, current.run_id, type(e).__name__)
         return False

@@ -46,7 +46,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -55,13 +55,15 @@ from sqlglot import exp
 from refinery.identity import reference as ref
 from refinery.identity import sql
 from refinery.identity.extract import extract
-from refinery.privacy.normalise import normalise
 from refinery.identity.reference import Ident
 from refinery.identity.rules import _TYPE_NAME, IdentityRules
+from refinery.privacy.normalise import normalise
 from refinery.storage.engine import Engine
 
 if TYPE_CHECKING:
+    from refinery.governance.lineage import RunWindow
     from refinery.profiles.policy import TraitPolicy
+    from refinery.settings import Settings
     from refinery.storage.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -212,10 +214,10 @@ _SIMPLE_COLUMNS = "source, message_id, timestamp, type, import_id, user_id, anon
 _PRINTABLE = re.compile(r"[ -~]*")
 
 
-def _protection_is_identity() -> bool:
+def _protection_is_identity(engine: Engine) -> bool:
     from refinery.privacy.pii import tokenising
 
-    return not tokenising()
+    return not tokenising(engine)
 
 
 def _block_reason(kind: str, value: str, rules: IdentityRules) -> str | None:
@@ -241,7 +243,7 @@ def _python_occurrences(engine: Engine, rules: IdentityRules, watermark: datetim
     identifier tokenisation): the same rows `identity.extract` gives (the property tests compare
     the two through the whole path), without its dozen SQL statements. None: use the SQL.
     `with_traits` receives the identify calls that carry traits (they change a profile's traits)."""
-    if rules.declared or not _protection_is_identity():
+    if rules.declared or not _protection_is_identity(engine):
         return None
     rows = engine.fetch_all(f"SELECT {_SIMPLE_COLUMNS} FROM events WHERE loaded_at >= ?", [watermark])  # noqa: S608 - constant text
     raw: list[tuple[str, str, datetime, str, str, str, str | None]] = []  # source, message_id, ts, rule, kind, raw, region
@@ -882,15 +884,38 @@ def _rebuild_profiles(engine: Engine, policy: TraitPolicy, affected: set[str], n
 
 # --- the follower ----------------------------------------------------------------------------
 
+#: The follower's lineage: one OpenLineage run per this many seconds of batches (a batch every few
+#: milliseconds would write two events each); see docs/lineage.md.
+LINEAGE_WINDOW_SECONDS = 60.0
+
+
+def _lineage_counts(report: BatchReport) -> tuple[dict[str, int], dict[str, int]]:
+    """A batch's rows per output table (as far as the report knows them) and its numbers for the run."""
+    counts = {"event_profiles": report.events, "identities": report.identifiers if report.mode == "full" else report.changed,
+              "profile_merges": report.merges + report.unmerges, "identity_resolutions": 1}
+    totals = {"events": report.events, "identifiers": report.identifiers, "changed": report.changed, "merges": report.merges,
+              "unmerges": report.unmerges, "full_resolutions": int(report.mode == "full")}
+    return counts, totals
+
+
 class Follower:
     """Runs `run_batch` in the writer whenever the writer has committed something else since the
-    last batch, so profiles follow events within a few milliseconds of their commit."""
+    last batch, so profiles follow events within a few milliseconds of their commit.
+
+    With `lineage` settings, the batches that changed something are reported as one OpenLineage run
+    (`identity.incremental`) per `lineage_seconds`, emitted from this thread, never from the writer."""
 
     def __init__(self, writer: Writer, rules: IdentityRules, policy: TraitPolicy, *, poll_seconds: float = 0.001,
-                 max_full_events: int | None = FOLLOWER_MAX_FULL_EVENTS, consent_categories: Mapping[str, str] | None = None):
+                 max_full_events: int | None = FOLLOWER_MAX_FULL_EVENTS, consent_categories: Mapping[str, str] | None = None,
+                 lineage: Settings | None = None, lineage_seconds: float = LINEAGE_WINDOW_SECONDS):
         self.writer, self.rules, self.policy, self.poll = writer, rules, policy, poll_seconds
         self.consent_categories = consent_categories
         self.max_full_events = max_full_events
+        self.window: RunWindow | None = None
+        if lineage is not None:
+            from refinery.governance.lineage import INCREMENTAL, RunWindow
+
+            self.window = RunWindow(lineage, INCREMENTAL, lineage_seconds)
         self._warned = False
         self.batches = 0
         self.last: BatchReport | None = None
@@ -908,16 +933,21 @@ class Follower:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self.window is not None:
+            self.window.close()  # the last window's COMPLETE (its thread has ended)
 
     def _run(self) -> None:
         seen = -1
         while not self._stop.is_set():
+            if self.window is not None:
+                self.window.tick()
             commits = self.writer.commits
             if commits == seen:
                 self._stop.wait(self.poll)
                 continue
             # Commits after this read but before the batch's transaction are in the batch; any
             # other than the batch's own makes the counter pass commits + 1 and triggers one more.
+            started = datetime.now(UTC)
             try:
                 report = self.writer.submit(
                     lambda e: run_batch(e, self.rules, self.policy, consent_categories=self.consent_categories,
@@ -925,10 +955,14 @@ class Follower:
             except Exception as e:  # the follower must not die; the next commit retries
                 self.failures += 1
                 log.warning("identity follower: batch failed (%s); retrying after the next commit", type(e).__name__, exc_info=True)
+                if self.window is not None:
+                    self.window.fail(started, e)
                 self._stop.wait(1.0)
                 continue
             self.batches += 1
             self.last = report
+            if self.window is not None and report.mode in ("attach", "region", "full"):
+                self.window.add(started, *_lineage_counts(report))
             if report.mode == "skipped" and not self._warned:
                 self._warned = True
                 log.warning("identity follower: profiles are not following events: %s", report.reason)
@@ -950,6 +984,7 @@ def start_follower(runtime: Any) -> Follower | None:
     except IdentityRulesError as e:
         log.warning("identity follower not started: %s", e.message)
         return None
-    follower = Follower(runtime.writer, rules, TraitPolicy.from_settings(settings), consent_categories=settings.consent_categories)
+    follower = Follower(runtime.writer, rules, TraitPolicy.from_settings(settings), consent_categories=settings.consent_categories,
+                        lineage=settings)
     follower.start()
     return follower
