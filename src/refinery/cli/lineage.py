@@ -35,11 +35,13 @@ def show(
     """Show lineage: for a table, the job runs that read or wrote it, newest first; for a profile, the
     resolution runs that produced it and its events' sources, message ids and import files.
 
-    Every batch job (import, identity resolution, matching, retention) emits OpenLineage run events to
-    <data_dir>/lineage/events.jsonl (and to lineage_url when set). See docs/lineage.md.
+    Every batch job (import, identity resolution, overrides, the incremental follower, matching, consent
+    records and syncs, retention) emits OpenLineage run events to <data_dir>/lineage/events.jsonl (and to
+    lineage_url when set). See docs/lineage.md.
 
     Examples:
       refinery lineage profiles
+      refinery lineage identity_overrides       # each override's run, with its override_id
       refinery lineage prof_3f2a... --json
       refinery lineage user_id:u-123
     """

@@ -963,6 +963,9 @@ class Follower:
             self.last = report
             if self.window is not None and report.mode in ("attach", "region", "full"):
                 self.window.add(started, *_lineage_counts(report))
+                if report.mode == "full" and self.window.current is not None:  # a full resolution syncs consent too
+                    for table in ("consent_log", "consent_conflicts", "consent_syncs"):
+                        self.window.current.add_output(table)
             if report.mode == "skipped" and not self._warned:
                 self._warned = True
                 log.warning("identity follower: profiles are not following events: %s", report.reason)

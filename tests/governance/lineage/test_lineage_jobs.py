@@ -83,6 +83,7 @@ def test_the_follower_emits_one_run_per_window_and_the_profile_trail_names_it(ru
     assert sum(r["details"]["batches"] for r in runs) <= follower.batches  # batches that found nothing new send nothing
     assert sum(r["counts"]["event_profiles"] for r in runs) == 13  # every event attributed once
     assert runs[-1]["details"]["full_resolutions"] == 1  # the first batch: nothing resolved yet
+    assert "consent_log" in runs[-1]["outputs"] and "consent_log" not in runs[0]["outputs"]  # a full resolution syncs consent
     trail = lineage.trail(settings, runtime.engine, "user_id:u0")
     assert any(r["job"] == "identity.incremental" for r in trail["produced_by"])
     assert "identity.incremental" in {r["job"] for r in lineage.table_trail(settings, "profiles")["runs"]}
