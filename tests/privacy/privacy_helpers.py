@@ -3,6 +3,7 @@ and scan a stopped server's data directory (every table's every column, every fi
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,32 +51,44 @@ def wait_for(server: Server, sql: str, expected: int, timeout: float = 20) -> No
     raise AssertionError(f"{sql}: {n} rows, expected {expected}")
 
 
-def table_hits(db: Path, needles: Iterable[str]) -> dict[str, list[str]]:
-    """needle -> ['table.column', ...] where some row's value (as text, case-insensitive) contains it."""
+def table_hits(db: Path, needles: Iterable[str], words: Iterable[str] = ()) -> dict[str, list[str]]:
+    """needle -> ['table.column', ...] where some row's value (as text, case-insensitive) contains it;
+    `words` (names) are matched as whole words, case-sensitively."""
     wanted = [n for n in needles if n]
+    names = [w for w in words if w]
     hits: dict[str, list[str]] = {}
     con = duckdb.connect(str(db), read_only=True)
     try:
         tables = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()]
         for table in tables:
-            cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()]
-            for col in cols:
+            cols = con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()
+            for col, kind in cols:
                 for n in wanted:
                     q = f'SELECT count(*) FROM "{table}" WHERE contains(lower(CAST("{col}" AS VARCHAR)), lower(?))'  # noqa: S608 - catalog names
                     if con.execute(q, [n]).fetchone()[0]:  # type: ignore[index]
                         hits.setdefault(n, []).append(f"{table}.{col}")
+                for w in names if kind != "BLOB" else ():  # ciphertext: random bytes, long needles only
+                    q = f'SELECT count(*) FROM "{table}" WHERE regexp_matches(CAST("{col}" AS VARCHAR), ?)'  # noqa: S608
+                    if con.execute(q, [r"\b" + w + r"\b"]).fetchone()[0]:  # type: ignore[index]
+                        hits.setdefault(w, []).append(f"{table}.{col}")
     finally:
         con.close()
     return hits
 
 
-def file_hits(folder: Path, needles: Iterable[str]) -> dict[str, list[str]]:
-    """needle -> files under `folder` whose bytes contain it (as UTF-8, case-insensitive)."""
+def file_hits(folder: Path, needles: Iterable[str], words: Iterable[str] = ()) -> dict[str, list[str]]:
+    """needle -> files under `folder` whose bytes contain it (as UTF-8, case-insensitive); `words`
+    (names) as whole words, case-sensitively."""
     wanted = [n for n in needles if n]
+    patterns = {w: re.compile(rb"\b" + re.escape(w.encode()) + rb"\b") for w in words if w}
     hits: dict[str, list[str]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = path.read_bytes().lower()
+        raw = path.read_bytes()
+        data = raw.lower()
         for n in wanted:
             if n.lower().encode() in data:
                 hits.setdefault(n, []).append(str(path.relative_to(folder)))
+        for w, pattern in patterns.items():
+            if pattern.search(raw):
+                hits.setdefault(w, []).append(str(path.relative_to(folder)))
     return hits

@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from privacy_helpers import file_hits, request, resolve, sdk, table_hits, wait_for
+
 from support import WRITE_KEY, Server, start_server
 
 JANE = {"user_id": "u-jane-1042", "anonymous_id": "anon-jane-7f3c9d2e-4b1a", "email": "Jane.Quill@Shop.io",

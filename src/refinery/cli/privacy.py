@@ -152,3 +152,24 @@ def show(
     else:
         body.pop("document", None)
         _receipt(body)
+
+
+@app.command("compact")
+def compact_(data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
+    """Rewrite the database file so erased values leave its free blocks too (run with the server stopped).
+
+    DuckDB keeps deleted rows' bytes in free blocks until they are reused; after an erasure, this
+    makes the file itself free of them.
+
+    Examples:
+      refinery privacy compact
+      refinery privacy compact --data-dir /var/lib/refinery --json
+    """
+    from refinery.cli.common import run, settings_from
+    from refinery.privacy.compact import compact
+
+    result = run(lambda: compact(settings_from(data_dir)))
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"Compacted: {result['bytes_before']:,} -> {result['bytes_after']:,} bytes.")

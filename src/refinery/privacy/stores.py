@@ -37,7 +37,7 @@ def params(subject: Subject) -> dict[str, Any]:
         "values": subject.values(),
         "devices": subject.values("device_id"),
         "ads": subject.values("advertising_id"),
-        "keys": list(subject.key_ids),
+        "keys": sorted(set(subject.key_ids) | set(subject.found_keys)),
         "msgs": [key(s, m) for s, m in subject.messages],
         "id_tokens": list(subject.identifier_tokens),
         "objects": [f"profile:{p}" for p in subject.profile_ids],

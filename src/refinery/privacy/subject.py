@@ -41,10 +41,10 @@ def key(a: str, b: str) -> str:
     return a + _SEP + b
 
 
-def stored_value(kind: str, raw: str, rules: IdentityRules, vault: Vault) -> str:
+def stored_value(engine: Engine, kind: str, raw: str, rules: IdentityRules, vault: Vault) -> str:
     """A value as the identity tables hold it: normalised, and a token for personal types."""
     normal = normalise(kind, raw, None, rules.phone_region).value
-    if kind in PII_TYPES and tokenising() and not is_token(normal):
+    if kind in PII_TYPES and tokenising(engine) and not is_token(normal):
         return vault.tokens.token(kind, normal)
     return normal
 
@@ -72,7 +72,9 @@ def find_subject(engine: Engine, vault: Vault, rules: IdentityRules, identifier:
         )
         identifiers.update((t, v) for t, v in rows)
     ids = sorted({v for t, v in identifiers if t in SUBJECT_TYPES})
-    key_ids = sorted({vault.key_id(v) for v in ids})
+    # Events are sealed under their userId (else anonymousId) as sent, whatever type resolution gave
+    # the value (a CRM id sent as userId is a crm_id here): every value's key, where one exists.
+    key_ids = sorted({vault.key_id(v) for _, v in identifiers if not is_token(v)})
     identifier_tokens: set[str] = set()
     clear: dict[str, str] = {}
     for t, v in identifiers:
@@ -110,7 +112,7 @@ def _direct(engine: Engine, vault: Vault, rules: IdentityRules, kind: str | None
                     or vault.keys.get([vault.key_id(v)], create=False):
                 found.add((k, v))
         elif k in PII_TYPES:
-            v = stored_value(k, raw, rules, vault)
+            v = stored_value(engine, k, raw, rules, vault)
             token = v if is_token(v) else vault.tokens.token(k, v)
             if engine.fetch_all("SELECT 1 FROM vault_values WHERE token = ? LIMIT 1", [token], cursor=cursor):
                 found.add((k, v))
