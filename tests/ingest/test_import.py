@@ -14,6 +14,7 @@ import pytest
 
 from refinery.errors import ImportError_
 from refinery.ingest import importer
+from refinery.ingest.import_vault import read_sealed_rows
 from refinery.ingest.importer import get_import, run_import
 from refinery.ingest.mapping import load_mapping_file, validate_mapping
 from refinery.runtime import Runtime
@@ -36,7 +37,21 @@ def rows(rt: Runtime, sql: str, params: list[Any] | None = None) -> list[dict[st
 
 
 def failed(rt: Runtime) -> list[dict[str, Any]]:
-    return rows(rt, "SELECT stage, reason, message, field, file, row_number, message_id, payload FROM failed_events ORDER BY row_number")
+    return rows(rt, "SELECT stage, reason, message, field, file, row_number, message_id, payload, key_id, sealed "
+                "FROM failed_events ORDER BY row_number")
+
+
+def tok(rt: Runtime, kind: str, value: Any) -> str:
+    """The token the collector would give this value (the Tokeniser is the reference)."""
+    return rt.vault.tokens.tokenise(kind, value)[0]
+
+
+def payload(rt: Runtime, row: dict[str, Any]) -> dict[str, Any]:
+    """A failed row's payload: sealed under its subject's key, never kept in clear."""
+    assert row["payload"] is None and row["sealed"] is not None, row
+    (plain,) = rt.vault.unseal_many([row["key_id"]], [row["sealed"]])
+    assert plain is not None
+    return json.loads(plain)  # type: ignore[no-any-return]
 
 
 def write_orders(path: Path, body: str) -> Path:
@@ -51,8 +66,14 @@ def test_csv_identify_from_a_crm_export(runtime: Runtime) -> None:
     assert [e["user_id"] for e in ev] == ["c-001", "c-002", "c-003"]
     assert {e["type"] for e in ev} == {"identify"} and {e["source"] for e in ev} == {"crm"}
     ann = json.loads(ev[0]["traits"])
-    assert ann == {"first_name": "Ann", "plan": "pro", "lifetime_value": 1200.5, "email": "ann@example.com",
-                   "phone": "+44 20 7946 0001", "salesforce_id": "SF001"}
+    # personal traits are the collector's tokens; the values are in the vault, sealed under Ann's key
+    assert ann == {"first_name": tok(runtime, "first_name", "Ann"), "plan": "pro", "lifetime_value": 1200.5,
+                   "email": tok(runtime, "email", "ann@example.com"), "phone": tok(runtime, "phone", "+44 20 7946 0001"),
+                   "salesforce_id": "SF001"}
+    assert runtime.vault.reveal(runtime.engine, [ann["email"], ann["phone"], ann["first_name"]]) == {
+        ann["email"]: "ann@example.com", ann["phone"]: "+442079460001", ann["first_name"]: "Ann"}
+    held = rows(runtime, "SELECT DISTINCT key_id FROM vault_values WHERE token = ?", [ann["email"]])
+    assert held == [{"key_id": runtime.vault.key_id("c-001")}]
     assert json.loads(ev[2]["traits"])["phone"] is None
     ctx = json.loads(ev[0]["context"])
     assert ctx["externalIds"] == [{"id": "SF001", "type": "salesforce_id", "collection": "users", "encoding": "none"}]
@@ -64,21 +85,26 @@ def test_csv_identify_from_a_crm_export(runtime: Runtime) -> None:
     assert src == [{"kind": "import"}]
 
 
-def test_csv_track_and_the_raw_zone_copy(runtime: Runtime, tmp_path: Path) -> None:
+def test_csv_track_and_the_sealed_raw_zone(runtime: Runtime, tmp_path: Path) -> None:
     f = write_orders(tmp_path / "orders.csv", "o1,c1,a@x.com,2024-01-02 10:00:00,12.5\no2,c2,b@x.com,2024-01-03 11:00:00,3\n")
     job = run_import(runtime, f, source="shop", mapping=TRACK)
     assert (job.rows_loaded, job.rows_failed) == (2, 0)
     ev = rows(runtime, "SELECT event, user_id, properties, traits, timestamp FROM events ORDER BY user_id")
     assert ev[0]["event"] == "Order Completed"
     assert json.loads(ev[0]["properties"]) == {"order_id": "o1", "amount": 12.5, "channel": "shop"}
-    assert json.loads(ev[0]["traits"]) == {"email": "a@x.com"}  # from context.traits
-    # the file as received, content-addressed and recorded with the import
+    assert json.loads(ev[0]["traits"]) == {"email": tok(runtime, "email", "a@x.com")}  # from context.traits
+    # the rows as read, sealed per subject, content-addressed by the file's hash and recorded with the import
     sha = hashlib.sha256(f.read_bytes()).hexdigest()
     rec = rows(runtime, "SELECT file_sha256, stored_path, format, status, rows_loaded FROM imports")[0]
     assert rec["file_sha256"] == sha and rec["format"] == "csv" and rec["status"] == "completed" and rec["rows_loaded"] == 2
     stored = Path(rec["stored_path"])
-    assert stored.name == sha + ".csv" and stored.read_bytes() == f.read_bytes()
-    assert stored.parent == runtime.settings.raw_files_dir
+    assert stored.name == sha + ".sealed.parquet" and stored.parent == runtime.settings.raw_files_dir
+    assert b"a@x.com" not in stored.read_bytes() and b"2024-01-03 11:00:00" not in stored.read_bytes()
+    got = {r.row_number: (r.key_id, r.value) for r in read_sealed_rows(runtime.vault, stored)}
+    assert got == {
+        2: (runtime.vault.key_id("c1"), {"order_id": "o1", "customer_id": "c1", "email": "a@x.com", "ordered_at": "2024-01-02 10:00:00", "amount": "12.5"}),
+        3: (runtime.vault.key_id("c2"), {"order_id": "o2", "customer_id": "c2", "email": "b@x.com", "ordered_at": "2024-01-03 11:00:00", "amount": "3"}),
+    }
     assert get_import(runtime.engine, job.import_id).to_dict()["rows_loaded"] == 2
 
 
@@ -130,10 +156,13 @@ def test_bad_rows_land_in_failed_events_with_row_numbers(runtime: Runtime, tmp_p
     assert {r["file"] for r in got.values()} == {"orders.csv"}
     assert got[3]["reason"] == "missing_identity" and "'customer_id'" in got[3]["message"] and got[3]["stage"] == "import"
     assert got[4]["reason"] == "invalid_timestamp" and '"02/01/2024"' in got[4]["message"] and "%Y-%m-%d %H:%M:%S" in got[4]["message"]
-    assert json.loads(got[4]["payload"])["timestamp"] == "02/01/2024"  # kept as found
+    assert payload(runtime, got[4])["timestamp"] == "02/01/2024"  # kept as found (sealed)
+    assert payload(runtime, got[4])["context"]["traits"] == {"email": "c@x.com"}
+    assert got[4]["key_id"] == runtime.vault.key_id("c3")
     assert got[5]["reason"] == "invalid_value" and "'amount'" in got[5]["message"] and "a double" in got[5]["message"]
     assert got[6]["reason"] == "wrong_column_count" and got[6]["message_id"] is None
-    assert json.loads(got[6]["payload"]) == {"line": "o5,c5,e@x.com,2024-01-02 10:00:00,1,extra"}
+    assert payload(runtime, got[6]) == {"line": "o5,c5,e@x.com,2024-01-02 10:00:00,1,extra"}
+    assert got[3]["key_id"].startswith("ek_") and got[6]["key_id"].startswith("ek_")  # no subject: keys of their own
     assert got[7]["reason"] == "timestamp_too_old" and got[7]["stage"] == "clean"
     assert got[9]["reason"] == "csv_unterminated_quote" and "'customer_id'" in got[9]["message"]
     assert [e["user_id"] for e in rows(runtime, "SELECT user_id FROM events ORDER BY 1")] == ["c1", "c7"]
@@ -164,7 +193,7 @@ def test_invalid_utf8_is_quarantined_and_latin1_can_be_declared(runtime: Runtime
     job = run_import(runtime, DATA / "latin1_customers.csv", source="crm-latin", mapping={**mapping, "encoding": "latin-1"})
     assert (job.rows_loaded, job.rows_failed) == (2, 0)
     traits = rows(runtime, "SELECT traits FROM events WHERE source = 'crm-latin' AND user_id = 'c-1'")[0]["traits"]
-    assert json.loads(traits) == {"name": "Café Owner", "city": "Zürich"}
+    assert json.loads(traits) == {"name": tok(runtime, "name", "Café Owner"), "city": "Zürich"}  # non-ASCII: the Python path
 
 
 def test_missing_column_is_an_error_before_anything_is_written(runtime: Runtime, tmp_path: Path) -> None:
@@ -226,7 +255,8 @@ def test_parquet_identify_with_native_types(runtime: Runtime, tmp_path: Path) ->
     assert seen[0]["rows_total"] == 4
     ev = rows(runtime, "SELECT user_id, traits FROM events ORDER BY user_id")
     assert ev[0]["user_id"] == "10"
-    assert json.loads(ev[0]["traits"]) == {"score": 1.5, "vip": True, "address": {"city": "Oslo"}, "email": "a@x.com"}
+    assert json.loads(ev[0]["traits"]) == {"score": 1.5, "vip": True, "address": tok(runtime, "address", {"city": "Oslo"}),
+                                           "email": tok(runtime, "email", "a@x.com")}
     (bad,) = failed(runtime)
     assert (bad["reason"], bad["row_number"]) == ("missing_identity", 3)
     assert run_import(runtime, f, source="warehouse", mapping=mapping).rows_duplicate == 4

@@ -57,9 +57,11 @@ def test_imported_track_rows_meet_the_tracking_plans(runtime: Runtime, tmp_path:
     f.write_text(HEADER + "o1,c1,2024-01-02 10:00:00,5\no2,c2,2024-01-02 10:00:00,-3\no3,c3,2024-01-02 10:00:00,\n")
     job = run_import(runtime, f, source="shop", mapping=TRACK)
     assert (job.rows_loaded, job.rows_failed) == (1, 2)
-    got = {r["row_number"]: r for r in rows(runtime, "SELECT row_number, stage, reason, field, payload FROM failed_events")}
+    got = {r["row_number"]: r for r in rows(runtime, "SELECT row_number, stage, reason, field, payload, key_id, sealed FROM failed_events")}
     assert got[3]["stage"] == "plan" and got[3]["reason"] == "plan_violation" and got[3]["field"] == "/properties/amount"
-    assert json.loads(got[3]["payload"])["properties"]["amount"] == -3
+    assert got[3]["payload"] is None  # sealed under the customer's key
+    (plain,) = runtime.vault.unseal_many([got[3]["key_id"]], [got[3]["sealed"]])
+    assert plain is not None and json.loads(plain)["properties"]["amount"] == -3
     assert got[4]["field"] == "/properties/amount"  # required, and the empty cell is null
     # fix the plan, re-import: the violations load and their failures are resolved, nothing twice
     (plans / "Order Completed.json").write_text(json.dumps({"type": "object"}))

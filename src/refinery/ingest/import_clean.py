@@ -31,6 +31,8 @@ import orjson
 from sqlglot import exp
 
 from refinery.ingest.clean import EVENT_COLUMNS, CleanRules
+from refinery.ingest.import_pii import PiiSlot, PiiSql, pii_fields, region_expr
+from refinery.privacy.tokens import PiiPolicy
 from refinery.storage.engine import parse
 
 LIBRARY = {"name": "refinery-import", "version": "1"}
@@ -76,7 +78,7 @@ def quoted_table(name: str) -> exp.Table:
 def _json_object(pairs: list[tuple[str, exp.Expr]]) -> exp.Expr:
     args: list[exp.Expr] = []
     for k, v in pairs:
-        args.extend((lit(k), v))
+        args.extend((lit(k), v.copy()))
     return exp.Anonymous(this="json_object", expressions=args)
 
 
@@ -177,6 +179,9 @@ class ImportContext:
     received_at: datetime
     rules: CleanRules
     with_payload: bool = False  # build `payload` for every row (plans must read it), not only failed ones
+    policy: PiiPolicy | None = None  # personal fields become tokens (privacy/tokens.py); None: kept as they are
+    pii: PiiSql | None = None  # builds the token expressions; required with a policy
+    with_original: bool = False  # `_orig`: the row as read from the file (for the sealed raw zone)
 
 
 def _checked(value: exp.Expr, text: exp.Expr) -> exp.Expr:
@@ -269,31 +274,44 @@ def import_select(mapping: dict[str, Any], shape: FileShape, ctx: ImportContext,
             "/timestamp", "import",
         ))
 
+    # (group, name) -> (the value as JSON, its text when the value is known to be that text as a JSON string)
+    sources: dict[tuple[str, str], tuple[exp.Expr, exp.Expr | None]] = {}
+
     def fields(group: str, where: str) -> list[tuple[str, exp.Expr]]:
         out: list[tuple[str, exp.Expr]] = []
+        personal = pii_fields(ctx.policy, group, list(mapping.get(group, {})))
         for i, (name, spec) in enumerate(mapping.get(group, {}).items()):
             if "value" in spec:
-                out.append((name, template("CAST(__j AS JSON)", j=lit(orjson.dumps(spec["value"]).decode()))))
+                constant = template("CAST(__j AS JSON)", j=lit(orjson.dumps(spec["value"]).decode()))
+                out.append((name, constant))
+                sources[(group, name)] = (constant, None)
                 continue
             slot = f"_{group[0]}{i}"
             values[slot] = cols.value(spec["column"], spec["type"])
             if spec["type"] not in ("auto", "string"):
                 values[slot + "_t"] = cols.text(spec["column"])
                 text = exp.column(slot + "_t")
+                shown = lit("a personal value (not shown)") if name in personal else _truncated(text.copy())
                 checks.append((
                     template("__t IS NOT NULL AND __v IS NULL", t=text, v=exp.column(slot)),
                     "invalid_value",
                     template(
                         "'Column ' || __col || ' (' || __where || ') holds ' || __val || ', which is not ' || __type || "
                         "'; fix the value in the file or change its type in the mapping.'",
-                        col=lit(f"'{spec['column']}'"), where=lit(f"{where}.{name}"), val=_truncated(text.copy()),
+                        col=lit(f"'{spec['column']}'"), where=lit(f"{where}.{name}"), val=shown,
                         type=lit("a " + spec["type"] if spec["type"] != "integer" else "an integer"),
                     ),
                     f"/{where}/{name}", "import",
                 ))
                 out.append((name, _checked(exp.column(slot), text)))
+                sources[(group, name)] = (exp.column(slot), None)
             else:
                 out.append((name, exp.column(slot)))
+                if name in personal and (spec["type"] == "string" or shape.format == "csv"):
+                    values[slot + "_s"] = cols.text(spec["column"])  # the value is to_json(this text)
+                    sources[(group, name)] = (exp.column(slot), exp.column(slot + "_s"))
+                else:
+                    sources[(group, name)] = (exp.column(slot), None)
         return out
 
     traits = fields("traits", "traits")
@@ -303,10 +321,14 @@ def import_select(mapping: dict[str, Any], shape: FileShape, ctx: ImportContext,
         crm = mapping["crm_id"]
         values["_crm"] = cols.text(crm["column"])
         traits.append((crm["name"], template("to_json(_crm)")))
+        sources[("traits", crm["name"])] = (template("to_json(_crm)"), exp.column("_crm"))
         context.append(("externalIds", template(
             "CASE WHEN _crm IS NULL THEN NULL ELSE json_array(json_object('id', _crm, 'type', __n, 'collection', 'users', 'encoding', 'none')) END",
             n=lit(crm["name"]),
         )))
+
+    # --- personal fields: tokens in the clean columns, the values as found in the payload ------------
+    pii_values, protected_traits, protected_props = _protect(ctx, traits, properties, sources)
 
     # --- the payload (what a failed row keeps) and the clean columns, from the same values ---------
     payload: list[tuple[str, exp.Expr]] = [("type", lit(call))]
@@ -315,13 +337,18 @@ def import_select(mapping: dict[str, Any], shape: FileShape, ctx: ImportContext,
     payload.extend((f, exp.column(k)) for f, k in ids.items())
     traits_obj = _json_object(traits)
     props_obj = _json_object(properties)
+    clean_traits_obj = _json_object(protected_traits)
+    clean_props_obj = _json_object(protected_props)
+    clean_context = list(context)
     if call == "identify":
         payload.append(("traits", traits_obj))
     else:
         payload.append(("properties", props_obj))
         if traits:
             context.append(("traits", traits_obj.copy()))
+            clean_context.append(("traits", clean_traits_obj.copy()))
     context_obj = _json_object(context)
+    clean_context_obj = _json_object(clean_context)
     payload.append(("context", context_obj))
     if mapping.get("timestamp"):
         payload.append(("timestamp", template("COALESCE(strftime(_ts, '%Y-%m-%dT%H:%M:%S.%fZ'), _ts_text)")))
@@ -375,15 +402,20 @@ def import_select(mapping: dict[str, Any], shape: FileShape, ctx: ImportContext,
     ))
 
     # Stage 1: the values, once per row (only named values: a file column never clashes with them).
-    passthrough = ["_blank", "_not_object", "_line_head"] if shape.format == "jsonl" else []
+    passthrough: list[exp.Expr | str] = ["_blank", "_not_object", "_line_head"] if shape.format == "jsonl" else []
+    if ctx.with_original:
+        passthrough.append(_original(shape).as_("_orig"))
     stage1 = exp.select(*[v.as_(exp.to_identifier(k)) for k, v in values.items()], *passthrough,
                         _newlines(shape).as_("_nl")).from_(relation)
+    # Stage 1b: the tokens and normal forms of personal values.
+    if pii_values:
+        stage1 = exp.select("*", *[v.as_(exp.to_identifier(k)) for k, v in pii_values.items()]).from_(stage1.subquery("_s1"))
     # Stage 2: the JSON objects and the event time.
     stage2 = exp.select(
         "*",
-        props_obj.as_("_props"), traits_obj.as_("_traits"), context_obj.as_("_context"),
+        clean_props_obj.as_("_props"), clean_traits_obj.as_("_traits"), clean_context_obj.as_("_context"),
         template("COALESCE(__t, __r)", t=event_time.copy(), r=received.copy()).as_("_time"),
-    ).from_(stage1.subquery("_s1"))
+    ).from_(stage1.subquery("_s1b" if pii_values else "_s1"))
     # Stage 3: the first failed check, and everything the writer needs.
     check = exp.Case()
     for i, (cond, *_rest) in enumerate(checks, 1):
@@ -408,8 +440,61 @@ def import_select(mapping: dict[str, Any], shape: FileShape, ctx: ImportContext,
         (payload_obj if ctx.with_payload else template("CASE WHEN _check IS NOT NULL THEN __p END", p=payload_obj)).as_("payload"),
         template("hash(message_id)").as_("_h"),
         exp.column("_nl"),
+        *[exp.column(k) for k in pii_values],
     ]
+    if ctx.with_original:
+        out.append(exp.column("_orig"))
     return exp.select(*out).from_(stage3.subquery("_s3"))
+
+
+def pii_slots(mapping: dict[str, Any], policy: PiiPolicy | None) -> list[PiiSlot]:
+    """The personal fields of a mapping, in the order of the SELECT's `_pt<j>` / `_pn<j>` columns."""
+    traits = list(mapping.get("traits", {}))
+    if mapping.get("crm_id"):
+        traits.append(mapping["crm_id"]["name"])
+    out: list[PiiSlot] = []
+    for group, names in (("traits", traits), ("properties", list(mapping.get("properties", {})))):
+        out.extend(PiiSlot(group, n, k) for n, k in pii_fields(policy, group, names).items())
+    return out
+
+
+def _protect(
+    ctx: ImportContext, traits: list[tuple[str, exp.Expr]], properties: list[tuple[str, exp.Expr]],
+    sources: dict[tuple[str, str], tuple[exp.Expr, exp.Expr | None]],
+) -> tuple[dict[str, exp.Expr], list[tuple[str, exp.Expr]], list[tuple[str, exp.Expr]]]:
+    """The `_pt<j>` (token) and `_pn<j>` (normal form) expressions of each personal field, and the
+    traits and properties with tokens in place of personal values (as `protect_event` leaves them)."""
+    computed: dict[str, exp.Expr] = {}
+    if ctx.policy is None or not ctx.policy.enabled:
+        return computed, traits, properties
+    if ctx.pii is None:
+        raise ValueError("ImportContext.pii is required with a policy")
+    region = region_expr(traits)
+    out: dict[str, list[tuple[str, exp.Expr]]] = {}
+    for group, pairs in (("traits", traits), ("properties", properties)):
+        kinds = pii_fields(ctx.policy, group, [n for n, _ in pairs])
+        out[group] = []
+        for name, clear in pairs:
+            if name not in kinds:
+                out[group].append((name, clear))
+                continue
+            j = len(computed) // 2
+            value, text = sources[(group, name)]
+            token, normal = ctx.pii.protect(kinds[name], value, text, region)
+            computed[f"_pt{j}"], computed[f"_pn{j}"] = token, normal
+            out[group].append((name, template(f"CASE WHEN _pt{j} IS NULL THEN __c ELSE to_json(_pt{j}) END", c=clear)))
+    return computed, out["traits"], out["properties"]
+
+
+def _original(shape: FileShape) -> exp.Expr:
+    """The row as read from the file, as JSON text: an object of every column (in the file's order)
+    for CSV and Parquet, the line as a string for JSON lines."""
+    if shape.format == "jsonl":
+        return exp.cast(template("to_json(_line)"), "VARCHAR")  # the line as a JSON string: it may not be JSON
+    args: list[exp.Expr] = []
+    for c in shape.columns:
+        args.extend((lit(c), exp.column(exp.to_identifier(c, quoted=True))))
+    return exp.cast(exp.Anonymous(this="json_object", expressions=args), "VARCHAR")
 
 
 def _newlines(shape: FileShape) -> exp.Expr:
@@ -446,7 +531,7 @@ def reader_relation(shape: FileShape, mapping: dict[str, Any], path: str, reject
         needed = column_uses(mapping)
         structure = orjson.dumps({c: "JSON" for c in needed}).decode()
         inner = template(
-            "SELECT _line IS NULL OR trim(_line) = '' AS _blank, "
+            "SELECT _line, _line IS NULL OR trim(_line) = '' AS _blank, "
             "_line IS NOT NULL AND trim(_line) <> '' AND NOT _is_object AS _not_object, "
             "left(_line, 20) AS _line_head, "
             "CASE WHEN _is_object THEN json_transform(_line, __structure) END AS _obj "
@@ -456,7 +541,7 @@ def reader_relation(shape: FileShape, mapping: dict[str, Any], path: str, reject
             "columns = {'_line': 'VARCHAR'}, store_rejects = true, rejects_table = ?, rejects_scan = ?))",
             structure=lit(structure),
         )
-        outer = exp.select("_blank", "_not_object", "_line_head").from_(exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier("_lines"))))
+        outer = exp.select("_line", "_blank", "_not_object", "_line_head").from_(exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier("_lines"))))
         for c in needed:
             outer = outer.select(
                 exp.StructExtract(this=exp.column("_obj"), expression=lit(c)).as_(exp.to_identifier(c, quoted=True)), append=True

@@ -1,14 +1,18 @@
 """Batch import: a CSV, JSON lines or Parquet file plus a mapping -> Segment calls in the zones.
 
-The file is copied into the raw zone under its SHA-256 and recorded in `imports`. DuckDB then
-streams it (read_csv / read_parquet; JSON lines are read as lines and parsed in SQL, so a bad
+The file is recorded in `imports` with its SHA-256. DuckDB then streams it (read_csv / read_parquet; JSON lines are read as lines and parsed in SQL, so a bad
 line becomes a failed row instead of stopping the scan) through one SELECT built by
 `import_clean.import_select`, which yields rows ready for `events` (cleaned from the typed
 columns, no JSON round trip) with a deterministic message id and, for rows that cannot be
 loaded, a reason. A reader thread pulls Arrow batches of about 200k rows (and runs tracking
 plans over track rows when a plan applies); the writer takes each batch in one transaction:
 drops duplicates, quarantines failed rows (with file and row number) and appends the rest.
-See docs/import.md, docs/decisions/0003-import-raw-zone.md and 0005-import-from-typed-columns.md.
+Personal fields become the collector's tokens inside the SELECT (`import_pii`); before the writer
+sees a chunk, rows of suppressed (erased) people are dropped, failed payloads and personal values
+are sealed under each row's subject key, and the rows as read are sealed into the raw zone's
+Parquet file (`import_vault`). No clear copy of the file is kept.
+See docs/import.md, docs/decisions/0016-sealed-import-raw-zone.md (which supersedes the file copy
+of 0003) and 0005-import-from-typed-columns.md.
 """
 
 from __future__ import annotations
@@ -18,9 +22,7 @@ import dataclasses
 import difflib
 import functools
 import gzip
-import hashlib
 import logging
-import os
 import queue
 import threading
 import uuid
@@ -45,12 +47,17 @@ from refinery.ingest.import_clean import (
     FileShape,
     ImportContext,
     import_select,
+    pii_slots,
     quoted_table,
     reader_relation,
     template,
 )
+from refinery.ingest.import_pii import PiiSql, bind
+from refinery.ingest.import_vault import ChunkPrivacy, SealedRawWriter, file_sha256, raw_path
 from refinery.ingest.mapping import column_uses, validate_mapping
 from refinery.ingest.replay import with_pending
+from refinery.privacy.tokens import PiiValue
+from refinery.privacy.vault import Vault
 from refinery.storage.duckdb_engine import capped_memory
 from refinery.storage.engine import Engine
 
@@ -84,6 +91,10 @@ class ImportJob:
     rows_loaded: int = 0
     rows_duplicate: int = 0
     rows_failed: int = 0
+    #: Rows of people on the suppression list (erased): neither loaded nor quarantined, nothing kept.
+    #: Not a column of `imports`: every row read is loaded, a duplicate, failed or suppressed, so
+    #: `get_import` derives it from the other counters.
+    rows_suppressed: int = 0
     error: str | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
@@ -194,34 +205,6 @@ def _check_columns(path: Path, shape: FileShape, mapping: dict[str, Any]) -> Non
         )
 
 
-# --- the raw zone ------------------------------------------------------------------------------
-
-def store_raw_file(path: Path, raw_dir: Path) -> tuple[str, Path]:
-    """Copy the file as received to `<raw_dir>/<sha256><suffixes>` (content-addressed, read-only)."""
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    tmp = raw_dir / f".incoming-{uuid.uuid4().hex}"
-    try:
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
-            while block := src.read(1 << 20):
-                digest.update(block)
-                dst.write(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-        sha = digest.hexdigest()
-        final = raw_dir / (sha + "".join(s.lower() for s in path.suffixes[-2:]))
-        if final.exists():
-            tmp.unlink()
-        else:
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, final)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ImportError_(f"Cannot copy {path.name} into the raw zone: {e.strerror}.",
-                           fix=f"Check that {path} is readable and {raw_dir} is writable with free space.") from e
-    return sha, final
-
-
 # --- running an import -------------------------------------------------------------------------
 
 @dataclass
@@ -284,6 +267,7 @@ def get_import(engine: Engine, import_id: str) -> ImportJob:
     if not rows:
         raise NotFoundError(f"No import with id {import_id!r}.", fix="List imports with: refinery query \"SELECT * FROM imports\"")
     job = ImportJob(**rows[0])
+    job.rows_suppressed = max(job.rows_read - job.rows_loaded - job.rows_duplicate - job.rows_failed, 0)
     with _RUNNING_LOCK:
         cut_off = job.status in ("new", "started") and job.import_id not in _RUNNING
     if cut_off:  # not marked yet (that happens when the next import starts): say what it is
@@ -309,17 +293,25 @@ def _execute(runtime: Runtime, plan: _Plan, progress: Progress | None) -> None:
 
 def _run_locked(runtime: Runtime, plan: _Plan, progress: Progress | None) -> None:
     job = plan.job
+    raw: SealedRawWriter | None = None
     try:
-        sha, stored = store_raw_file(plan.original, runtime.settings.raw_files_dir)
+        sha = file_sha256(plan.original)
+        stored = raw_path(runtime.settings.raw_files_dir, sha)
         job.file_sha256, job.stored_path = sha, str(stored)
         runtime.writer.call(lambda e: e.execute(
             "UPDATE imports SET file_sha256 = ?, stored_path = ? WHERE import_id = ?", [sha, str(stored), job.import_id]))
+        # The raw zone is content-addressed: a file whose rows an earlier import sealed is not sealed again.
+        raw = None if stored.exists() else SealedRawWriter(runtime.vault, stored)
         # A streaming job: DuckDB needs little for it, and at a high limit it would keep every block
         # it writes cached (docs/decisions/0012-memory-policy.md).
         with capped_memory(runtime.engine, runtime.settings.duckdb_steady_memory_limit):
-            _stream(runtime, plan, stored, progress)
+            _stream(runtime, plan, plan.original, progress, raw)
+        if raw is not None:
+            raw.commit()
         job.status = "completed"
     except Exception as e:  # recorded on the job; the caller (CLI, API poller) shows it
+        if raw is not None:
+            raw.abort()
         job.status = "failed"
         job.error = e.message if isinstance(e, RefineryError) else f"{type(e).__name__}: {e}"
         log.error("import %s failed: %s", job.import_id, type(e).__name__)
@@ -536,6 +528,9 @@ class _Chunk:
     rows: pa.Table
     in_chunk_dup: np.ndarray
     candidates: np.ndarray  # the Bloom filter saw the id in an earlier chunk
+    vault_rows: pa.Table  # sealed personal values of rows certain to load (not candidates)
+    privacy: ChunkPrivacy
+    suppressed: int = 0  # rows of suppressed people, dropped before the chunk was made
 
 
 def _plan_mode(runtime: Runtime, mapping: dict[str, Any], source: str) -> str | None | bool:
@@ -546,7 +541,7 @@ def _plan_mode(runtime: Runtime, mapping: dict[str, Any], source: str) -> str | 
     return mode if runtime.plans.applies_to(mode) else False
 
 
-def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | None) -> None:
+def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | None, raw: SealedRawWriter | None = None) -> None:
     job, engine, shape = plan.job, runtime.engine, plan.shape
     rejects = "_rejects_" + job.import_id
     numbers: RowNumbers
@@ -566,9 +561,13 @@ def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | No
         else:
             numbers = RowNumbers(shape.header_lines + 1)
     mode = _plan_mode(runtime, plan.mapping, job.source)
-    ctx = ImportContext(job.source, job.import_id, job.started_at, runtime.clean_rules, with_payload=mode is not False)
+    policy = runtime.vault.policy
+    pii = PiiSql()
+    ctx = ImportContext(job.source, job.import_id, job.started_at, runtime.clean_rules, with_payload=mode is not False,
+                        policy=policy, pii=pii, with_original=raw is not None)
     relation, params = reader_relation(shape, plan.mapping, str(stored), rejects)
     select = import_select(plan.mapping, shape, ctx, relation)
+    privacy = ChunkPrivacy(runtime.vault, runtime.engine, job.source, job.file_sha256, pii_slots(plan.mapping, policy))
 
     chunks: queue.Queue[Any] = queue.Queue(maxsize=1)
     stop = threading.Event()
@@ -576,17 +575,18 @@ def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | No
     def produce() -> None:
         cursor = engine.reader()
         try:
-            for rows in _batches(engine, cursor, select, params, numbers):
-                if mode is not False:
-                    rows = _check_plans(runtime, rows, mode)
-                while not stop.is_set():
-                    try:
-                        chunks.put(rows, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
+            with bind(cursor, runtime.vault.tokens, pii):
+                for rows in _batches(engine, cursor, select, params, numbers):
+                    if mode is not False:
+                        rows = _check_plans(runtime, rows, mode)
+                    while not stop.is_set():
+                        try:
+                            chunks.put(rows, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
             rejected = None
             if shape.format in ("csv", "jsonl"):
                 rejected = engine.fetch_arrow(_rejects_sql(rejects), cursor=cursor)
@@ -608,15 +608,27 @@ def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | No
                 if kind == "error":
                     raise value
                 if value is not None and value.num_rows:
-                    runtime.writer.call(functools.partial(_write_rejects, job=job, plan=plan, rejected=value, shift=not known_rejects))
+                    runtime.writer.call(functools.partial(_write_rejects, job=job, plan=plan, rejected=value, shift=not known_rejects,
+                                                          vault=runtime.vault))
                     if progress:
                         progress(job.to_dict())
                 break
             rows = item
+            # People on the suppression list (erased) are not imported: nothing of theirs is kept.
+            blocked = privacy.suppressed(rows)
+            if blocked.any():
+                rows = rows.filter(pa.array(~blocked))
             h = rows.column("_h").to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
             valid = rows.column("message_id").is_valid().to_numpy(zero_copy_only=False)
             ids = rows.column("message_id").to_pylist() if valid.any() else []
-            chunk = _Chunk(rows, _first_in_chunk(ids, h, valid), seen.seen(h) & valid)
+            in_chunk, candidates = _first_in_chunk(ids, h, valid), seen.seen(h) & valid
+            # Rows certain to load (no reason, not seen before): their personal values are sealed
+            # here, outside the writer; the writer seals the few loaded candidates itself.
+            loads = valid & ~in_chunk & ~candidates & ~rows.column("_reason").is_valid().to_numpy(zero_copy_only=False)
+            prepared = privacy.prepare(rows, loads)
+            if raw is not None:
+                raw.add(prepared.rows.filter(pc.invert(pc.fill_null(pc.equal(prepared.rows.column("_reason"), "blank_line"), False))))
+            chunk = _Chunk(prepared.rows, in_chunk, candidates, prepared.vault_rows, privacy, int(blocked.sum()))
             seen.add(h[valid])
             runtime.writer.call(functools.partial(_write_chunk, job=job, chunk=chunk))
             if progress:
@@ -663,14 +675,16 @@ def _batches(engine: Engine, cursor: Any, select: Any, params: list[Any], number
 def _check_plans(runtime: Runtime, rows: pa.Table, mode: str | None | bool) -> pa.Table:
     """Tracking plans over track rows that are otherwise loadable, as the collector checks them."""
     unplanned = mode if isinstance(mode, str) else None
-    cols = {c: rows.column(c).to_pylist() for c in ("_reason", "_message", "_field", "_stage", "event", "properties")}
+    cols = {c: rows.column(c).to_pylist() for c in ("_reason", "_message", "_field", "_stage", "event", "payload")}
     changed = False
     for i, reason in enumerate(cols["_reason"]):
         if reason is not None:
             continue
-        props = cols["properties"][i]
+        # The payload's properties, as found: plans check values, as at the collector, not their tokens.
+        payload = cols["payload"][i]
+        props = orjson.loads(payload).get("properties") if payload else None
         failure = runtime.plans.check(
-            {"type": "track", "event": cols["event"][i], "properties": orjson.loads(props) if props else {}}, unplanned)
+            {"type": "track", "event": cols["event"][i], "properties": props if isinstance(props, dict) else {}}, unplanned)
         if failure is not None:
             changed = True
             cols["_reason"][i], cols["_message"][i], cols["_field"][i], cols["_stage"][i] = (
@@ -685,11 +699,16 @@ def _check_plans(runtime: Runtime, rows: pa.Table, mode: str | None | bool) -> p
 _INSERT_EVENTS = exp.insert(
     exp.select(*EVENT_COLUMNS).from_("_imp_chunk").where("_ok"), "events", columns=list(EVENT_COLUMNS)
 )
+#: Failed rows keep their payload sealed under their subject's key (`payload` stays NULL).
 _INSERT_FAILED = (
     "INSERT INTO failed_events (failure_id, raw_id, source, message_id, stage, reason, message, field, payload, "
-    "received_at, failed_at, import_id, file, row_number) SELECT nextval('failed_event_seq'), NULL, source, message_id, "
-    "_stage, _reason, _message, _field, CAST(payload AS JSON), received_at, now(), import_id, ?, row_number "
+    "received_at, failed_at, import_id, file, row_number, key_id, sealed) SELECT nextval('failed_event_seq'), NULL, source, "
+    "message_id, _stage, _reason, _message, _field, NULL, received_at, now(), import_id, ?, row_number, _key_id, _sealed "
     "FROM _imp_chunk WHERE _fail"
+)
+_INSERT_VAULT = (
+    "INSERT INTO vault_values (token, key_id, kind, sealed, first_seen) SELECT token, key_id, kind, sealed, ? "
+    "FROM _imp_vault ON CONFLICT DO NOTHING"
 )
 #: Rows quarantined by an earlier import and loaded now (the file was fixed): no longer pending.
 _RESOLVE = with_pending(
@@ -715,14 +734,19 @@ def _write_chunk(engine: Engine, job: ImportJob, chunk: _Chunk) -> None:
     if check.any():  # the filter's candidates: really loaded or quarantined before?
         cand = pc.filter(ids, pa.array(check)).to_pylist()
         loaded, failed_before, failed_here, prior = set(), set(), set(), set()
-        for mid, where, imp, payload in engine.fetch_all(_KNOWN, [job.source, cand, job.source, cand]):
+        earlier = []
+        for mid, where, imp, payload, key_id, sealed in engine.fetch_all(_KNOWN, [job.source, cand, job.source, cand]):
             if where == "events":
                 loaded.add(mid)
             elif imp == job.import_id:
                 failed_here.add(mid)  # an earlier row of this file: the first one wins
             else:
                 failed_before.add(mid)
-                prior.add((mid, payload))
+                earlier.append((mid, payload, key_id, sealed))
+        # Sealed payloads are opened to compare (an erased person's are not: theirs can never match).
+        opened = chunk.privacy.vault.unseal_many([e[2] for e in earlier], [e[3] for e in earlier])
+        for (mid, payload, _, _), plain in zip(earlier, opened, strict=True):
+            prior.add((mid, payload if plain is None else plain.decode()))
         mids = ids.to_pylist()
         payloads = rows.column("payload").to_pylist() if prior else []
         for i in np.flatnonzero(check):
@@ -752,6 +776,7 @@ def _write_chunk(engine: Engine, job: ImportJob, chunk: _Chunk) -> None:
     try:
         if ok.any():
             engine.execute(_INSERT_EVENTS)
+            _store_values(engine, chunk, ok)
         if fail.any():
             engine.execute(_INSERT_FAILED, [file])
         if (ok & was_failed).any():
@@ -760,17 +785,36 @@ def _write_chunk(engine: Engine, job: ImportJob, chunk: _Chunk) -> None:
         with suppress(Exception):  # an aborted transaction: the error that matters is the one raised
             engine.unregister("_imp_chunk")
     n_blank = int(blank.sum())
-    job.rows_read += rows.num_rows - n_blank
+    job.rows_suppressed += chunk.suppressed
+    job.rows_read += rows.num_rows - n_blank + chunk.suppressed
     job.rows_duplicate += int((dup & ~blank).sum())
     job.rows_failed += int(fail.sum())
     job.rows_loaded += int(ok.sum())
     _save_counts(engine, job)
 
 
+def _store_values(engine: Engine, chunk: _Chunk, ok: np.ndarray) -> None:
+    """The sealed personal values of the loaded rows: those sealed before the writer (rows certain to
+    load), and those of loaded rows the Bloom filter had flagged, sealed now."""
+    if chunk.vault_rows.num_rows:
+        engine.register("_imp_vault", chunk.vault_rows)
+        try:
+            engine.execute(_INSERT_VAULT, [datetime.now(UTC)])
+        finally:
+            with suppress(Exception):
+                engine.unregister("_imp_vault")
+    late = ok & chunk.candidates
+    if late.any() and chunk.privacy.slots:
+        pairs = chunk.privacy.pairs(engine, chunk.rows, late)
+        values = [(k, PiiValue(t, kind, n)) for t, k, kind, n in zip(
+            *(pairs.column(c).to_pylist() for c in ("token", "key_id", "kind", "normal")), strict=True)]
+        chunk.privacy.vault.put_values(engine, values)
+
+
 _KNOWN = (
-    "SELECT message_id, 'events', NULL, NULL FROM events WHERE source = ? AND list_contains(?, message_id) UNION ALL "
-    "SELECT message_id, 'failed', import_id, CAST(payload AS VARCHAR) FROM failed_events WHERE source = ? "
-    "AND list_contains(?, message_id)"
+    "SELECT message_id, 'events', NULL, NULL, NULL, NULL FROM events WHERE source = ? AND list_contains(?, message_id) "
+    "UNION ALL SELECT message_id, 'failed', import_id, CAST(payload AS VARCHAR), key_id, sealed FROM failed_events "
+    "WHERE source = ? AND list_contains(?, message_id)"
 )
 
 
@@ -811,7 +855,7 @@ _REJECT_REASONS = {
 }
 
 
-def _write_rejects(engine: Engine, job: ImportJob, plan: _Plan, rejected: pa.Table, *, shift: bool) -> None:
+def _write_rejects(engine: Engine, job: ImportJob, plan: _Plan, rejected: pa.Table, *, shift: bool, vault: Vault) -> None:
     """Rows the reader could not parse: quarantine them with their line numbers. When the rows were
     numbered without knowing them (`shift`), move the numbers of this import's failed rows past them."""
     file = Path(job.path).name
@@ -837,8 +881,11 @@ def _write_rejects(engine: Engine, job: ImportJob, plan: _Plan, rejected: pa.Tab
         messages.append(msg)
         fields.append("/" + col if col else "")
         payloads.append(orjson.dumps({"line": text.lstrip("\r\n") if text else text}).decode())  # not blank lines before it
+    # The row could not be read, so whose it is is unknown: sealed under a key of its own (file and line).
+    key_ids = [vault.event_key_id(job.source, f"file:{job.file_sha256}:{line}") for line in lines]
+    sealed = vault.seal_many(key_ids, [p.encode() for p in payloads])
     table = pa.table({"row_number": pa.array(lines, pa.int64()), "reason": reasons, "message": messages, "field": fields,
-                      "payload": payloads})
+                      "key_id": pa.array(key_ids, pa.string()), "sealed": pa.array(sealed, pa.binary())})
     engine.register("_imp_rejects", table)
     try:
         dup = engine.fetch_all(
@@ -848,8 +895,8 @@ def _write_rejects(engine: Engine, job: ImportJob, plan: _Plan, rejected: pa.Tab
         )[0][0]
         engine.execute(
             "INSERT INTO failed_events (failure_id, raw_id, source, message_id, stage, reason, message, field, payload, "
-            "received_at, failed_at, import_id, file, row_number) SELECT nextval('failed_event_seq'), NULL, ?, NULL, 'import', reason, message, field, "
-            "CAST(payload AS JSON), ?, now(), ?, ?, row_number FROM _imp_rejects r WHERE NOT EXISTS (SELECT 1 FROM failed_events f "
+            "received_at, failed_at, import_id, file, row_number, key_id, sealed) SELECT nextval('failed_event_seq'), NULL, ?, NULL, "
+            "'import', reason, message, field, NULL, ?, now(), ?, ?, row_number, key_id, sealed FROM _imp_rejects r WHERE NOT EXISTS (SELECT 1 FROM failed_events f "
             "JOIN imports i ON i.import_id = f.import_id WHERE f.source = ? AND f.message_id IS NULL AND i.file_sha256 = ? "
             "AND f.row_number = r.row_number)",
             [job.source, job.started_at, job.import_id, file, job.source, job.file_sha256],

@@ -1,0 +1,302 @@
+"""The import's side of the vault: subject keys, suppression, sealed failures and the sealed raw zone.
+
+Each chunk of rows the import's SELECT yields goes through `ChunkPrivacy` before the writer sees it:
+
+- every row gets the key id of its subject (the user id, else the anonymous id, normalised as
+  `tokens.subject_of` does; a row with neither gets a key of its own from its message id);
+- rows whose user id, anonymous id, email or phone is on the suppression list (people who were
+  erased) are dropped: counted, never stored, not even quarantined;
+- the payloads of failed rows are sealed under their row's key (`failed_events.key_id/sealed`);
+- the personal values of rows about to be loaded are sealed once per (token, subject key) for
+  `vault_values`.
+
+The raw zone of an import (docs/decisions/0016-sealed-import-raw-zone.md) is a Parquet file per
+imported file, `<raw_dir>/<sha256>.sealed.parquet`: one record per subject and chunk, holding the
+row numbers (clear) and the rows as read from the file (a JSON array of their texts), sealed with
+AES-GCM under that subject's data key. Destroying a subject's key makes their rows unreadable and
+leaves everyone else's readable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from sqlglot import exp
+
+from refinery.errors import ImportError_
+from refinery.ingest.import_pii import PiiSlot
+from refinery.privacy.normalise import clean_text
+from refinery.privacy.vault import Vault
+from refinery.storage.engine import Engine
+
+RAW_SUFFIX = ".sealed.parquet"
+RAW_SCHEMA = pa.schema([
+    ("key_id", pa.string()),
+    ("row_numbers", pa.list_(pa.int64())),
+    ("sealed", pa.binary()),  # AES-GCM under key_id's data key: a JSON array of the rows' texts as read
+])
+VAULT_SCHEMA = pa.schema([("token", pa.string()), ("key_id", pa.string()), ("kind", pa.string()), ("sealed", pa.binary())])
+_MEMO = 200_000
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in large blocks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError as e:
+        raise ImportError_(f"Cannot read {path.name}: {e.strerror}.", fix=f"Check that {path} is readable.") from e
+    return digest.hexdigest()
+
+
+def raw_path(raw_dir: Path, sha: str) -> Path:
+    return raw_dir / f"{sha}{RAW_SUFFIX}"
+
+
+def _subject(value: str | None) -> str | None:
+    """A user or anonymous id's subject text, as `tokens.subject_of` gives it (None when empty)."""
+    if value is None:
+        return None
+    text = value.strip(" ") if value.isascii() and value.isprintable() else clean_text(value)
+    return text or None
+
+
+@dataclass
+class Prepared:
+    """A chunk after `ChunkPrivacy.prepare`: its rows, and the vault rows the writer stores with them."""
+
+    rows: pa.Table  # with `_key_id` and `_sealed` (failed rows' payloads) appended
+    vault_rows: pa.Table  # sealed personal values of rows certain to load
+
+
+@dataclass
+class ChunkPrivacy:
+    """Per-import state: memoised subject keys and suppression checks, the pairs already sealed."""
+
+    vault: Vault
+    engine: Engine
+    source: str
+    file_sha256: str
+    slots: list[PiiSlot]
+    _keys: dict[str, str | None] = field(default_factory=dict)
+    _blocked: dict[tuple[str, str], bool] = field(default_factory=dict)
+    _sealed_pairs: set[tuple[str, str]] = field(default_factory=set)
+
+    def _key_of(self, value: str) -> str | None:
+        key = self._keys.get(value, "")
+        if key == "":
+            subject = _subject(value)
+            key = None if subject is None else self.vault.key_id(subject)
+            if len(self._keys) >= _MEMO:
+                self._keys.clear()
+            self._keys[value] = key
+        return key
+
+    def key_ids(self, rows: pa.Table) -> pa.Array:
+        """Each row's key id: its subject's, else one of its own (source + message id or row number)."""
+        out: pa.Array | None = None
+        for name in ("user_id", "anonymous_id"):
+            col = rows.column(name).combine_chunks()
+            if col.null_count == len(col):
+                continue
+            enc = pc.dictionary_encode(col)
+            keys = pa.array([self._key_of(v) for v in enc.dictionary.to_pylist()], pa.string())
+            these = pc.take(keys, enc.indices)
+            out = these if out is None else pc.coalesce(out, these)
+        if out is None:
+            out = pa.nulls(rows.num_rows, pa.string())
+        if out.null_count:
+            keys_list = out.to_pylist()
+            mids = rows.column("message_id").to_pylist()
+            numbers = rows.column("row_number").to_pylist()
+            for i, k in enumerate(keys_list):
+                if k is None:
+                    keys_list[i] = self.vault.event_key_id(self.source, mids[i] or f"file:{self.file_sha256}:{numbers[i]}")
+            out = pa.array(keys_list, pa.string())
+        return out
+
+    def _is_blocked(self, kind: str, normal: str) -> bool:
+        hit = self._blocked.get((kind, normal))
+        if hit is None:
+            hit = self.vault.suppressed_identifier(kind, normal)
+            if len(self._blocked) >= _MEMO:
+                self._blocked.clear()
+            self._blocked[(kind, normal)] = hit
+        return hit
+
+    def suppressed(self, rows: pa.Table) -> np.ndarray:
+        """Rows whose user id, anonymous id, email or phone is on the suppression list."""
+        mask = np.zeros(rows.num_rows, bool)
+        if not self.vault.suppressed:
+            return mask
+        columns: list[tuple[str, str, bool]] = [("user_id", "user_id", True), ("anonymous_id", "anonymous_id", True)]
+        columns += [(f"_pn{j}", s.kind, False) for j, s in enumerate(self.slots) if s.kind in ("email", "phone")]
+        for name, kind, is_id in columns:
+            col = rows.column(name).combine_chunks()
+            if col.null_count == len(col):
+                continue
+            enc = pc.dictionary_encode(col)
+            flags = []
+            for v in enc.dictionary.to_pylist():
+                normal = _subject(v) if is_id else v
+                flags.append(normal is not None and self._is_blocked(kind, normal))
+            hit = pc.take(pa.array(flags, pa.bool_()), enc.indices)
+            mask |= pc.fill_null(hit, False).to_numpy(zero_copy_only=False)
+        return mask
+
+    def prepare(self, rows: pa.Table, loads: np.ndarray) -> Prepared:
+        """Give each row its key id, seal failed payloads, and seal the personal values of the rows
+        in `loads` (rows that will certainly be loaded) not sealed yet."""
+        keys = self.key_ids(rows)
+        rows = rows.append_column("_key_id", keys).append_column("_sealed", self._seal_failed(rows, keys))
+        return Prepared(rows, self._vault_rows(rows, loads))
+
+    def _seal_failed(self, rows: pa.Table, keys: pa.Array) -> pa.Array:
+        reason = rows.column("_reason")
+        failing = pc.and_(reason.is_valid(), pc.not_equal(pc.fill_null(reason, ""), "blank_line"))
+        fail = pc.fill_null(failing, False).to_numpy(zero_copy_only=False)
+        sealed: list[bytes | None] = [None] * rows.num_rows
+        idx = np.flatnonzero(fail)
+        if len(idx):
+            payloads = pc.take(rows.column("payload"), pa.array(idx)).to_pylist()
+            key_list = pc.take(keys, pa.array(idx)).to_pylist()
+            plain = [None if p is None else p.encode() for p in payloads]
+            for i, s in zip(idx, self.vault.seal_many(key_list, plain), strict=True):
+                sealed[i] = s
+        return pa.array(sealed, pa.binary())
+
+    def pairs(self, engine: Engine, rows: pa.Table, mask: np.ndarray, *, cursor: Any = None) -> pa.Table:
+        """Distinct (token, key_id, kind, normal) of the personal values in the rows of `mask` (in DuckDB,
+        on `cursor`)."""
+        cols = ["_key_id", *[f"_{p}{j}" for j in range(len(self.slots)) for p in ("pt", "pn")]]
+        engine.register("_imp_pairs", rows.select(cols).filter(pa.array(mask)), cursor=cursor)
+        try:
+            return engine.fetch_arrow(self._pairs_sql, cursor=cursor)
+        finally:
+            engine.unregister("_imp_pairs", cursor=cursor)
+
+    @property
+    def _pairs_sql(self) -> exp.Expression:
+        selects = [
+            exp.select(exp.column(f"_pt{j}").as_("token"), exp.column("_key_id").as_("key_id"),
+                       exp.Literal.string(slot.kind).as_("kind"), exp.column(f"_pn{j}").as_("normal"))
+            .from_("_imp_pairs").where(exp.column(f"_pt{j}").is_(exp.null()).not_())
+            for j, slot in enumerate(self.slots)
+        ]
+        union: exp.Query = selects[0]
+        for sel in selects[1:]:
+            union = exp.union(union, sel, distinct=False)
+        return exp.select("token", "key_id", "kind", "normal").from_(union.subquery("_p")).distinct()
+
+    def _vault_rows(self, rows: pa.Table, loads: np.ndarray) -> pa.Table:
+        if not self.slots or not loads.any():
+            return VAULT_SCHEMA.empty_table()
+        distinct = self.pairs(self.engine, rows, loads, cursor=self.engine.reader())
+        tokens, key_ids, kinds, normals = (distinct.column(c).to_pylist() for c in ("token", "key_id", "kind", "normal"))
+        new = [i for i, p in enumerate(zip(tokens, key_ids, strict=True)) if p not in self._sealed_pairs]
+        if not new:
+            return VAULT_SCHEMA.empty_table()
+        sealed = self.vault.seal_many([key_ids[i] for i in new], [normals[i].encode() for i in new])
+        if len(self._sealed_pairs) >= _MEMO * 2:
+            self._sealed_pairs.clear()
+        self._sealed_pairs.update((tokens[i], key_ids[i]) for i in new)
+        return pa.table({"token": [tokens[i] for i in new], "key_id": [key_ids[i] for i in new],
+                         "kind": [kinds[i] for i in new], "sealed": pa.array(sealed, pa.binary())}, schema=VAULT_SCHEMA)
+
+
+# --- the sealed raw zone -------------------------------------------------------------------------
+
+class SealedRawWriter:
+    """Writes one import's rows, sealed per subject, to a temporary file; `commit` moves it to its
+    content-addressed place (read-only), `abort` removes it."""
+
+    def __init__(self, vault: Vault, final: Path):
+        self.vault = vault
+        self.final = final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = final.parent / f".incoming-{uuid.uuid4().hex}{RAW_SUFFIX}"
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def add(self, rows: pa.Table) -> None:
+        """Seal the chunk's rows (`row_number`, `_key_id`, `_orig`) per subject and append them."""
+        if rows.num_rows == 0:
+            return
+        # One record per subject: sort by (key id, row number), cut where the key changes, and join
+        # each run of rows into a JSON array, all in Arrow; Python only seals.
+        order = pc.sort_indices(rows, sort_keys=[("_key_id", "ascending"), ("row_number", "ascending")])
+        keys = pc.take(rows.column("_key_id"), order).combine_chunks()
+        numbers = pc.take(rows.column("row_number"), order).combine_chunks()
+        texts = pc.take(rows.column("_orig"), order).combine_chunks()
+        changed = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(zero_copy_only=False)
+        starts = np.concatenate(([0], np.flatnonzero(changed) + 1)).astype(np.int32)
+        offsets = pa.array(np.append(starts, len(keys)).astype(np.int32))
+        joined = pc.binary_join(pa.ListArray.from_arrays(offsets, texts), ",")
+        plain = pc.binary_join_element_wise("[", joined, "]", "")
+        key_ids = pc.take(keys, pa.array(starts))
+        sealed = self.vault.seal_many(key_ids.to_pylist(), [p.encode() for p in plain.to_pylist()])
+        table = pa.table({"key_id": key_ids, "row_numbers": pa.ListArray.from_arrays(offsets, numbers),
+                          "sealed": pa.array(sealed, pa.binary())}, schema=RAW_SCHEMA)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(str(self.tmp), RAW_SCHEMA, compression="zstd", write_statistics=["key_id"])
+        self._writer.write_table(table)
+        self.rows += rows.num_rows
+
+    def commit(self) -> Path:
+        if self._writer is None:  # no rows at all: an empty file still says the import was stored
+            self._writer = pq.ParquetWriter(str(self.tmp), RAW_SCHEMA, compression="zstd")
+        self._writer.close()
+        self._writer = None
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.final.exists():
+            self.tmp.unlink()
+        else:
+            os.chmod(self.tmp, 0o444)
+            os.replace(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._writer = None
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class RawRow:
+    row_number: int
+    key_id: str
+    #: The row as read: an object of the columns (CSV, Parquet) or the line's text (JSON lines);
+    #: None when its subject's key was destroyed (the person was erased).
+    value: Any
+    readable: bool
+
+
+def read_sealed_rows(vault: Vault, path: Path) -> Iterator[RawRow]:
+    """The rows of a sealed raw file, in file order per subject record; erased subjects' rows have no text."""
+    table = pq.read_table(path, schema=RAW_SCHEMA)
+    key_ids: list[Any] = table.column("key_id").to_pylist()
+    plains = vault.unseal_many(key_ids, table.column("sealed").to_pylist())
+    for key_id, numbers, plain in zip(key_ids, table.column("row_numbers").to_pylist(), plains, strict=True):
+        values: list[Any] = orjson.loads(plain) if plain is not None else [None] * len(numbers)
+        for n, v in zip(numbers, values, strict=True):
+            yield RawRow(int(n), str(key_id), v, plain is not None)
