@@ -16,6 +16,7 @@ import httpx
 
 from refinery.errors import RefineryError, ServerUnavailable
 from refinery.governance import lineage
+from refinery.privacy.pii import reveal_in
 from refinery.settings import Settings
 
 
@@ -206,29 +207,30 @@ class LocalClient(Client):
         from refinery.profiles import read
 
         profile = read.get(self.rt.engine, profile_id)
-        self._audit_read("profiles.read", f"profile:{profile['profile_id']}")
-        return profile
+        self._audit_read("profiles.read", f"profile:{profile['profile_id']}", {"pii": True})
+        return reveal_in(self.rt.engine, profile)
 
     def profile_lookup(self, identifier: str) -> dict[str, Any]:
         from refinery.profiles import read
 
         profile = read.lookup(self.rt.engine, identifier, self._rules())
-        self._audit_read("profiles.read", f"profile:{profile['profile_id']}", {"by": read.parse_identifier(identifier, self._rules())[0] or "any"})
-        return profile
+        self._audit_read("profiles.read", f"profile:{profile['profile_id']}",
+                         {"by": read.parse_identifier(identifier, self._rules())[0] or "any", "pii": True})
+        return reveal_in(self.rt.engine, profile)
 
     def profile_events(self, profile_id: str, limit: int, before: str | None) -> list[dict[str, Any]]:
         from refinery.profiles import read
 
         rows = read.timeline(self.rt.engine, profile_id, limit=limit, before=before)
-        self._audit_read("profiles.events", f"profile:{profile_id}", {"rows": len(rows)})
-        return rows
+        self._audit_read("profiles.events", f"profile:{profile_id}", {"rows": len(rows), "pii": True})
+        return reveal_in(self.rt.engine, rows)
 
     def explain(self, identifier: str) -> dict[str, Any]:
         from refinery.profiles.explain import explain
 
         result = explain(self.rt.engine, identifier, self._rules())
-        self._audit_read("identity.explain", f"profile:{result['profile_id']}" if result.get("profile_id") else None)
-        return result
+        self._audit_read("identity.explain", f"profile:{result['profile_id']}" if result.get("profile_id") else None, {"pii": True})
+        return reveal_in(self.rt.engine, result)
 
     def _resolve_after(self, change: Callable[[Any, str], Any], action: str) -> dict[str, Any]:
         """Run `change(engine, actor)` (an override) then resolution + profile build, audited, in one writer transaction."""

@@ -14,7 +14,7 @@ from refinery.ingest.clean import CleanRules
 from refinery.ingest.plans import TrackingPlans
 from refinery.ingest.sources import SourceRegistry
 from refinery.ingest.store import EventStore
-from refinery.privacy.pii import use_tokeniser
+from refinery.privacy.pii import install
 from refinery.privacy.vault import Vault
 from refinery.settings import Settings
 from refinery.storage.duckdb_engine import DuckDBEngine
@@ -47,7 +47,7 @@ class Runtime:
         except BaseException:
             engine.close()
             raise
-        use_tokeniser(vault.tokens)
+        install(engine, vault)
         applied = migrate(engine)
         if applied:
             log.info("storage migrated to version %s", applied[-1])

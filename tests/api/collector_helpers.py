@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from sqlglot import exp
 
@@ -69,11 +70,25 @@ def events_with(server: Server, message_id: str, columns: str = "*") -> list[dic
 
 
 def failed_with(server: Server, message_id: str) -> list[dict[str, Any]]:
-    return select(server, "failed_events", "reason, field, message, stage, payload", message_id=message_id)
+    """The failed zone's rows of a message id, payloads unsealed by the server."""
+    return [{k: r[k] for k in ("reason", "field", "message", "stage")} | {"payload": _text(r["payload"])}
+            for r in _payloads(server, message_id)["failed"]]
 
 
 def raw_with(server: Server, message_id: str) -> list[dict[str, Any]]:
-    return select(server, "raw_events", "payload, envelope", message_id=message_id)
+    """The raw zone's rows of a message id, unsealed by the server (payloads are sealed at rest)."""
+    return [{"payload": _text(x["payload"]), "envelope": _text(x["envelope"])} for x in _payloads(server, message_id)["raw"]]
+
+
+def _payloads(server: Server, message_id: str) -> dict[str, Any]:
+    with server.api() as api:
+        r = api.get("/api/events/payloads", params={"message_id": message_id})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
 
 
 def assert_healthy(server: Server) -> None:

@@ -4,17 +4,24 @@ writer), then `refinery.identity.resolve` runs inside the writer like the CLI ru
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlglot import exp
 
 from refinery.identity import IdentityRules, ResolveReport, resolve
+from refinery.identity.rules import PII_TYPES
+from refinery.privacy.pii import protect_identifier
+from refinery.privacy.tokens import TOKEN_PATTERN
 from refinery.runtime import Runtime
 from support import T0, event, fresh_runtime, write_events
 
 __all__ = ["T0", "Identity", "event", "ident"]
+
+_TOKENS = re.compile(TOKEN_PATTERN)
 
 class Identity:
     """A runtime plus helpers to send events and read the identity tables."""
@@ -34,15 +41,29 @@ class Identity:
         return [((r["a_type"], r["a_value"]), (r["b_type"], r["b_value"])) for r in self.rows("SELECT * FROM identity_edges")]
 
     def rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-        return self.rt.engine.fetch_dicts(sql, params, cursor=self.rt.engine.reader())
+        """Rows as a person reads them: personal values (stored as tokens) revealed from the vault."""
+        rows = self.rt.engine.fetch_dicts(sql, params, cursor=self.rt.engine.reader())
+        return [{k: self.clear(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
+
+    def clear(self, text: str) -> str:
+        """`text` with every token in it (JSON included) replaced by its value from the vault."""
+        tokens = set(_TOKENS.findall(text))
+        if not tokens:
+            return text
+        values = self.rt.vault.reveal(self.rt.engine, tokens)
+        return _TOKENS.sub(lambda m: values.get(m.group(0), m.group(0)), text)
+
+    def stored(self, kind: str, value: str) -> str:
+        """The identity tables' form of a normalised value: its token for personal types."""
+        return str(protect_identifier(self.rt.engine, kind, exp.Literal.string(value)).this) if kind in PII_TYPES else value
 
     def profile(self, kind: str, value: str) -> str | None:
-        rows = self.rows("SELECT profile_id FROM identities WHERE identifier_type = ? AND value = ?", [kind, value])
+        rows = self.rows("SELECT profile_id FROM identities WHERE identifier_type = ? AND value = ?", [kind, self.stored(kind, value)])
         assert rows, f"{kind}={value!r} not in identities"
         return rows[0]["profile_id"]  # type: ignore[no-any-return]
 
     def identity(self, kind: str, value: str) -> dict[str, Any]:
-        rows = self.rows("SELECT * FROM identities WHERE identifier_type = ? AND value = ?", [kind, value])
+        rows = self.rows("SELECT * FROM identities WHERE identifier_type = ? AND value = ?", [kind, self.stored(kind, value)])
         assert rows, f"{kind}={value!r} not in identities"
         return rows[0]
 

@@ -50,7 +50,9 @@ def snapshot(rt: Runtime, queries: dict[str, str]) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def runtimes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runtime, Runtime, Runtime]]:
     base: Path = tmp_path_factory.mktemp("incremental")
-    rts = tuple(Runtime.open(Settings(data_dir=base / name, admin_token="t")) for name in ("inc", "full_each", "full_once"))
+    # One master key for the three stores: tokens (and the profile ids derived from them) are then comparable.
+    key = base / "master.key"
+    rts = tuple(Runtime.open(Settings(data_dir=base / name, admin_token="t", master_key_file=key)) for name in ("inc", "full_each", "full_once"))
     try:
         yield rts  # type: ignore[misc]
     finally:

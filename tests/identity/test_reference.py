@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlglot import exp
 
 from refinery.identity import IdentityRules, resolve
 from refinery.identity import reference as ref
 from refinery.ingest.protocol import Limits, stage
 from refinery.ingest.store import IngestItem
+from refinery.privacy.pii import protect_identifier
 from refinery.runtime import Runtime
 from refinery.settings import Settings
 
@@ -106,8 +108,13 @@ def reset(rt: Runtime) -> None:
     rt.writer.call(clear)
 
 
-def rows_of(rt: Runtime, sql: str) -> list[dict[str, Any]]:
-    return rt.engine.fetch_dicts(sql, cursor=rt.engine.reader())
+def rows_of(rt: Runtime, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    return rt.engine.fetch_dicts(sql, params, cursor=rt.engine.reader())
+
+
+def stored_email(rt: Runtime, value: str) -> str:
+    """An email as the identity tables hold it (its token, when pseudonymising)."""
+    return str(protect_identifier(rt.engine, "email", exp.Literal.string(value)).this)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +199,6 @@ def test_sql_lists_ambiguous_candidates_oldest_first(runtime: Runtime) -> None:
     send(runtime, [{"type": "identify", "messageId": "m1", "timestamp": at, "userId": "u0", "traits": {"email": "p0@shop.io"}},
                    {"type": "identify", "messageId": "m2", "timestamp": at, "userId": "u3", "traits": {"email": "p0@shop.io"}}])
     runtime.writer.call(lambda e: resolve(e, IdentityRules()))
-    [row] = rows_of(runtime, "SELECT * FROM identity_blocked WHERE value = 'p0@shop.io'")
+    [row] = rows_of(runtime, "SELECT * FROM identity_blocked WHERE value = ?", [stored_email(runtime, "p0@shop.io")])
     assert row["profile_a"] == ref.profile_id(("user_id", "u0")) and row["profile_b"] == ref.profile_id(("user_id", "u3"))
     assert [c["value"] for c in json.loads(row["evidence"])["candidates"]] == ["u0", "u3"]

@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlglot import exp
 
 from refinery.identity import IdentityRules
+from refinery.identity.rules import PII_TYPES
+from refinery.privacy.pii import protect_identifier, reveal_in
+from refinery.profiles import read
 from refinery.profiles.build import resolve_and_build
+from refinery.profiles.explain import explain
 from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
 from support import event, fresh_runtime, write_events
@@ -34,10 +39,25 @@ class World:
     def rows(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
         return self.rt.engine.fetch_dicts(sql, params, cursor=self.rt.engine.reader())
 
+    def stored(self, kind: str, value: str) -> str:
+        """A normalised identifier as the identity tables hold it (a token, for personal types)."""
+        return str(protect_identifier(self.rt.engine, kind, exp.Literal.string(value)).this) if kind in PII_TYPES else value
+
     def profile_of(self, kind: str, value: str) -> str:
-        [row] = self.rows("SELECT profile_id FROM identities WHERE identifier_type = ? AND value = ?", [kind, value])
+        [row] = self.rows("SELECT profile_id FROM identities WHERE identifier_type = ? AND value = ?", [kind, self.stored(kind, value)])
         assert row["profile_id"], f"{kind}:{value} is not linked"
         return row["profile_id"]  # type: ignore[no-any-return]
+
+
+    # Reads as a principal with pii:read sees them: tokens revealed.
+    def get(self, profile_id: str) -> dict[str, Any]:
+        return reveal_in(self.rt.engine, read.get(self.rt.engine, profile_id))
+
+    def timeline(self, profile_id: str, **kw: Any) -> list[dict[str, Any]]:
+        return reveal_in(self.rt.engine, read.timeline(self.rt.engine, profile_id, **kw))
+
+    def explain(self, identifier: str, rules: IdentityRules) -> dict[str, Any]:
+        return reveal_in(self.rt.engine, explain(self.rt.engine, identifier, rules))
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import pytest
 from profile_helpers import World, event
 
 from refinery.errors import NotFoundError
-from refinery.profiles.explain import explain
 
 
 def test_the_chain_names_the_events_that_joined_each_identifier(world: World) -> None:
@@ -15,7 +14,7 @@ def test_the_chain_names_the_events_that_joined_each_identifier(world: World) ->
     world.send(event("page", anonymousId="c-1", name="Home"), login, app_open)
     world.resolve()
 
-    x = explain(world.rt.engine, "email:ANN@acme.io", world.rules)
+    x = world.explain("email:ANN@acme.io", world.rules)
     assert x["identifier"] == {"type": "email", "value": "ann@acme.io", "status": "linked", "reason": None}
     assert {(i["type"], i["value"]) for i in x["identifiers"]} == {
         ("anonymous_id", "c-1"), ("user_id", "u-7"), ("email", "ann@acme.io"), ("device_id", "dev-9"),
@@ -37,7 +36,7 @@ def test_an_alias_between_two_known_users_is_shown_as_kept_apart(world: World) -
     alice, bob = world.profile_of("user_id", "alice"), world.profile_of("user_id", "bob")
     assert alice != bob
 
-    x = explain(world.rt.engine, "user_id:alice", world.rules)
+    x = world.explain("user_id:alice", world.rules)
     [refusal] = [r for r in x["refusals"] if r["kind"] == "merge"]
     assert refusal["reason"] == "conflicting_user_id"
     assert refusal["message_id"] == alias["messageId"]
@@ -48,7 +47,7 @@ def test_a_blocked_identifier_explains_why_it_links_nobody(world: World) -> None
     world.send(event("identify", anonymousId="undefined", userId="u-8"), event("identify", anonymousId="undefined", userId="u-9"))
     world.resolve()
     assert world.profile_of("user_id", "u-8") != world.profile_of("user_id", "u-9")
-    x = explain(world.rt.engine, "anonymous_id:undefined", world.rules)
+    x = world.explain("anonymous_id:undefined", world.rules)
     assert x["profile_id"] is None and x["identifier"]["status"] == "blocked"
     assert [r["reason"] for r in x["refusals"]] == ["blocked_value"]
 
@@ -56,4 +55,4 @@ def test_a_blocked_identifier_explains_why_it_links_nobody(world: World) -> None
 def test_an_unknown_identifier_is_a_clear_error(world: World) -> None:
     world.resolve()
     with pytest.raises(NotFoundError, match="No identifier"):
-        explain(world.rt.engine, "email:nobody@acme.io", world.rules)
+        world.explain("email:nobody@acme.io", world.rules)

@@ -13,6 +13,9 @@ from refinery.profiles.persons import IdentityPolicy, persons
 
 
 def _link(world: World, rows: list[dict[str, object]]) -> None:
+    """Links between identifiers as the identity tables hold them (emails as their tokens)."""
+    rows = [{**r, "a_value": world.stored(str(r["a_type"]), str(r["a_value"])),
+             "b_value": world.stored(str(r["b_type"]), str(r["b_value"]))} for r in rows]
     table = build_links(rows, method="person_record", model_version="test-v1", created_at=datetime.now(UTC))
     world.rt.writer.call(lambda e: write_links(e, table, method="person_record", model_version="test-v1"))
 

@@ -31,6 +31,7 @@ from refinery.governance import audit
 from refinery.governance.objects import import_source, queried_tables
 from refinery.governance.principal import Principal
 from refinery.ingest import catalog, replay
+from refinery.ingest.rawzone import read_failed, read_raw
 from refinery.runtime import Runtime
 from refinery.storage.query import run_query
 
@@ -104,6 +105,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         record_for(request, "failed.read", f"source:{source}" if source else None, {"reason": reason, "rows": len(rows)})
         return {"failed": rows}
 
+    @app.get("/api/events/payloads", dependencies=[Depends(require("events:read", "pii:read", sources=from_query()))], tags=["events"])
+    def event_payloads(request: Request, message_id: str, source: str | None = None) -> dict[str, Any]:
+        """An event as received (raw zone) and as quarantined (failed zone), unsealed: personal data in clear, audited."""
+        raw = read_raw(runtime.engine, runtime.vault, message_id, source=source)
+        failed_rows = read_failed(runtime.engine, runtime.vault, message_id, source=source)
+        record_for(request, "payloads.read", f"source:{source}" if source else None, {"raw": len(raw), "failed": len(failed_rows)})
+        return {"raw": raw, "failed": failed_rows}
+
     @app.post("/api/events/replay", dependencies=[Depends(require("events:replay", sources=from_body()))], tags=["events"])
     def post_replay(body: ReplayRequest, request: Request) -> dict[str, Any]:
         result = replay.replay(runtime, source=body.source, reason=body.reason, limit=body.limit).to_dict()
@@ -172,6 +181,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     from refinery.api.lineage import router as lineage_router  # lineage (governance/lineage.py)
 
     app.include_router(lineage_router(runtime))
-    return app
     from refinery.api.privacy import router as privacy_router  # subject requests (privacy/requests.py)
     app.include_router(privacy_router(runtime))
+    return app

@@ -194,13 +194,15 @@ class Collector:
         except Exception as e:  # storage errors carry SQL and values: never sent to the client nor logged
             log.error("collector: commit failed for request %s: %s", request_id, type(e).__name__)
             raise _Unavailable() from e
-        loaded = dup = 0
+        loaded = dup = suppressed = 0
         failures = []
         for o in outcomes:
             if o.status == "loaded":
                 loaded += 1
             elif o.status == "duplicate":
                 dup += 1
+            elif o.status == "suppressed":
+                suppressed += 1
             else:
                 failures.append(o)
                 self.metrics.failed.labels(source.name, o.reason or "unknown").inc()
@@ -208,9 +210,13 @@ class Collector:
             self._metric(self.metrics.accepted, source.name).inc(loaded)
         if dup:
             self._metric(self.metrics.duplicates, source.name).inc(dup)
+        if suppressed:
+            self.metrics.suppressed.labels(source.name).inc(suppressed)
         resp: dict[str, Any] = {"success": True, "request_id": request_id}
         if call == "batch":
             resp.update(accepted=loaded, duplicates=dup, failed=len(failures))
+            if suppressed:
+                resp["suppressed"] = suppressed
             if failures:
                 resp["failures"] = [
                     {"index": i, "messageId": o.message_id, "reason": o.reason, "field": o.field, "message": o.message}

@@ -16,6 +16,7 @@ class Metrics:
         self.requests = Counter("refinery_collector_requests", "Collector requests by call and HTTP status.", ["call", "status"], registry=r)
         self.accepted = Counter("refinery_events_accepted", "Events stored in the clean zone, by source.", ["source"], registry=r)
         self.duplicates = Counter("refinery_events_duplicate", "Events absorbed as retries of a known messageId.", ["source"], registry=r)
+        self.suppressed = Counter("refinery_events_suppressed", "Events not stored because their person was erased (suppression list).", ["source"], registry=r)
         self.failed = Counter("refinery_events_failed", "Events quarantined in the failed zone, by reason.", ["source", "reason"], registry=r)
         self.rejected = Counter("refinery_requests_rejected", "Requests refused with a 4xx/5xx, by reason.", ["reason"], registry=r)
         self.latency = Histogram(

@@ -11,9 +11,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from refinery.api.auth import current_principal, record_for, require
+from refinery.errors import PermissionDenied
 from refinery.governance import audit, lineage
 from refinery.governance.principal import Principal
 from refinery.identity import rules_from_settings
+from refinery.privacy.pii import reveal_in, tokenising
 from refinery.profiles import explain as explain_mod
 from refinery.profiles import read
 from refinery.profiles.build import Refresh
@@ -23,10 +25,10 @@ from refinery.runtime import Runtime
 
 def router(runtime: Runtime) -> APIRouter:
     r = APIRouter(tags=["profiles"])
-    # Profiles and identifiers hold personal data in clear until pseudonymisation lands: reading
-    # them needs pii:read as well, and every read is audited (by profile id and identifier type).
+    # Profiles and identifiers hold tokens in place of personal values (privacy/tokens.py): any
+    # profiles:read role sees them pseudonymised; pii:read also sees the values. Every read is
+    # audited (by profile id and identifier type, and whether values were shown).
     read_dep = Depends(require("profiles:read"))
-    read_pii = Depends(require("profiles:read", "pii:read"))
     identity_write = Depends(require("identity:write"))
 
     def rules() -> Any:
@@ -57,19 +59,18 @@ def router(runtime: Runtime) -> APIRouter:
         record_for(request, "identity.match", f"source:{source}" if source else None, audit.counts(result))
         return result
 
-    @r.get("/api/identity/identifiers", dependencies=[read_pii])
+    @r.get("/api/identity/identifiers", dependencies=[read_dep])
     def get_identifiers(request: Request, identifier: str = Query(..., description="type:value, or a bare value of any type")) -> dict[str, Any]:
         found = read.find(runtime.engine, identifier, rules())
-        record_for(request, "identity.identifiers", None, {"identifier_type": kind(identifier), "matches": len(found),
-                                                            "profiles": sorted({f["profile_id"] for f in found if f["profile_id"]})})
-        return {"identifiers": found}
+        return shown(request, "identity.identifiers", None, {"identifier_type": kind(identifier), "matches": len(found),
+                                                             "profiles": sorted({f["profile_id"] for f in found if f["profile_id"]})},
+                     {"identifiers": found})
 
-    @r.get("/api/identity/explain", dependencies=[read_pii])
+    @r.get("/api/identity/explain", dependencies=[read_dep])
     def get_explain(request: Request, identifier: str = Query(..., description="type:value, e.g. email:jane@example.com")) -> dict[str, Any]:
         result = explain_mod.explain(runtime.engine, identifier, rules())
         pid = result.get("profile_id")
-        record_for(request, "identity.explain", f"profile:{pid}" if pid else None, {"identifier_type": kind(identifier)})
-        return result
+        return shown(request, "identity.explain", f"profile:{pid}" if pid else None, {"identifier_type": kind(identifier)}, result)
 
     @r.get("/api/persons", dependencies=[read_dep])
     def get_persons(request: Request, mode: str = "probabilistic", threshold: float = 0.9) -> dict[str, Any]:
@@ -78,22 +79,31 @@ def router(runtime: Runtime) -> APIRouter:
         record_for(request, "persons.read", None, {"mode": mode, "threshold": threshold})
         return result
 
-    @r.get("/api/profiles", dependencies=[read_pii])
+    @r.get("/api/profiles", dependencies=[read_dep])
     def lookup(request: Request, identifier: str = Query(..., description="type:value, e.g. user_id:u-123")) -> dict[str, Any]:
         profile = read.lookup(runtime.engine, identifier, rules())
-        record_for(request, "profiles.lookup", f"profile:{profile['profile_id']}", {"identifier_type": kind(identifier)})
-        return profile
+        return shown(request, "profiles.lookup", f"profile:{profile['profile_id']}", {"identifier_type": kind(identifier)}, profile)
 
-    @r.get("/api/profiles/{profile_id}", dependencies=[read_pii])
+    @r.get("/api/profiles/{profile_id}", dependencies=[read_dep])
     def get_profile(request: Request, profile_id: str) -> dict[str, Any]:
         profile = read.get(runtime.engine, profile_id)
-        record_for(request, "profiles.read", f"profile:{profile['profile_id']}", {"requested_id": profile_id})
-        return profile
+        return shown(request, "profiles.read", f"profile:{profile['profile_id']}", {"requested_id": profile_id}, profile)
 
-    @r.get("/api/profiles/{profile_id}/events", dependencies=[read_pii])
+    @r.get("/api/profiles/{profile_id}/events", dependencies=[read_dep])
     def get_events(request: Request, profile_id: str, limit: int = Query(100, ge=1, le=10_000), before: str | None = None) -> dict[str, Any]:
         events = read.timeline(runtime.engine, profile_id, limit=limit, before=before)
-        record_for(request, "profiles.events", f"profile:{profile_id}", {"events": len(events)})
-        return {"events": events}
+        return shown(request, "profiles.events", f"profile:{profile_id}", {"events": len(events)}, {"events": events})
+
+    def shown(request: Request, action: str, obj: str | None, details: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        """The answer as the caller may see it: personal values in clear for `pii:read` (the
+        audit row says so), tokens for everyone else. Audited before it leaves."""
+        clear = current_principal(request).can("pii:read")
+        if not clear and not tokenising(runtime.engine):
+            raise PermissionDenied(
+                "This store keeps personal values in clear (pseudonymise = false), so reading profiles needs pii:read.",
+                fix="Use a token whose role has pii:read, or turn pseudonymisation on.",
+            )
+        record_for(request, action, obj, {**details, "pii": clear})
+        return reveal_in(runtime.engine, body) if clear else body
 
     return r

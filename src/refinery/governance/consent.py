@@ -35,8 +35,8 @@ from refinery.errors import NotFoundError
 from refinery.governance.purposes import PURPOSES, ConsentPolicy, InvalidConsent, check_purpose, from_tcf
 from refinery.governance.tcf import decode as decode_tcf
 from refinery.identity import sql
-from refinery.privacy.normalise import normalise
 from refinery.identity.rules import PII_TYPES, IdentityRules
+from refinery.privacy.normalise import normalise
 from refinery.privacy.pii import protect_identifier
 from refinery.storage.engine import Engine
 
@@ -156,7 +156,7 @@ def profile_consent_relation() -> exp.Expression:
 
 # --- subjects ---------------------------------------------------------------------------------
 
-def parse_subject(identifier: str, rules: IdentityRules) -> tuple[str, str, exp.Expression]:
+def parse_subject(engine: Engine, identifier: str, rules: IdentityRules) -> tuple[str, str, exp.Expression]:
     """`type:value` -> (type, normalised value, the stored form as an expression).
 
     Consent is always about a typed identifier: a bare value is refused (it could be anyone's)."""
@@ -175,7 +175,7 @@ def parse_subject(identifier: str, rules: IdentityRules) -> tuple[str, str, exp.
         )
     stored: exp.Expression = exp.Literal.string(n.value)
     if kind in PII_TYPES:
-        stored = protect_identifier(kind, stored)
+        stored = protect_identifier(engine, kind, stored)
     return kind, n.value, stored
 
 
@@ -266,7 +266,7 @@ def record_request(
 ) -> Recorded:
     """Record a choice made through the API (call inside the writer)."""
     moment = now or datetime.now(UTC)
-    kind, _, stored = parse_subject(identifier, rules)
+    kind, _, stored = parse_subject(engine, identifier, rules)
     choices, tcf = choices_from_request(purposes, tc_string, now=moment)
     value = _stored_value(engine, stored)
     evidence: dict[str, Any] = {}
@@ -355,7 +355,7 @@ class ConsentService:
     def for_identifier(self, identifier: str, rules: IdentityRules, *, limit: int = 1000) -> dict[str, Any]:
         """An identifier's own current choices with their receipts, and - when it belongs to a
         profile - the profile's state per purpose with its conflicts."""
-        kind, _, stored = parse_subject(identifier, rules)
+        kind, _, stored = parse_subject(self.engine, identifier, rules)
         latest = exp.select("*").from_(exp.Subquery(this=latest_relation(), alias=exp.TableAlias(this=exp.to_identifier("l")))).where(
             exp.and_(exp.column("subject_type").eq(exp.Literal.string(kind)), exp.column("subject_value").eq(stored.copy()))
         )

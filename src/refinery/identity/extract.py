@@ -22,9 +22,10 @@ import pyarrow as pa
 from sqlglot import exp
 
 from refinery.identity import sql
-from refinery.privacy.normalise import normalise
 from refinery.identity.rules import PII_TYPES, IdentityRules
-from refinery.privacy.pii import protect_identifier
+from refinery.privacy.normalise import Normalised, normalise
+from refinery.privacy.pii import reveal, token_for, tokenising
+from refinery.privacy.tokens import is_token
 from refinery.storage.engine import Engine
 
 _RULE = "CASE WHEN type = 'alias' THEN 'alias' WHEN import_id IS NOT NULL THEN 'import_row' ELSE 'same_event' END"
@@ -93,43 +94,46 @@ def _block_reason(rules: IdentityRules) -> exp.Expression:
     return case
 
 
-def _protected(value: exp.Expression) -> exp.Expression:
-    """The stored form of a value: PII types through `protect_identifier`, the rest as is."""
-    case = exp.Case()
-    for kind in sorted(PII_TYPES):
-        case = case.when(exp.EQ(this=exp.column("kind"), expression=sql.lit(kind)), protect_identifier(kind, value.copy()))
-    return case.else_(value.copy())
-
-
 def extract(engine: Engine, rules: IdentityRules) -> int:
     """Build `_idr_occ(message_id, source, ts, rule, kind, value, reason)`; returns its row count."""
+    protect = tokenising(engine)
+    python_kinds = sorted({"phone", *PII_TYPES}) if protect else ["phone"]
     raw = sql.template(
-        "CREATE OR REPLACE TEMP TABLE _idr_raw AS SELECT *, (kind = 'phone' OR NOT regexp_full_match(raw, '[ -~]*')) AS needs_py "
+        "CREATE OR REPLACE TEMP TABLE _idr_raw AS SELECT *, (__py_kind OR NOT regexp_full_match(raw, '[ -~]*')) AS needs_py "
         "FROM (__occ) WHERE raw IS NOT NULL",
-        occ=occurrences_select(rules),
+        occ=occurrences_select(rules), py_kind=sql.in_list(exp.column("kind"), python_kinds),
     )
     engine.execute(raw)
 
-    # Phones and non-ASCII values: normalised in Python, once per distinct (type, raw, region).
+    # Personal types (when pseudonymising), phones and non-ASCII values go through Python once per
+    # distinct (type, raw, region): normalised, checked, and given their stored form (a token).
+    # The clean zone already holds tokens for personal fields: their values come from the vault,
+    # only to apply the blocking rules; the token stays the stored form.
     distinct = engine.fetch_all(sql.template("SELECT DISTINCT kind, raw, region FROM _idr_raw WHERE needs_py"))
-    kinds, raws, regions, values, reasons = [], [], [], [], []
+    clear = reveal(engine, [t for k, t, _ in distinct if k in PII_TYPES and is_token(t)]) if protect else {}
+    kinds, raws, regions, values, reasons, stored = [], [], [], [], [], []
     for kind, text, region in distinct:
-        n = normalise(kind, text, region, rules.phone_region)
+        token = text if kind in PII_TYPES and is_token(text) else None
+        if token is not None and token not in clear:
+            n = Normalised(token)  # its person was erased (or the vault does not know it): nothing to check
+        else:
+            n = normalise(kind, clear.get(text, text), region, rules.phone_region)
         kinds.append(kind)
         raws.append(text)
         regions.append(region)
         values.append(n.value)
         reasons.append(n.reason)
+        stored.append(token or (token_for(engine, kind, n.value) if kind in PII_TYPES else None))
     engine.register("_idr_pydict", pa.table({
         "kind": pa.array(kinds, pa.string()), "raw": pa.array(raws, pa.string()), "region": pa.array(regions, pa.string()),
-        "value": pa.array(values, pa.string()), "reason": pa.array(reasons, pa.string()),
+        "value": pa.array(values, pa.string()), "reason": pa.array(reasons, pa.string()), "stored": pa.array(stored, pa.string()),
     }))
     try:
         sql.run(engine, """
             CREATE OR REPLACE TEMP TABLE _idr_norm AS
             SELECT r.message_id, r.source, r.ts, r.rule, r.kind, r.raw,
                    CASE WHEN r.needs_py THEN d.value WHEN r.kind = 'email' THEN lower(trim(r.raw)) ELSE trim(r.raw) END AS value,
-                   CASE WHEN r.needs_py THEN d.reason END AS pre_reason
+                   CASE WHEN r.needs_py THEN d.reason END AS pre_reason, d.stored
             FROM _idr_raw r LEFT JOIN _idr_pydict d
               ON d.kind = r.kind AND d.raw = r.raw AND d.region IS NOT DISTINCT FROM r.region
         """)
@@ -147,10 +151,10 @@ def extract(engine: Engine, rules: IdentityRules) -> int:
     )
     sql.run(engine, """
         CREATE OR REPLACE TEMP TABLE _idr_occ AS
-        SELECT DISTINCT message_id, source, ts, rule, kind, __stored AS value, reason
-        FROM (SELECT message_id, source, ts, rule, kind, raw, value,
+        SELECT DISTINCT message_id, source, ts, rule, kind, coalesce(stored, __shown) AS value, reason
+        FROM (SELECT message_id, source, ts, rule, kind, raw, value, stored,
                      coalesce(pre_reason, __reason) AS reason FROM _idr_norm) t
-    """, stored=_protected(shown), reason=_block_reason(rules))
+    """, shown=shown, reason=_block_reason(rules))
     sql.run(engine, "DROP TABLE _idr_raw")
     sql.run(engine, "DROP TABLE _idr_norm")
     return int(sql.scalar(engine, "SELECT count(*) FROM _idr_occ"))

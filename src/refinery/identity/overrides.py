@@ -27,8 +27,8 @@ from sqlglot import exp
 
 from refinery.errors import ConflictError, NotFoundError
 from refinery.identity.errors import OverrideError
-from refinery.privacy.normalise import normalise
 from refinery.identity.rules import PII_TYPES, IdentityRules
+from refinery.privacy.normalise import normalise
 from refinery.privacy.pii import protect_identifier
 from refinery.storage.engine import Engine
 
@@ -79,7 +79,7 @@ def find_identity(engine: Engine, text: str, rules: IdentityRules, cursor: Any =
     for k in kinds:
         value: exp.Expression = exp.Literal.string(normalise(k, raw, None, rules.phone_region).value)
         if k in PII_TYPES:
-            value = protect_identifier(k, value)
+            value = protect_identifier(engine, k, value)
         conditions.append(exp.and_(exp.column("identifier_type").eq(exp.Literal.string(k)), exp.column("value").eq(value)))
     query = exp.select("identifier_type", "value", "profile_id", "status", "reason").from_("identities").where(exp.or_(*conditions))
     rows = engine.fetch_dicts(query, cursor=cursor)

@@ -14,16 +14,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, NamedTuple
 
+import orjson
 import pyarrow as pa
 from sqlglot import exp
 
 from refinery.ingest.clean import EVENT_COLUMNS, CleanRules, clean_select
 from refinery.ingest.protocol import Failure, StagedEvent
+from refinery.privacy.normalise import clean_text
+from refinery.privacy.tokens import PiiValue, subject_of
 from refinery.privacy.vault import Vault
 from refinery.storage.engine import ConstraintViolation, Engine, parse
 from refinery.storage.writer import RetryGroup
 
-Status = Literal["loaded", "duplicate", "failed"]
+Status = Literal["loaded", "duplicate", "failed", "suppressed"]
 
 
 @dataclass(slots=True)
@@ -54,6 +57,9 @@ _STAGED_SCHEMA = pa.schema(
         ("received_at", pa.timestamp("us", tz="UTC")),
         ("payload", pa.string()),
         ("envelope", pa.string()),
+        ("key_id", pa.string()),
+        ("sealed", pa.binary()),
+        ("fail_sealed", pa.binary()),
         ("merged", pa.string()),
         ("payload_hash", pa.uint64()),
         ("pre_reason", pa.string()),
@@ -67,6 +73,14 @@ _STAGED_SCHEMA = pa.schema(
 FAILED_COLUMNS = (
     "failure_id", "raw_id", "source", "message_id", "stage", "reason", "message", "field", "payload",
     "received_at", "failed_at", "import_id", "file", "row_number",
+)
+
+SUPPRESSED = Failure(
+    "suppressed",
+    "The person this event belongs to asked to be erased; their identifiers are on the suppression list, "
+    "so the event was not stored.",
+    None,
+    "privacy",
 )
 
 
@@ -92,6 +106,21 @@ class EventStore:
         return first
 
     def write(self, engine: Engine, items: Sequence[IngestItem]) -> list[Outcome]:
+        """Write a group: events of erased people (suppression list) are dropped first, the rest
+        are protected (personal fields to tokens, payloads sealed) and written."""
+        if self.vault is None:
+            return self._write(engine, items, None)
+        protected = [protect_item(self.vault, it) for it in items]
+        if not self.vault.suppressed or not any(p.suppressed for p in protected):
+            return self._write(engine, items, protected)
+        kept = [i for i, p in enumerate(protected) if not p.suppressed]
+        written = iter(self._write(engine, [items[i] for i in kept], [protected[i] for i in kept]) if kept else [])
+        return [
+            next(written) if not p.suppressed else Outcome("suppressed", it.event.message_id, SUPPRESSED.reason, SUPPRESSED.message)
+            for it, p in zip(items, protected, strict=True)
+        ]
+
+    def _write(self, engine: Engine, items: Sequence[IngestItem], protected: list[Protected] | None) -> list[Outcome]:
         first = self.allocate_raw_ids(engine, len(items))
         outcomes: list[Outcome | None] = [None] * len(items)
 
@@ -117,9 +146,12 @@ class EventStore:
                 "source": [it.source for it in items],
                 "message_id": [it.event.message_id for it in items],
                 "received_at": pa.array(_micros([it.received_at for it in items]), pa.timestamp("us", tz="UTC")),
-                "payload": [it.event.raw_json for it in items],
-                "envelope": [it.event.envelope_json for it in items],
-                "merged": [it.event.merged_json for it in items],
+                "payload": [it.event.raw_json for it in items] if protected is None else [None] * len(items),
+                "envelope": [it.event.envelope_json for it in items] if protected is None else [None] * len(items),
+                "key_id": None if protected is None else [p.key_id for p in protected],
+                "sealed": None if protected is None else _seal_raw(self.vault, items, protected),
+                "fail_sealed": _seal_failed(self.vault, items, protected, failures),
+                "merged": [it.event.merged_json for it in items] if protected is None else [p.merged_json for p in protected],
                 "payload_hash": pa.array([it.event.payload_hash for it in items], pa.uint64()),
                 "pre_reason": [f.reason if f else None for f in failures],
                 "pre_message": [f.message if f else None for f in failures],
@@ -142,9 +174,14 @@ class EventStore:
                         failures[i] = None
                     else:
                         failures[i] = _conflict(it.event.message_id)
-                table = _with_failures(table, failures, is_candidate)
+                table = _with_failures(table, failures, is_candidate, _seal_failed(self.vault, items, protected, failures))
                 engine.stage("_staged", table)
             engine.execute_reused(_RAW_INSERT)
+            if protected is not None:
+                assert self.vault is not None
+                self.vault.put_values(engine, [
+                    (p.key_id, v) for i, p in enumerate(protected) if is_candidate[i] and failures[i] is None for v in p.values
+                ])
 
             # Quarantine what broke a rule before cleaning (protocol, plan, dedup conflicts).
             if any(f is not None for f in failures):
@@ -157,6 +194,9 @@ class EventStore:
             cleaned_failures = (
                 insert_clean(engine, _TO_CLEAN, self.rules, expected=to_clean, reuse_plan=True) if to_clean else []
             )
+            if cleaned_failures and protected is not None:
+                # What cleaning rejected keeps the protected payload; its key says whose it is (erasure).
+                engine.execute(_KEY_CLEAN_FAILURES, [first, first + len(items)])
         finally:
             engine.stage("_staged", table.slice(0, 0))  # let go of the rows
         for raw_id, reason, message, field in cleaned_failures:
@@ -252,8 +292,13 @@ def _clean_insert_sql(relation_sql: str, dialect: str, rules: CleanRules, file: 
 
 
 _RAW_INSERT = (
-    "INSERT INTO raw_events (raw_id, request_id, source, message_id, received_at, payload, envelope) "
-    "SELECT raw_id, request_id, source, message_id, received_at, payload, envelope FROM _staged"
+    "INSERT INTO raw_events (raw_id, request_id, source, message_id, received_at, payload, envelope, key_id, sealed) "
+    "SELECT raw_id, request_id, source, message_id, received_at, payload, envelope, key_id, sealed FROM _staged"
+)
+_KEY_CLEAN_FAILURES = (
+    "UPDATE failed_events SET key_id = s.key_id FROM _staged s "
+    "WHERE failed_events.raw_id = s.raw_id AND failed_events.raw_id >= ? AND failed_events.raw_id < ? "
+    "AND failed_events.stage = 'clean' AND failed_events.key_id IS NULL"
 )
 #: First occurrences into the dedup window: the plain form fails on an id already there.
 _RECORD_IDS = "INSERT INTO message_ids SELECT source, message_id, payload_hash, received_at FROM _staged WHERE is_new"
@@ -262,10 +307,11 @@ _RECORD_NEW_IDS = _RECORD_IDS + " ON CONFLICT DO NOTHING RETURNING source, messa
 _QUARANTINE_STAGED = exp.insert(
     parse(
         "SELECT nextval('failed_event_seq'), raw_id, source, message_id, pre_stage, pre_reason, pre_message, "
-        "pre_field, merged, received_at, now(), NULL, NULL, NULL FROM _staged WHERE pre_reason IS NOT NULL"
+        "pre_field, CASE WHEN fail_sealed IS NULL THEN merged END, received_at, now(), NULL, NULL, NULL, "
+        "key_id, fail_sealed FROM _staged WHERE pre_reason IS NOT NULL"
     ),
     "failed_events",
-    columns=list(FAILED_COLUMNS),
+    columns=[*FAILED_COLUMNS, "key_id", "sealed"],
 ).sql("duckdb")
 
 _TO_CLEAN = parse(
@@ -304,7 +350,10 @@ def _conflict(message_id: str) -> Failure:
     )
 
 
-def _with_failures(table: pa.Table, failures: list[Failure | None], is_new: list[bool]) -> pa.Table:
+def _with_failures(
+    table: pa.Table, failures: list[Failure | None], is_new: list[bool], fail_sealed: list[bytes | None] | None
+) -> pa.Table:
+    table = table.set_column(table.schema.get_field_index("fail_sealed"), "fail_sealed", pa.array(fail_sealed, pa.binary()))
     cols = {
         "pre_reason": [f.reason if f else None for f in failures],
         "pre_message": [f.message if f else None for f in failures],
@@ -314,3 +363,66 @@ def _with_failures(table: pa.Table, failures: list[Failure | None], is_new: list
     for name, values in cols.items():
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
     return table.set_column(table.schema.get_field_index("is_new"), "is_new", pa.array(is_new, pa.bool_()))
+
+
+# --- protection (privacy/vault.py): tokens before cleaning, sealed payloads, suppression ---------------
+
+@dataclass(slots=True)
+class Protected:
+    """One event as the vault wants it written: its key, the cleaned form with tokens, the values
+    the tokens replace (to seal into the vault), and whether its person was erased."""
+
+    key_id: str
+    merged_json: str
+    values: list[PiiValue]
+    suppressed: bool
+
+
+def protect_item(vault: Vault, item: IngestItem) -> Protected:
+    ev = item.event
+    merged = ev.merged
+    subject = subject_of(merged) if merged is not None else None
+    key_id = vault.key_id(subject) if subject else vault.event_key_id(item.source, ev.message_id)
+    if merged is None or ev.failure is not None:
+        return Protected(key_id, ev.merged_json, [], False)
+    out, values = vault.tokens.protect_event(merged)
+    merged_json = orjson.dumps(out).decode() if out is not merged else ev.merged_json
+    return Protected(key_id, merged_json, values, bool(vault.suppressed) and _is_suppressed(vault, merged, values))
+
+
+_SUPPRESSIBLE_KINDS = frozenset({"email", "phone"})
+
+
+def _is_suppressed(vault: Vault, event: dict[str, object], values: list[PiiValue]) -> bool:
+    for field, kind in (("userId", "user_id"), ("anonymousId", "anonymous_id")):
+        value = event.get(field)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            text = clean_text(value if isinstance(value, str) else orjson.dumps(value).decode())
+            if text and vault.suppressed_identifier(kind, text):
+                return True
+    return any(v.kind in _SUPPRESSIBLE_KINDS and vault.suppressed_identifier(v.kind, v.value) for v in values)
+
+
+def _seal_raw(vault: Vault | None, items: Sequence[IngestItem], protected: list[Protected]) -> list[bytes | None]:
+    """Each raw event (the item as received and its batch envelope) sealed under its subject's key."""
+    assert vault is not None
+    plain = [
+        b'{"payload":' + it.event.raw_json.encode() + b',"envelope":' + (it.event.envelope_json or "null").encode() + b"}"
+        for it in items
+    ]
+    return vault.seal_many([p.key_id for p in protected], plain)
+
+
+def _seal_failed(
+    vault: Vault | None, items: Sequence[IngestItem], protected: list[Protected] | None, failures: list[Failure | None]
+) -> list[bytes | None] | None:
+    """The payload of each event quarantined before cleaning, sealed like its raw form (None elsewhere)."""
+    if vault is None or protected is None:
+        return None
+    idx = [i for i, f in enumerate(failures) if f is not None]
+    out: list[bytes | None] = [None] * len(items)
+    if idx:
+        sealed = vault.seal_many([protected[i].key_id for i in idx], [items[i].event.merged_json.encode() for i in idx])
+        for i, data in zip(idx, sealed, strict=True):
+            out[i] = data
+    return out

@@ -146,10 +146,13 @@ class Vault:
             )
         finally:
             engine.unregister("_vault_new")
+        engine.after_commit(lambda: self._remember_stored(pairs))
+        return len(pairs)
+
+    def _remember_stored(self, pairs: list[tuple[str, str]]) -> None:
         if len(self._stored) > 500_000:
             self._stored.clear()
         self._stored.update(pairs)
-        return len(pairs)
 
     def forget_stored(self) -> None:
         """Drop the memo of stored pairs (after a rollback or an erasure)."""

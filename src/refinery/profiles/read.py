@@ -10,8 +10,8 @@ from typing import Any
 from sqlglot import exp
 
 from refinery.errors import NotFoundError, QueryError
-from refinery.privacy.normalise import normalise
 from refinery.identity.rules import PII_TYPES, IdentityRules
+from refinery.privacy.normalise import normalise
 from refinery.privacy.pii import protect_identifier
 from refinery.storage.engine import Engine
 
@@ -28,10 +28,10 @@ def parse_identifier(text: str, rules: IdentityRules) -> tuple[str | None, str]:
     return None, text
 
 
-def _stored_value(kind: str, raw: str, rules: IdentityRules) -> exp.Expression:
+def _stored_value(engine: Engine, kind: str, raw: str, rules: IdentityRules) -> exp.Expression:
     """The value as the identity tables hold it: normalised, then protected for PII types."""
     value: exp.Expression = exp.Literal.string(normalise(kind, raw, None, rules.phone_region).value)
-    return protect_identifier(kind, value) if kind in PII_TYPES else value
+    return protect_identifier(engine, kind, value) if kind in PII_TYPES else value
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def find(engine: Engine, identifier: str, rules: IdentityRules) -> list[dict[str
     conditions = [
         exp.and_(
             exp.column("identifier_type").eq(exp.Literal.string(k)),
-            exp.column("value").eq(_stored_value(k, raw, rules)),
+            exp.column("value").eq(_stored_value(engine, k, raw, rules)),
         )
         for k in kinds
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ class DuckDBEngine(Engine):
             ) from e
         self.memory = MemoryBudget(self._con, memory_limit, batch_memory_limit or memory_limit)
         self._local = threading.local()
+        self._after_commit: list[Callable[[], None]] | None = None  # a list while the writer's transaction is open
         self._prepared: dict[str, tuple[str, bool]] = {}
         self._staged: dict[str, _Staged] = {}
         # Registering is a catalog change: a ROLLBACK undoes it, so names first staged inside a
@@ -147,9 +148,12 @@ class DuckDBEngine(Engine):
         mine = con is self._con
         if mine:
             self._staged_in_transaction.clear()
+            self._after_commit = []
         try:
             yield con
         except BaseException:
+            if mine:
+                self._after_commit = None
             con.execute("ROLLBACK")
             if mine and self._staged_in_transaction:
                 # The rollback dropped those views: register them afresh next time, and plan
@@ -160,9 +164,20 @@ class DuckDBEngine(Engine):
             raise
         else:
             con.execute("COMMIT")
+            if mine:
+                callbacks, self._after_commit = self._after_commit or [], None
+                for callback in callbacks:
+                    callback()
         finally:
             if mine:
                 self._staged_in_transaction.clear()
+                self._after_commit = None
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        if self._after_commit is None:
+            callback()
+        else:
+            self._after_commit.append(callback)
 
     def close(self) -> None:
         if self._checkpointer is not None:

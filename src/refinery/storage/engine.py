@@ -8,7 +8,7 @@ an engine implements a handful of hooks, as splink's database API does.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast, final
@@ -140,6 +140,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     @contextmanager
     def transaction(self, cursor: Any = None) -> Iterator[Any]: ...
+
+    @abc.abstractmethod
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the writer's open transaction commits (never if it rolls back);
+        at once when no transaction is open. For in-memory state that must only ever describe
+        what is on disk (caches of rows written)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

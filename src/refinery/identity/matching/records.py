@@ -7,11 +7,13 @@ A person record is one row of a CRM or other system of record: the identifier it
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
 
 from refinery.identity.matching.errors import MatchingError
+from refinery.privacy.pii import reveal_in, tokenising
 from refinery.storage.engine import Engine
 
 REQUIRED = ("record_id", "id_type", "id_value")
@@ -145,7 +147,8 @@ SELECT message_id AS record_id,
        coalesce(traits ->> '$.address.postalCode', traits ->> '$.postcode', traits ->> '$.postal_code') AS postcode,
        coalesce(traits ->> '$.address.country', traits ->> '$.country') AS country,
        traits ->> '$.email' AS email,
-       traits ->> '$.phone' AS phone
+       traits ->> '$.phone' AS phone,
+       traits ->> '$.address' AS address_value
 FROM events
 WHERE type = 'identify'
   AND nullif(trim(json_extract_string(context, '$.externalIds[0].id')), '') IS NOT NULL
@@ -156,5 +159,25 @@ ORDER BY message_id
 
 
 def from_events(engine: Engine, *, source: str | None = None) -> pa.Table:
-    """Person records read from identify events that carry an external id (CRM rows), on a reader cursor."""
-    return engine.fetch_arrow(FROM_EVENTS_SQL, {"source": source}, cursor=engine.reader())
+    """Person records read from identify events that carry an external id (CRM rows), on a reader cursor.
+
+    Fuzzy comparisons need the values, not their tokens: personal fields are revealed from the
+    vault for the matching run only (they stay in this process's memory and its scratch database);
+    an address kept whole as one token is opened into its street, city, postcode and country."""
+    table = engine.fetch_arrow(FROM_EVENTS_SQL, {"source": source}, cursor=engine.reader())
+    if not tokenising(engine) or table.num_rows == 0:
+        return table.drop_columns(["address_value"])
+    rows = reveal_in(engine, table.to_pylist())
+    for r in rows:
+        whole = r.pop("address_value")
+        if isinstance(whole, str) and whole.startswith("{"):
+            try:
+                parts = json.loads(whole)
+            except ValueError:
+                continue
+            if isinstance(parts, dict):
+                for field, key in (("address", "street"), ("city", "city"), ("postcode", "postalCode"), ("country", "country")):
+                    if r.get(field) is None and isinstance(parts.get(key), str):
+                        r[field] = parts[key]
+    schema = table.schema.remove(table.schema.get_field_index("address_value"))
+    return pa.Table.from_pylist(rows, schema=schema)
