@@ -6,10 +6,20 @@ into the *same* row, never a new one:
 
 - `loaded`: it is now in `events` (the original reason stays, as history);
 - `duplicate`: an event with its source and messageId is already clean (nothing is loaded twice);
-- `failed_again`: it still fails; the row gets the new reason and `replay_count` goes up.
+- `failed_again`: it still fails; the row gets the new reason and `replay_count` goes up;
+- `erased`: its payload was sealed under a key that has been destroyed (the person was erased):
+  nothing can be read, nothing is loaded;
+- `suppressed`: its user id, anonymous id, email or phone is on the suppression list (the person
+  was erased after it was quarantined): it is not loaded, and its payload is dropped.
+
+Payloads are sealed under their subject's key (`failed_events.key_id/sealed`, `payload` NULL);
+replay opens them, checks the event as the collector would (plans and protocol rules see the
+values), then protects it as the collector does (`Tokeniser.protect_event`: personal fields to
+tokens, the values sealed into `vault_values` under the subject's key) before cleaning.
 
 Work runs through the writer in chunks (each chunk one transaction, a handful of set-based
-statements), so a large failed zone never blocks the collector for long.
+statements), so a large failed zone never blocks the collector for long. Each replay is an
+OpenLineage run (`ingest.replay`: failed_events in; events, failed_events and vault_values out).
 """
 
 from __future__ import annotations
@@ -22,8 +32,12 @@ import orjson
 import pyarrow as pa
 from sqlglot import exp
 
+from refinery.governance import lineage
 from refinery.ingest.clean import EVENT_COLUMNS, clean_select
 from refinery.ingest.protocol import Failure, Limits, check_event
+from refinery.privacy.normalise import clean_text
+from refinery.privacy.tokens import PiiValue, subject_of
+from refinery.privacy.vault import Vault
 from refinery.storage.engine import Engine, parse
 
 if TYPE_CHECKING:
@@ -54,6 +68,8 @@ class ReplayResult:
     duplicate: int = 0
     failed_again: int = 0
     not_replayable: int = 0  # no payload or messageId was kept (e.g. unreadable import rows)
+    erased: int = 0  # sealed under a destroyed key: the person was erased, nothing can be read
+    suppressed: int = 0  # the person is on the suppression list: not loaded, payload dropped
     reasons: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,13 +114,25 @@ def replay(
     runtime: Runtime, *, source: str | None = None, reason: str | None = None, limit: int | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> ReplayResult:
-    """Replay pending failed events (optionally of one source or reason), oldest first."""
+    """Replay pending failed events (optionally of one source or reason), oldest first, as one
+    lineage run (`ingest.replay`)."""
+    with lineage.run(runtime.settings, job="ingest.replay", inputs=["failed_events"],
+                     outputs=["events", "failed_events", "vault_values"]) as run:
+        result = _replay(runtime, source=source, reason=reason, limit=limit, chunk_size=chunk_size)
+        run.note(source=source, reason=reason, considered=result.considered, duplicate=result.duplicate,
+                 failed_again=result.failed_again, erased=result.erased, suppressed=result.suppressed)
+        run.count("events", result.loaded)
+        run.count("failed_events", result.considered)
+    return result
+
+
+def _replay(runtime: Runtime, *, source: str | None, reason: str | None, limit: int | None, chunk_size: int) -> ReplayResult:
     result = ReplayResult()
     result.not_replayable = int(
         runtime.engine.fetch_all(
             with_pending(
             "SELECT count(*) FROM failed_events WHERE __pending AND (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) "
-            "AND (payload IS NULL OR message_id IS NULL)"
+            "AND ((payload IS NULL AND sealed IS NULL) OR message_id IS NULL)"
         ),
             [source, source, reason, reason],
             cursor=runtime.engine.reader(),
@@ -126,8 +154,9 @@ def _replay_chunk(
     """Replay up to n pending rows with failure_id > after in the writer's transaction; return the last id."""
     rows = engine.fetch_all(
         with_pending(
-            "SELECT failure_id, raw_id, source, message_id, payload, received_at, import_id, reason FROM failed_events "
-            "WHERE __pending AND payload IS NOT NULL AND message_id IS NOT NULL "
+            "SELECT failure_id, raw_id, source, message_id, CAST(payload AS VARCHAR), received_at, import_id, reason, "
+            "key_id, sealed FROM failed_events "
+            "WHERE __pending AND (payload IS NOT NULL OR sealed IS NOT NULL) AND message_id IS NOT NULL "
             "AND (? IS NULL OR source = ?) AND (? IS NULL OR reason = ?) AND failure_id > ? "
             "ORDER BY failure_id LIMIT ?"
         ),
@@ -137,12 +166,27 @@ def _replay_chunk(
         return None
     result.considered += len(rows)
     modes = {s.name: s.unplanned_events for s in runtime.sources.list()}
+    vault: Vault = runtime.vault
+    opened = vault.unseal_many([r[8] if r[9] is not None else None for r in rows], [r[9] for r in rows])
 
     outcomes: dict[int, tuple[str, Failure | None]] = {}  # failure_id -> (status, new failure)
     first: dict[tuple[str, str], tuple[int, str]] = {}    # (source, messageId) -> (failure_id, payload)
     candidates: list[tuple[Any, ...]] = []
-    for failure_id, raw_id, src, mid, payload, received_at, import_id, old_reason in rows:
+    protected: dict[int, tuple[str, list[PiiValue]]] = {}  # failure_id -> (key id, the values its tokens stand for)
+    for (failure_id, raw_id, src, mid, stored, received_at, import_id, old_reason, _key, sealed), plain in zip(rows, opened, strict=True):
+        if sealed is not None and plain is None:
+            outcomes[failure_id] = ("erased", None)  # its key was destroyed: the person was erased
+            continue
+        payload = plain.decode() if plain is not None else stored
         failure = _check(runtime, payload, modes.get(src))
+        if failure is None:
+            event = orjson.loads(payload)
+            if _suppressed(vault, event):
+                outcomes[failure_id] = ("suppressed", None)
+                continue
+            safe, values = vault.tokens.protect_event(event)
+            subject = subject_of(event)
+            protected[failure_id] = (vault.key_id(subject) if subject else vault.event_key_id(src, mid), values)
         key = (src, mid)
         if failure is None and key in first:
             # Two quarantined rows share a messageId (an event and a conflicting reuse): load one only.
@@ -154,10 +198,15 @@ def _replay_chunk(
             outcomes[failure_id] = ("failed_again", failure)
             continue
         first[key] = (failure_id, payload)
-        candidates.append((failure_id, raw_id, src, mid, received_at, payload, import_id, old_reason == _CONFLICT))
+        clean_payload = orjson.dumps(safe).decode() if values else payload
+        candidates.append((failure_id, raw_id, src, mid, received_at, clean_payload, import_id, old_reason == _CONFLICT))
 
     if candidates:
         _clean_candidates(runtime, engine, candidates, outcomes)
+        # The values behind the loaded events' tokens, sealed under their subject's key.
+        vault.put_values(engine, [
+            (key_id, v) for fid, (key_id, values) in protected.items() if outcomes.get(fid, ("",))[0] == "loaded" for v in values
+        ])
 
     ids, statuses, reasons, messages, fields, stages = [], [], [], [], [], []
     for fid, (status, failure) in outcomes.items():
@@ -171,6 +220,10 @@ def _replay_chunk(
             result.loaded += 1
         elif status == "duplicate":
             result.duplicate += 1
+        elif status == "erased":
+            result.erased += 1
+        elif status == "suppressed":
+            result.suppressed += 1
         else:
             assert failure is not None
             result._failed(failure.reason)
@@ -186,7 +239,10 @@ def _replay_chunk(
             "UPDATE failed_events SET replay_status = o.status, replayed_at = now(), replay_count = failed_events.replay_count + 1, "
             "reason = COALESCE(o.reason, failed_events.reason), message = COALESCE(o.message, failed_events.message), "
             "field = CASE WHEN o.reason IS NULL THEN failed_events.field ELSE o.field END, "
-            "stage = COALESCE(o.stage, failed_events.stage) "
+            "stage = COALESCE(o.stage, failed_events.stage), "
+            # an erased person's row: nothing of theirs is kept (their key is gone or they are suppressed)
+            "payload = CASE WHEN o.status = 'suppressed' THEN NULL ELSE failed_events.payload END, "
+            "sealed = CASE WHEN o.status = 'suppressed' THEN NULL ELSE failed_events.sealed END "
             "FROM _replay_out o WHERE failed_events.failure_id = o.failure_id"
         )
     finally:
@@ -203,6 +259,20 @@ def _check(runtime: Runtime, payload: str, unplanned_mode: str | None) -> Failur
     if not isinstance(event, dict):
         return Failure("not_an_object", "The stored payload is not an event object.", "", "collect")
     return check_event(event, event, 0, _LIMITS) or runtime.plans.check(event, unplanned_mode)
+
+
+def _suppressed(vault: Vault, event: dict[str, Any]) -> bool:
+    """Whether the event's user id, anonymous id, email or phone is on the suppression list."""
+    if not vault.suppressed:
+        return False
+    for name, kind in (("userId", "user_id"), ("anonymousId", "anonymous_id")):
+        value = event.get(name)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            text = clean_text(value if isinstance(value, str) else orjson.dumps(value).decode())
+            if text and vault.suppressed_identifier(kind, text):
+                return True
+    _, values = vault.tokens.protect_event(event)
+    return any(v.kind in ("email", "phone") and vault.suppressed_identifier(v.kind, v.value) for v in values)
 
 
 def _clean_candidates(
