@@ -128,6 +128,8 @@ def test_aggregates_over_profiles_and_consent_count_people_too(runtime: Runtime)
 
 def test_describe_of_a_person_keyed_table_runs_and_other_tables_are_refused(runtime: Runtime) -> None:
     assert "event" in [r[0] for r in run_aggregate_query(runtime.engine, "DESCRIBE events", min_group_size=10).rows]
+    with pytest.raises(QueryError, match=r"read exactly one of: .* \(this reads: audit_log\)"):
+        run_aggregate_query(runtime.engine, "SELECT action, count(*) FROM audit_log GROUP BY 1", min_group_size=10)
     with pytest.raises(QueryError, match="DESCRIBE takes one of"):
         run_aggregate_query(runtime.engine, "DESCRIBE audit_log", min_group_size=10)
     with pytest.raises(QueryError, match="read_csv"):

@@ -151,6 +151,11 @@ def check_aggregate(select: exp.Expression, tables: Iterable[str] = PERSON_TABLE
             f"Without pii:read only one aggregate SELECT runs; this is a {select.key.upper()}.",
             fix="Write one SELECT ... GROUP BY over one table (no UNION), e.g. "
                 "SELECT event, count(DISTINCT _person) AS people FROM events GROUP BY event.")
+    read = sorted({t.name.lower() for t in select.find_all(exp.Table) if isinstance(t.this, exp.Identifier)})
+    outside = [name for name in read if name not in set(tables)]
+    if outside:
+        raise QueryError(f"Without pii:read, aggregate queries read exactly one of: {known} (this reads: {', '.join(outside)}).",
+                         fix="Query one of those tables; other tables hold no person to count.")
     for node in select.walk():
         if isinstance(node, (exp.Select, exp.Subquery)) and node is not select:
             raise QueryError("Without pii:read, aggregate queries cannot hold subqueries.",
