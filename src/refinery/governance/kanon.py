@@ -151,6 +151,8 @@ def check_aggregate(select: exp.Expression, tables: Iterable[str] = PERSON_TABLE
             f"Without pii:read only one aggregate SELECT runs; this is a {select.key.upper()}.",
             fix="Write one SELECT ... GROUP BY over one table (no UNION), e.g. "
                 "SELECT event, count(DISTINCT _person) AS people FROM events GROUP BY event.")
+    if select.find(exp.With, exp.CTE) is not None:
+        raise QueryError("Without pii:read, aggregate queries cannot use WITH.", fix="Write one SELECT ... GROUP BY.")
     read = sorted({t.name.lower() for t in select.find_all(exp.Table) if isinstance(t.this, exp.Identifier)})
     outside = [name for name in read if name not in set(tables)]
     if outside:
@@ -160,8 +162,6 @@ def check_aggregate(select: exp.Expression, tables: Iterable[str] = PERSON_TABLE
         if isinstance(node, (exp.Select, exp.Subquery)) and node is not select:
             raise QueryError("Without pii:read, aggregate queries cannot hold subqueries.",
                              fix="Write the condition in the WHERE clause of the one SELECT, or ask a user with pii:read.")
-        if isinstance(node, (exp.With, exp.CTE)):
-            raise QueryError("Without pii:read, aggregate queries cannot use WITH.", fix="Write one SELECT ... GROUP BY.")
         if isinstance(node, exp.Window):
             raise QueryError("Without pii:read, aggregate queries cannot use window functions (OVER ...).",
                              fix="Group with GROUP BY; each group is shown only when it holds enough people.")
