@@ -46,6 +46,8 @@ RAW_SCHEMA = pa.schema([
     ("row_numbers", pa.list_(pa.int64())),
     ("sealed", pa.binary()),  # AES-GCM under key_id's data key: a JSON array of the rows' texts as read
 ])
+_GROUPS_PER_SLICE = 16_384  # subjects sealed and written at a time
+_BUFFER_BYTES = 24 << 20  # rows buffered before they are sealed: one record per subject per buffer
 VAULT_SCHEMA = pa.schema([("token", pa.string()), ("key_id", pa.string()), ("kind", pa.string()), ("sealed", pa.binary())])
 _MEMO = 200_000
 
@@ -94,6 +96,8 @@ class ChunkPrivacy:
     _keys: dict[str, str | None] = field(default_factory=dict)
     _blocked: dict[tuple[str, str], bool] = field(default_factory=dict)
     _sealed_pairs: set[tuple[str, str]] = field(default_factory=set)
+    _known_ids: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
+    _known_keys: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
 
     def _key_of(self, value: str) -> str | None:
         key = self._keys.get(value, "")
@@ -105,6 +109,25 @@ class ChunkPrivacy:
             self._keys[value] = key
         return key
 
+    def _keys_of(self, values: pa.Array) -> pa.Array:
+        """Key ids of distinct id values: those met before found in Arrow, the new ones computed."""
+        known = pc.index_in(values, value_set=self._known_ids) if len(self._known_ids) else pa.nulls(len(values), pa.int32())
+        out = pc.take(self._known_keys, known) if len(self._known_ids) else pa.nulls(len(values), pa.string())
+        new = np.flatnonzero(~known.is_valid().to_numpy(zero_copy_only=False))
+        if len(new):
+            fresh_ids = pc.take(values, pa.array(new))
+            fresh_keys = pa.array([self._key_of(v) for v in fresh_ids.to_pylist()], pa.string())
+            if len(self._known_ids) + len(new) > _MEMO * 10:
+                self._known_ids, self._known_keys = pa.array([], pa.string()), pa.array([], pa.string())
+            self._known_ids = pa.concat_arrays([self._known_ids, fresh_ids.cast(pa.string())])
+            self._known_keys = pa.concat_arrays([self._known_keys, fresh_keys])
+            self._keys.clear()
+            merged = out.to_pylist()
+            for i, k in zip(new.tolist(), fresh_keys.to_pylist(), strict=True):
+                merged[i] = k
+            out = pa.array(merged, pa.string())
+        return out
+
     def key_ids(self, rows: pa.Table) -> pa.Array:
         """Each row's key id: its subject's, else one of its own (source + message id or row number)."""
         out: pa.Array | None = None
@@ -113,8 +136,7 @@ class ChunkPrivacy:
             if col.null_count == len(col):
                 continue
             enc = pc.dictionary_encode(col)
-            keys = pa.array([self._key_of(v) for v in enc.dictionary.to_pylist()], pa.string())
-            these = pc.take(keys, enc.indices)
+            these = pc.take(self._keys_of(enc.dictionary), enc.indices)
             out = these if out is None else pc.coalesce(out, these)
         if out is None:
             out = pa.nulls(rows.num_rows, pa.string())
@@ -230,32 +252,54 @@ class SealedRawWriter:
         self.tmp = final.parent / f".incoming-{uuid.uuid4().hex}{RAW_SUFFIX}"
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
+        self._pending: list[pa.Table] = []
+        self._pending_bytes = 0
 
     def add(self, rows: pa.Table) -> None:
-        """Seal the chunk's rows (`row_number`, `_key_id`, `_orig`) per subject and append them."""
+        """Buffer the chunk's rows (`row_number`, `_key_id`, `_orig`); sealed per subject when the buffer
+        is full (fewer, larger records: one per subject per buffer) and at `commit`."""
         if rows.num_rows == 0:
             return
+        part = rows.select(["_key_id", "row_number", "_orig"])
+        self._pending.append(part)
+        self._pending_bytes += part.nbytes
+        if self._pending_bytes >= _BUFFER_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        rows = pa.concat_tables(self._pending)
+        self._pending, self._pending_bytes = [], 0
         # One record per subject: sort by (key id, row number), cut where the key changes, and join
         # each run of rows into a JSON array, all in Arrow; Python only seals.
-        order = pc.sort_indices(rows, sort_keys=[("_key_id", "ascending"), ("row_number", "ascending")])
+        enc = pc.dictionary_encode(rows.column("_key_id").combine_chunks())
+        order = pa.array(np.lexsort((rows.column("row_number").to_numpy(), enc.indices.to_numpy(zero_copy_only=False))))
         keys = pc.take(rows.column("_key_id"), order).combine_chunks()
         numbers = pc.take(rows.column("row_number"), order).combine_chunks()
         texts = pc.take(rows.column("_orig"), order).combine_chunks()
         changed = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(zero_copy_only=False)
         starts = np.concatenate(([0], np.flatnonzero(changed) + 1)).astype(np.int32)
-        offsets = pa.array(np.append(starts, len(keys)).astype(np.int32))
-        joined = pc.binary_join(pa.ListArray.from_arrays(offsets, texts), ",")
-        plain = pc.binary_join_element_wise("[", joined, "]", "")
-        key_ids = pc.take(keys, pa.array(starts))
-        sealed = self.vault.seal_many(key_ids.to_pylist(), [p.encode() for p in plain.to_pylist()])
-        table = pa.table({"key_id": key_ids, "row_numbers": pa.ListArray.from_arrays(offsets, numbers),
-                          "sealed": pa.array(sealed, pa.binary())}, schema=RAW_SCHEMA)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(str(self.tmp), RAW_SCHEMA, compression="zstd", write_statistics=["key_id"])
-        self._writer.write_table(table)
+        # In slices of whole groups, so the plaintexts in memory at once stay small.
+        for lo in range(0, len(starts), _GROUPS_PER_SLICE):
+            first, last = int(starts[lo]), int(starts[lo + _GROUPS_PER_SLICE]) if lo + _GROUPS_PER_SLICE < len(starts) else len(keys)
+            cut = starts[lo:lo + _GROUPS_PER_SLICE] - first
+            offsets = pa.array(np.append(cut, last - first).astype(np.int32))
+            joined = pc.binary_join(pa.ListArray.from_arrays(offsets, texts.slice(first, last - first)), ",")
+            plain = pc.binary_join_element_wise("[", joined, "]", "").cast(pa.binary())
+            key_ids = pc.take(keys, pa.array(starts[lo:lo + _GROUPS_PER_SLICE]))
+            sealed = self.vault.seal_many(key_ids.to_pylist(), plain.to_pylist())
+            del joined, plain
+            table = pa.table({"key_id": key_ids, "row_numbers": pa.ListArray.from_arrays(offsets, numbers.slice(first, last - first)),
+                              "sealed": pa.array(sealed, pa.binary())}, schema=RAW_SCHEMA)
+            del sealed
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(str(self.tmp), RAW_SCHEMA, compression="zstd", write_statistics=["key_id"])
+            self._writer.write_table(table)
         self.rows += rows.num_rows
 
     def commit(self) -> Path:
+        self._flush()
         if self._writer is None:  # no rows at all: an empty file still says the import was stored
             self._writer = pq.ParquetWriter(str(self.tmp), RAW_SCHEMA, compression="zstd")
         self._writer.close()
@@ -273,6 +317,7 @@ class SealedRawWriter:
         return self.final
 
     def abort(self) -> None:
+        self._pending = []
         if self._writer is not None:
             try:
                 self._writer.close()

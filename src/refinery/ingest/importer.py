@@ -626,8 +626,10 @@ def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | No
             # here, outside the writer; the writer seals the few loaded candidates itself.
             loads = valid & ~in_chunk & ~candidates & ~rows.column("_reason").is_valid().to_numpy(zero_copy_only=False)
             prepared = privacy.prepare(rows, loads)
+            del rows, item
             if raw is not None:
                 raw.add(prepared.rows.filter(pc.invert(pc.fill_null(pc.equal(prepared.rows.column("_reason"), "blank_line"), False))))
+                prepared.rows = prepared.rows.drop_columns(["_orig"])  # sealed now: not held while the writer works
             chunk = _Chunk(prepared.rows, in_chunk, candidates, prepared.vault_rows, privacy, int(blocked.sum()))
             seen.add(h[valid])
             runtime.writer.call(functools.partial(_write_chunk, job=job, chunk=chunk))
