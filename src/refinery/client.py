@@ -19,10 +19,16 @@ from refinery.governance import lineage
 from refinery.privacy.pii import reveal_in
 from refinery.settings import Settings
 
+#: Most tokens one `POST /api/vault/reveal` takes.
+REVEAL_MAX = 10_000
+
 
 class Client(abc.ABC):
     @abc.abstractmethod
     def query(self, sql: str, limit: int | None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def reveal(self, tokens: list[str]) -> dict[str, str]:
+        """The values behind tokens (`pii:read`; audited). Tokens of erased people are absent."""
     @abc.abstractmethod
     def catalog(self, source: str | None) -> dict[str, Any]: ...
     @abc.abstractmethod
@@ -124,6 +130,11 @@ class LocalClient(Client):
         r = run_query(self.rt.engine, sql, limit=limit, timeout=self.rt.settings.query_timeout_seconds)
         self._audit_read("query.run", None, {"tables": queried_tables(sql, self.rt.engine.dialect), "rows": len(r.rows)})
         return {"columns": r.columns, "rows": [list(x) for x in r.rows], "truncated": r.truncated}
+
+    def reveal(self, tokens: list[str]) -> dict[str, str]:
+        values = self.rt.vault.reveal(self.rt.engine, tokens)
+        self._audit_read("vault.reveal", None, {"tokens": len(tokens), "revealed": len(values)})
+        return values
 
     def catalog(self, source: str | None) -> dict[str, Any]:
         from refinery.ingest import catalog
@@ -247,9 +258,9 @@ class LocalClient(Client):
                          {"kind": o.kind, "identifier_types": sorted({i["type"] for i in o.identifiers}), **audit.counts(resolution)})
             return {"override": o.to_dict(), "resolution": resolution}
 
-        with lineage.run(self.rt.settings, **lineage.RESOLVE) as lr:
+        with lineage.run(self.rt.settings, **lineage.OVERRIDE) as lr:
             result: dict[str, Any] = self.rt.writer.call(work)
-            lr.record_resolution(result["resolution"])
+            lr.record_override(result, "revoke" if action.endswith("_revoke") else "create")
         return result
 
     def create_override(self, kind: str, identifiers: list[str], profile: str | None, reason: str | None) -> dict[str, Any]:
@@ -300,23 +311,18 @@ class LocalClient(Client):
                          {"identifier_type": done.subject_type, "choices": done.choices, "tcf": tc_string is not None})
             return done.to_dict()
 
-        return {**self.rt.writer.call(write), **self.consent(identifier)}
+        with lineage.run(self.rt.settings, **lineage.CONSENT_RECORD) as lr:  # as POST /api/consent records it
+            recorded: dict[str, Any] = self.rt.writer.call(write)
+            lr.note(request_id=recorded["request_id"], identifier_type=recorded["subject_type"],
+                    purposes=sorted(recorded["choices"]), tcf=tc_string is not None)
+            lr.count("consent_log", len(recorded["log_ids"]))
+        return {**recorded, **self.consent(identifier)}
 
     def sync_consent(self, full: bool = False) -> dict[str, Any]:
-        from refinery.governance import audit
-        from refinery.governance.consent_sync import sync
+        from refinery.governance.consent_sync import run_audited
         from refinery.governance.principal import local_principal
-        from refinery.governance.purposes import CategoryMap
 
-        categories, actor = CategoryMap.build(self.rt.settings.consent_categories), local_principal()
-
-        def run(e: Any) -> dict[str, Any]:
-            report = sync(e, categories, full=full).to_dict()
-            audit.record(e, actor, "consent.sync", f"consent_sync:{report['sync_id']}", audit.counts(report))
-            return report
-
-        result: dict[str, Any] = self.rt.writer.call(run)
-        return result
+        return run_audited(self.rt.settings, self.rt.writer, local_principal(), full=full)
 
     # retention: runs and overrides audited as the local user
     def retention_run(self, dry_run: bool = False) -> dict[str, Any]:
@@ -406,6 +412,12 @@ class RemoteClient(Client):
 
     def query(self, sql: str, limit: int | None) -> dict[str, Any]:
         return self._call("POST", "/api/query", json={"sql": sql, "limit": limit})  
+
+    def reveal(self, tokens: list[str]) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for i in range(0, len(tokens), REVEAL_MAX):
+            values.update(self._call("POST", "/api/vault/reveal", json={"tokens": tokens[i:i + REVEAL_MAX]})["values"])
+        return values
 
     def catalog(self, source: str | None) -> dict[str, Any]:
         return self._call("GET", "/api/catalog", params={"source": source} if source else None)  

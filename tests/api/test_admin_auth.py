@@ -75,7 +75,8 @@ def test_the_app_has_admin_routes_and_each_declares_permissions(routes: list[Rou
     assert ("POST", "/api/query") in found and ("POST", "/api/sources") in found and ("POST", "/api/tokens") in found
     assert ("GET", "/api/profiles/{profile_id}") in found and ("GET", "/api/audit/verify") in found  # included routers too
     assert len(routes) >= 20
-    assert "pii:read" in found[("GET", "/api/profiles/{profile_id}")].permissions
+    assert found[("GET", "/api/profiles/{profile_id}")].permissions == ("profiles:read",)  # values only with pii:read
+    assert found[("POST", "/api/vault/reveal")].permissions == ("pii:read",)
     assert found[("POST", "/api/tokens")].permissions == ("tokens:write",)
 
 

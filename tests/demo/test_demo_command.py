@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from refinery.demo import crm
+from refinery.demo import privacy as demo_privacy
 from refinery.demo.world import APP_SOURCE, CLEAN, CRM_SOURCE, WEB_SOURCE, World, generate
 from support import start_server
 
@@ -52,20 +53,27 @@ def crm_ids(data_dir: Path) -> tuple[set[str], int]:
 
 
 def check_zones(data_dir: Path, world: World) -> None:
-    expected = world.expected_counts()
+    """The zones hold the world's events, less those of the person the demo erased."""
+    erased = demo_privacy.erased_person(data_dir / "demo")
+    assert erased is not None, "the demo erases one person"
+    expected = world.expected_counts(exclude_person=erased)
     clean = query(data_dir, "SELECT count(*) AS n FROM events WHERE source IN ('demo-web', 'demo-app')")
     assert clean[0]["n"] == expected[CLEAN]
     stored = {r["message_id"] for r in query(data_dir, "SELECT message_id FROM events WHERE source IN ('demo-web', 'demo-app')")}
-    assert stored == {e.message_id for e in world.events if e.expected == CLEAN}
+    assert stored == {e.message_id for e in world.events if e.expected == CLEAN and e.person_id != erased}
 
     failed = query(data_dir, "SELECT message_id, reason, stage, message FROM failed_events WHERE source IN ('demo-web', 'demo-app')")
-    assert {(r["message_id"], r["reason"]) for r in failed} == {(e.message_id, e.expected) for e in world.events if e.expected != CLEAN}
+    assert {(r["message_id"], r["reason"]) for r in failed} == {
+        (e.message_id, e.expected) for e in world.events if e.expected != CLEAN and e.person_id != erased}
     assert all("timestamp" in r["message"] for r in failed)
 
     ids, missing = crm_ids(data_dir)
     identifies = query(data_dir, "SELECT user_id, type FROM events WHERE source = 'demo-crm'")
     assert {r["type"] for r in identifies} == {"identify"}
-    assert sorted(r["user_id"] for r in identifies) == sorted(ids)
+    # The erased person's CRM row went with them when resolution had joined it to their profile.
+    erased_rows = {r.values["customer_id"] for r in world.crm_rows if r.person_id == erased}
+    held = sorted(r["user_id"] for r in identifies)
+    assert set(held) <= ids and ids - set(held) <= erased_rows and len(held) == len(set(held))
     crm_failed = query(data_dir, "SELECT reason, row_number, file FROM failed_events WHERE source = 'demo-crm'")
     assert len(crm_failed) == missing == 1
     truth = json.loads((data_dir / "demo" / "ground_truth.json").read_text())
@@ -81,7 +89,8 @@ def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
     assert first["people"] == PEOPLE and first["rerun"] is False
     assert first["server"]["started_by_demo"] is True
     assert first["events"]["sent"] == len(world.events)
-    assert first["events"]["clean"] == world.expected_counts()[CLEAN]
+    erased = demo_privacy.erased_person(data_dir / "demo")
+    assert first["events"]["clean"] == world.expected_counts(exclude_person=erased)[CLEAN]
     truth_file = Path(first["ground_truth"]["file"])
     assert truth_file.parent == data_dir / "demo"
     truth = json.loads(truth_file.read_text())
@@ -92,9 +101,13 @@ def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
     # Identities were resolved into profiles, with the demo's rules file, and scored against the truth.
     ident = first["identity"]
     assert Path(ident["rules_file"]) == data_dir / "identity-rules.yaml" and Path(ident["rules_file"]).exists()
+    # (Counted before the privacy step erased one person: their profile and events are gone since.)
     profiles = query(data_dir, "SELECT count(*) AS n FROM profiles")[0]["n"]
-    assert ident["profiles"] == profiles > 0
-    assert ident["events_attributed"] == query(data_dir, "SELECT count(*) AS n FROM event_profiles")[0]["n"] > 0
+    assert ident["profiles"] - 1 == profiles > 0
+    theirs_clean = sum(1 for e in world.events if e.person_id == erased and e.expected == CLEAN)
+    their_crm_rows = sum(1 for r in world.crm_rows if r.person_id == erased)
+    gone = ident["events_attributed"] - query(data_dir, "SELECT count(*) AS n FROM event_profiles")[0]["n"]
+    assert theirs_clean <= gone <= theirs_clean + their_crm_rows  # their events, and their CRM row when it had joined them
     det = ident["accuracy"]["deterministic"]
     assert det["precision"] >= 0.999 and det["profiles_with_two_persons"] == 0
     assert det["recall"] >= 0.95
@@ -105,13 +118,30 @@ def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
     links = query(data_dir, "SELECT count(*) AS n FROM identity_links WHERE method = 'person_record' AND removed_at IS NULL")[0]["n"]
     assert ident["probabilistic_links"].get("person_record", 0) == links > 0
     # Consent was read from the events' categoryPreferences into receipts during resolution.
-    assert ident["consent"]["receipts"] == query(data_dir, "SELECT count(*) AS n FROM consent_log")[0]["n"] > 0
+    # (The erasure took the erased person's receipts with them.)
+    assert ident["consent"]["receipts"] > query(data_dir, "SELECT count(*) AS n FROM consent_log")[0]["n"] > 0
     prob = ident["accuracy"]["with_probabilistic_links"]
     assert prob["precision"] >= 0.99 and prob["recall_of_all_pairs"] >= det["recall_of_all_pairs"]
 
+    # Privacy: one person exported (with their consent), another erased with a receipt; an event
+    # sent for the erased person afterwards is suppressed.
+    priv = first["privacy"]
+    exported, erased_person = demo_privacy.chosen(world)
+    assert erased_person.person_id == erased and exported.person_id != erased
+    assert priv["export"]["status"] == "completed" and priv["export"]["stores"]["events"] > 0 and priv["export"]["consent"]
+    export_file = Path(priv["export"]["file"])
+    assert export_file.stat().st_mode & 0o777 == 0o600 and exported.emails[0] in export_file.read_text()
+    receipt = priv["erasure"]["receipt"]
+    assert priv["erasure"]["status"] == "completed" and receipt["keys_destroyed"] > 0 and receipt["stores"]["events"] > 0
+    assert priv["after_erasure"] == {"sent": 1, "suppressed": 1}
+    assert not query(data_dir, f"SELECT 1 FROM events WHERE user_id = '{erased_person.user_id}'")  # noqa: S608 - a generated id
+
     again = json.loads(refinery("demo", "--people", str(PEOPLE), "--data-dir", str(data_dir), "--json").stdout)
     assert again["rerun"] is True
-    assert again["events"]["sent"] == 0 and again["events"]["already_stored"] == len(world.events)
+    # The erased person's events are sent again (they are not in the store) and suppressed.
+    theirs = sum(1 for e in world.events if e.person_id == erased)
+    assert again["events"]["sent"] == theirs and again["events"]["already_stored"] == len(world.events) - theirs
+    assert again["privacy"]["erasure"]["request_id"] == priv["erasure"]["request_id"]
     assert again["crm"]["rows_loaded"] == 0
     check_zones(data_dir, world)  # nothing doubled
 
@@ -134,6 +164,7 @@ def test_demo_uses_a_running_server_and_leaves_it_running(tmp_path: Path) -> Non
         with server.api() as api:
             r = api.post("/api/query", json={"sql": "SELECT count(*) FROM events WHERE source IN ('demo-web', 'demo-app')"})
             assert r.status_code == 200, r.text
-            assert r.json()["rows"][0][0] == world.expected_counts()[CLEAN]
+            erased = demo_privacy.erased_person(data_dir / "demo")
+            assert r.json()["rows"][0][0] == world.expected_counts(exclude_person=erased)[CLEAN]
     finally:
         server.stop()

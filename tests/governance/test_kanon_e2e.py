@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-import pytest
 
 from support import Server
 
@@ -26,8 +25,6 @@ def _people(server: Server, name: str, people: int, each: int, **fields: Any) ->
 _SQL = "SELECT event, count(*) AS events, count(DISTINCT _person) AS people FROM events GROUP BY event ORDER BY event"
 
 
-@pytest.mark.xfail(strict=True, reason="api/app.py still serves its own POST /api/query and GET /api/catalog (pii:read "
-                   "required, no k-anonymity); mounting refinery.api.reports.router in their place makes this pass")
 def test_groups_of_9_people_are_suppressed_for_an_analyst_and_groups_of_10_are_shown(server: Server) -> None:
     _people(server, "Nine", 9, 3)  # 27 events from 9 people
     _people(server, "Ten", 10, 1)

@@ -26,14 +26,14 @@ from refinery.api.auth import (
 )
 from refinery.api.collector import Collector
 from refinery.api.metrics import Metrics
+from refinery.client import REVEAL_MAX
 from refinery.errors import RefineryError
 from refinery.governance import audit
-from refinery.governance.objects import import_source, queried_tables
+from refinery.governance.objects import import_source
 from refinery.governance.principal import Principal
-from refinery.ingest import catalog, replay
+from refinery.ingest import replay
 from refinery.ingest.rawzone import read_failed, read_raw
 from refinery.runtime import Runtime
-from refinery.storage.query import run_query
 
 
 class SourceCreate(BaseModel):
@@ -53,6 +53,10 @@ class SourceUpdate(BaseModel):
 class QueryRequest(BaseModel):
     sql: str
     limit: int | None = Field(10_000, ge=1)
+
+
+class RevealRequest(BaseModel):
+    tokens: list[str] = Field(..., max_length=REVEAL_MAX, description="Tokens (pii:<kind>:<hex>) to reveal.")
 
 
 class ReplayRequest(BaseModel):
@@ -89,16 +93,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/catalog", dependencies=[Depends(require("events:read", sources=from_query()))], tags=["events"])
-    def get_catalog(source: str | None = None) -> dict[str, Any]:
-        return catalog.build(runtime.engine, source=source)
-
-    @app.post("/api/query", dependencies=[Depends(require("query:read", "pii:read"))], tags=["events"])
-    def post_query(body: QueryRequest, request: Request) -> dict[str, Any]:
-        result = run_query(runtime.engine, body.sql, limit=body.limit, timeout=runtime.settings.query_timeout_seconds)
-        record_for(request, "query.run", None, {"tables": queried_tables(body.sql, runtime.engine.dialect), "rows": len(result.rows)})
-        return {"columns": result.columns, "rows": [list(r) for r in result.rows], "truncated": result.truncated}
-
     @app.get("/api/events/failed", dependencies=[Depends(require("events:read", "pii:read", sources=from_query()))], tags=["events"])
     def failed(request: Request, source: str | None = None, reason: str | None = None, pending: bool = True, limit: int = 100) -> dict[str, Any]:
         rows = replay.list_failed(runtime.engine, source=source, reason=reason, pending_only=pending, limit=limit)
@@ -112,6 +106,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         failed_rows = read_failed(runtime.engine, runtime.vault, message_id, source=source)
         record_for(request, "payloads.read", f"source:{source}" if source else None, {"raw": len(raw), "failed": len(failed_rows)})
         return {"raw": raw, "failed": failed_rows}
+
+    @app.post("/api/vault/reveal", dependencies=[Depends(require("pii:read"))], tags=["privacy"])
+    def reveal(body: RevealRequest, request: Request) -> dict[str, Any]:
+        """The values behind tokens; tokens of erased people (or unknown ones) are left out. Audited."""
+        values = runtime.vault.reveal(runtime.engine, body.tokens)
+        record_for(request, "vault.reveal", None, {"tokens": len(body.tokens), "revealed": len(values)})
+        return {"values": values}
 
     @app.post("/api/events/replay", dependencies=[Depends(require("events:replay", sources=from_body()))], tags=["events"])
     def post_replay(body: ReplayRequest, request: Request) -> dict[str, Any]:
@@ -181,6 +182,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     from refinery.api.lineage import router as lineage_router  # lineage (governance/lineage.py)
 
     app.include_router(lineage_router(runtime))
+    from refinery.api.reports import router as reports_router  # catalog and SQL, k-anonymous without pii:read
+
+    app.include_router(reports_router(runtime))
     from refinery.api.privacy import router as privacy_router  # subject requests (privacy/requests.py)
     app.include_router(privacy_router(runtime))
     return app

@@ -102,6 +102,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     )
     if s.get("identity"):
         _print_identity(s["identity"])
+    if s.get("privacy"):
+        _print_privacy(s["privacy"])
     console.print("[bold]Try next:[/]")
     for cmd in s["next_commands"]:
         console.print(f"  {escape(cmd)}", soft_wrap=True)
@@ -133,3 +135,20 @@ def _print_identity(i: dict[str, Any]) -> None:
         )
     lines.append(f"Rules: {escape(i['rules_file'])}")
     console.print(Panel("\n".join(lines), title="Identity", title_align="left"))
+
+
+def _print_privacy(p: dict[str, Any]) -> None:
+    ex, er, after = p["export"], p["erasure"], p["after_erasure"]
+    held = ", ".join(f"{n} {store}" for store, n in ex["stores"].items() if n) or "nothing"
+    consent = ", ".join(f"{purpose} {state}" for purpose, state in ex["consent"].items()) or "no choices recorded"
+    receipt = er["receipt"]
+    erased = ", ".join(f"{n} {store}" for store, n in (receipt.get("stores") or {}).items() if n) or "nothing"
+    lines = [
+        f"Export {ex['request_id']} ({ex['status']}): {held}.",
+        f"  Their consent: {consent}.  Document: {escape(ex['file'])} (owner-only)",
+        f"Erasure {er['request_id']} ({er['status']}, due {er.get('due_at') or '-'}): removed {erased}; "
+        f"{receipt.get('keys_destroyed', 0)} keys destroyed, {receipt.get('suppression_entries', 0)} "
+        "identifiers on the suppression list.",
+        f"An event sent for the erased person afterwards: {after['suppressed']} of {after['sent']} suppressed (not stored).",
+    ]
+    console.print(Panel("\n".join(lines), title="Privacy", title_align="left"))

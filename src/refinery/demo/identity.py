@@ -18,6 +18,7 @@ import yaml
 from refinery.client import Client
 from refinery.demo.world import CRM_SOURCE
 from refinery.identity.evaluate import score, truth_owners
+from refinery.privacy.tokens import is_token
 
 DEMO_RULES: dict[str, Any] = {
     "identifiers": [{"type": "user_id", "path": "traits.webUserId", "sources": [CRM_SOURCE]}],
@@ -44,8 +45,12 @@ def _rows(api: Client, sql: str) -> list[list[Any]]:
 
 def summarise(api: Client, truth: dict[str, Any], resolution: dict[str, Any], persons: dict[str, Any] | None) -> dict[str, Any]:
     """Profiles, merges, refusals by reason, links by method, and accuracy against the ground truth."""
-    assignment: dict[Ident, str | None] = {(t, v): p for t, v, p in _rows(api, "SELECT identifier_type, value, profile_id FROM identities")}
-    edges = [((a, b), (c, d)) for a, b, c, d in _rows(api, "SELECT a_type, a_value, b_type, b_value FROM identity_edges")]
+    ids = _rows(api, "SELECT identifier_type, value, profile_id FROM identities")
+    edge_rows = _rows(api, "SELECT a_type, a_value, b_type, b_value FROM identity_edges")
+    # Emails and phones are stored as tokens; the ground truth holds values: compare values.
+    clear = api.reveal(sorted({v for _, v, _ in ids if is_token(v)} | {v for r in edge_rows for v in (r[1], r[3]) if is_token(v)}))
+    assignment: dict[Ident, str | None] = {(t, clear.get(v, v)): p for t, v, p in ids}
+    edges = [((a, clear.get(b, b)), (c, clear.get(d, d))) for a, b, c, d in edge_rows]
     refusals = {r: int(n) for r, n in _rows(api, "SELECT reason, count(*) FROM identity_blocked GROUP BY 1 ORDER BY 2 DESC")}
     links = {m: int(n) for m, n in _rows(api, "SELECT method, count(*) FROM identity_links WHERE removed_at IS NULL GROUP BY 1 ORDER BY 1")}
     det = score(truth, assignment, edges)

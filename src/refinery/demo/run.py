@@ -22,6 +22,7 @@ from refinery.api.auth import admin_token
 from refinery.client import Client, RemoteClient
 from refinery.demo import crm, groundtruth
 from refinery.demo import identity as demo_identity
+from refinery.demo import privacy as demo_privacy
 from refinery.demo.send import send_events
 from refinery.demo.server import demo_server
 from refinery.demo.world import APP_SOURCE, CLEAN, CRM_SOURCE, WEB_SOURCE, World, generate
@@ -103,13 +104,14 @@ class DemoSummary:
     crm: dict[str, Any]
     ground_truth: dict[str, Any]
     identity: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
     next_commands: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "data_dir": self.data_dir, "seed": self.seed, "people": self.people, "rerun": self.rerun, "server": self.server,
             "events": self.events, "zones": self.zones, "crm": self.crm, "ground_truth": self.ground_truth,
-            "identity": self.identity, "next_commands": self.next_commands,
+            "identity": self.identity, "privacy": self.privacy, "next_commands": self.next_commands,
         }
 
 
@@ -160,8 +162,13 @@ def run_demo(settings: Settings, *, people: int = DEFAULT_PEOPLE, seed: int = DE
         identity["matching"] = matching
         identity["rules_file"] = str(settings.identity_rules_path)
         example = _explain_example(api) or _sample_user(world)
-    summary = _summary(settings, world, paths, server.url, server.started_by_demo, rerun, sent, len(present), job, zones, example)
+        report.stage("Privacy: exporting one person's data, erasing another with a receipt, then sending an event for the erased person")
+        privacy = demo_privacy.run(api, world, paths.folder, server.url, keys[WEB_SOURCE])
+        zones = _zone_counts(api)
+    summary = _summary(settings, world, paths, server.url, server.started_by_demo, rerun, sent, len(present), job, zones, example,
+                       demo_privacy.erased_person(paths.folder))
     summary.identity = identity
+    summary.privacy = privacy
     return summary
 
 
@@ -296,9 +303,10 @@ def _email_changes(world: World) -> int:
 
 def _summary(
     settings: Settings, world: World, paths: DemoPaths, url: str, started: bool, rerun: bool,
-    sent: int, present: int, job: dict[str, Any], zones: dict[str, Any], explain_user: str,
+    sent: int, present: int, job: dict[str, Any], zones: dict[str, Any], explain_user: str, erased: str | None = None,
 ) -> DemoSummary:
-    expected = world.expected_counts()
+    # An erased person's events are gone, and stay out when the demo sends them again.
+    expected = world.expected_counts(exclude_person=erased)
     clean = sum(n for source in COLLECTOR_SOURCES for n in zones["events"].get(source, {}).values())
     truth = groundtruth.build(world)
     data_dir = str(settings.data_dir)
