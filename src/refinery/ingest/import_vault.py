@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,12 @@ RAW_SCHEMA = pa.schema([
     ("sealed", pa.binary()),  # AES-GCM under key_id's data key: a JSON array of the rows' texts as read
 ])
 _GROUPS_PER_SLICE = 16_384  # subjects sealed and written at a time
-_BUFFER_BYTES = 24 << 20  # rows buffered before they are sealed: one record per subject per buffer
+_BUFFER_BYTES = 32 << 20  # rows buffered before they are sealed: one record per subject per buffer
+#: Ciphertext does not compress: only the key ids and row numbers are.
+_COMPRESSION = {"key_id": "zstd", "row_numbers.list.element": "zstd", "sealed": "none"}
 VAULT_SCHEMA = pa.schema([("token", pa.string()), ("key_id", pa.string()), ("kind", pa.string()), ("sealed", pa.binary())])
 _MEMO = 200_000
+_NONCE = 12  # AES-GCM nonce bytes, as privacy/keys.py seals
 
 
 def file_sha256(path: Path) -> str:
@@ -76,6 +79,31 @@ def _subject(value: str | None) -> str | None:
     return text or None
 
 
+class Sealer:
+    """`Vault.seal_many` for an import's many rows: the same sealed form (nonce || AES-GCM ciphertext
+    and tag, bound to the key id), with the import's data keys held here once fetched (the key
+    store creates and commits a key before anything is sealed with it) and the nonces drawn at once."""
+
+    def __init__(self, vault: Vault, max_keys: int = _MEMO):
+        self.vault = vault
+        self.max_keys = max_keys
+        self._aead: dict[str, Any] = {}
+
+    def seal_many(self, key_ids: Sequence[str], plaintexts: Sequence[bytes]) -> list[bytes]:
+        missing = [k for k in dict.fromkeys(key_ids) if k not in self._aead]
+        if missing:
+            if len(self._aead) + len(missing) > self.max_keys:
+                self._aead.clear()
+                missing = list(dict.fromkeys(key_ids))
+            self._aead.update(self.vault.keys.get(missing, create=True))
+        nonces = os.urandom(_NONCE * len(key_ids))
+        aead = self._aead
+        return [
+            nonces[i * _NONCE:(i + 1) * _NONCE] + aead[k].encrypt(nonces[i * _NONCE:(i + 1) * _NONCE], p, k.encode())
+            for i, (k, p) in enumerate(zip(key_ids, plaintexts, strict=True))
+        ]
+
+
 @dataclass
 class Prepared:
     """A chunk after `ChunkPrivacy.prepare`: its rows, and the vault rows the writer stores with them."""
@@ -95,9 +123,14 @@ class ChunkPrivacy:
     slots: list[PiiSlot]
     _keys: dict[str, str | None] = field(default_factory=dict)
     _blocked: dict[tuple[str, str], bool] = field(default_factory=dict)
-    _sealed_pairs: set[tuple[str, str]] = field(default_factory=set)
+    _sealed_pairs: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # token 0x1f key id
     _known_ids: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
     _known_keys: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
+    sealer: Sealer | None = None
+
+    def __post_init__(self) -> None:
+        if self.sealer is None:
+            self.sealer = Sealer(self.vault)
 
     def _key_of(self, value: str) -> str | None:
         key = self._keys.get(value, "")
@@ -191,12 +224,13 @@ class ChunkPrivacy:
         failing = pc.and_(reason.is_valid(), pc.not_equal(pc.fill_null(reason, ""), "blank_line"))
         fail = pc.fill_null(failing, False).to_numpy(zero_copy_only=False)
         sealed: list[bytes | None] = [None] * rows.num_rows
-        idx = np.flatnonzero(fail)
+        idx = np.flatnonzero(fail & rows.column("payload").is_valid().to_numpy(zero_copy_only=False))
         if len(idx):
             payloads = pc.take(rows.column("payload"), pa.array(idx)).to_pylist()
             key_list = pc.take(keys, pa.array(idx)).to_pylist()
-            plain = [None if p is None else p.encode() for p in payloads]
-            for i, s in zip(idx, self.vault.seal_many(key_list, plain), strict=True):
+            plain = [p.encode() for p in payloads]
+            assert self.sealer is not None
+            for i, s in zip(idx, self.sealer.seal_many(key_list, plain), strict=True):
                 sealed[i] = s
         return pa.array(sealed, pa.binary())
 
@@ -227,16 +261,21 @@ class ChunkPrivacy:
         if not self.slots or not loads.any():
             return VAULT_SCHEMA.empty_table()
         distinct = self.pairs(self.engine, rows, loads, cursor=self.engine.reader())
-        tokens, key_ids, kinds, normals = (distinct.column(c).to_pylist() for c in ("token", "key_id", "kind", "normal"))
-        new = [i for i, p in enumerate(zip(tokens, key_ids, strict=True)) if p not in self._sealed_pairs]
-        if not new:
+        # Pairs this import sealed already are found in Arrow; only new ones reach Python.
+        combined = pc.binary_join_element_wise(distinct.column("token"), distinct.column("key_id"), "\x1f").combine_chunks()
+        if len(self._sealed_pairs):
+            distinct = distinct.filter(pc.invert(pc.is_in(combined, value_set=self._sealed_pairs)))
+            combined = pc.binary_join_element_wise(distinct.column("token"), distinct.column("key_id"), "\x1f").combine_chunks()
+        if distinct.num_rows == 0:
             return VAULT_SCHEMA.empty_table()
-        sealed = self.vault.seal_many([key_ids[i] for i in new], [normals[i].encode() for i in new])
-        if len(self._sealed_pairs) >= _MEMO * 2:
-            self._sealed_pairs.clear()
-        self._sealed_pairs.update((tokens[i], key_ids[i]) for i in new)
-        return pa.table({"token": [tokens[i] for i in new], "key_id": [key_ids[i] for i in new],
-                         "kind": [kinds[i] for i in new], "sealed": pa.array(sealed, pa.binary())}, schema=VAULT_SCHEMA)
+        key_ids = distinct.column("key_id").to_pylist()
+        assert self.sealer is not None
+        sealed = self.sealer.seal_many(key_ids, [n.encode() for n in distinct.column("normal").to_pylist()])
+        if len(self._sealed_pairs) > _MEMO * 10:
+            self._sealed_pairs = pa.array([], pa.string())
+        self._sealed_pairs = pa.concat_arrays([self._sealed_pairs, combined])
+        return pa.table({"token": distinct.column("token"), "key_id": distinct.column("key_id"),
+                         "kind": distinct.column("kind"), "sealed": pa.array(sealed, pa.binary())}, schema=VAULT_SCHEMA)
 
 
 # --- the sealed raw zone -------------------------------------------------------------------------
@@ -245,8 +284,9 @@ class SealedRawWriter:
     """Writes one import's rows, sealed per subject, to a temporary file; `commit` moves it to its
     content-addressed place (read-only), `abort` removes it."""
 
-    def __init__(self, vault: Vault, final: Path):
+    def __init__(self, vault: Vault, final: Path, sealer: Sealer | None = None):
         self.vault = vault
+        self.sealer = sealer or Sealer(vault)
         self.final = final
         final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = final.parent / f".incoming-{uuid.uuid4().hex}{RAW_SUFFIX}"
@@ -288,20 +328,20 @@ class SealedRawWriter:
             joined = pc.binary_join(pa.ListArray.from_arrays(offsets, texts.slice(first, last - first)), ",")
             plain = pc.binary_join_element_wise("[", joined, "]", "").cast(pa.binary())
             key_ids = pc.take(keys, pa.array(starts[lo:lo + _GROUPS_PER_SLICE]))
-            sealed = self.vault.seal_many(key_ids.to_pylist(), plain.to_pylist())
+            sealed = self.sealer.seal_many(key_ids.to_pylist(), plain.to_pylist())
             del joined, plain
             table = pa.table({"key_id": key_ids, "row_numbers": pa.ListArray.from_arrays(offsets, numbers.slice(first, last - first)),
                               "sealed": pa.array(sealed, pa.binary())}, schema=RAW_SCHEMA)
             del sealed
             if self._writer is None:
-                self._writer = pq.ParquetWriter(str(self.tmp), RAW_SCHEMA, compression="zstd", write_statistics=["key_id"])
+                self._writer = pq.ParquetWriter(str(self.tmp), RAW_SCHEMA, compression=_COMPRESSION, write_statistics=["key_id"])
             self._writer.write_table(table)
         self.rows += rows.num_rows
 
     def commit(self) -> Path:
         self._flush()
         if self._writer is None:  # no rows at all: an empty file still says the import was stored
-            self._writer = pq.ParquetWriter(str(self.tmp), RAW_SCHEMA, compression="zstd")
+            self._writer = pq.ParquetWriter(str(self.tmp), RAW_SCHEMA, compression=_COMPRESSION)
         self._writer.close()
         self._writer = None
         fd = os.open(self.tmp, os.O_RDONLY)

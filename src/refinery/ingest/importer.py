@@ -567,7 +567,8 @@ def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | No
                         policy=policy, pii=pii, with_original=raw is not None)
     relation, params = reader_relation(shape, plan.mapping, str(stored), rejects)
     select = import_select(plan.mapping, shape, ctx, relation)
-    privacy = ChunkPrivacy(runtime.vault, runtime.engine, job.source, job.file_sha256, pii_slots(plan.mapping, policy))
+    privacy = ChunkPrivacy(runtime.vault, runtime.engine, job.source, job.file_sha256, pii_slots(plan.mapping, policy),
+                           sealer=raw.sealer if raw is not None else None)
 
     chunks: queue.Queue[Any] = queue.Queue(maxsize=1)
     stop = threading.Event()
@@ -628,7 +629,9 @@ def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | No
             prepared = privacy.prepare(rows, loads)
             del rows, item
             if raw is not None:
-                raw.add(prepared.rows.filter(pc.invert(pc.fill_null(pc.equal(prepared.rows.column("_reason"), "blank_line"), False))))
+                as_read = prepared.rows.select(["_key_id", "row_number", "_orig", "_reason"])
+                blank_rows = pc.fill_null(pc.equal(as_read.column("_reason"), "blank_line"), False)
+                raw.add(as_read.filter(pc.invert(blank_rows)) if pc.any(blank_rows).as_py() else as_read)
                 prepared.rows = prepared.rows.drop_columns(["_orig"])  # sealed now: not held while the writer works
             chunk = _Chunk(prepared.rows, in_chunk, candidates, prepared.vault_rows, privacy, int(blocked.sum()))
             seen.add(h[valid])
