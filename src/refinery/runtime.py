@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from refinery.governance.ingest_consent import ConsentGate
+from refinery.governance.purposes import CategoryMap
 from refinery.ingest.clean import CleanRules
 from refinery.ingest.plans import TrackingPlans
 from refinery.ingest.sources import SourceRegistry
@@ -61,7 +63,7 @@ class Runtime:
             engine=engine,
             writer=writer,
             sources=SourceRegistry(engine),
-            events=EventStore(rules, vault),
+            events=EventStore(rules, vault, ConsentGate(settings.analytics_denied_events, CategoryMap.build(settings.consent_categories))),
             plans=TrackingPlans(settings.plans_dir, default_mode=settings.unplanned_events),
             vault=vault,
         )

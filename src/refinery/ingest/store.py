@@ -18,6 +18,7 @@ import orjson
 import pyarrow as pa
 from sqlglot import exp
 
+from refinery.governance.ingest_consent import ConsentGate, minimise
 from refinery.ingest.clean import EVENT_COLUMNS, CleanRules, clean_select
 from refinery.ingest.protocol import Failure, StagedEvent
 from refinery.privacy.normalise import clean_text
@@ -87,9 +88,10 @@ SUPPRESSED = Failure(
 class EventStore:
     """The writer's batch handler for collector events (see the module docstring)."""
 
-    def __init__(self, rules: CleanRules, vault: Vault | None = None):
+    def __init__(self, rules: CleanRules, vault: Vault | None = None, gate: ConsentGate | None = None):
         self.rules = rules
         self.vault = vault
+        self.gate = gate if gate is not None and gate.active else None
         self._next_raw_id: int | None = None
         #: Record message ids with a plain INSERT (cheap) rather than INSERT ... ON CONFLICT
         #: (~4x dearer in DuckDB). Switched off by a group that met an id already stored, and on
@@ -110,7 +112,9 @@ class EventStore:
         are protected (personal fields to tokens, payloads sealed) and written."""
         if self.vault is None:
             return self._write(engine, items, None)
-        protected = [protect_item(self.vault, it) for it in items]
+        if self.gate is not None:
+            self.gate.refresh(engine)
+        protected = [protect_item(self.vault, it, self.gate) for it in items]
         if not self.vault.suppressed or not any(p.suppressed for p in protected):
             return self._write(engine, items, protected)
         kept = [i for i, p in enumerate(protected) if not p.suppressed]
@@ -378,14 +382,15 @@ class Protected:
     suppressed: bool
 
 
-def protect_item(vault: Vault, item: IngestItem) -> Protected:
+def protect_item(vault: Vault, item: IngestItem, gate: ConsentGate | None = None) -> Protected:
     ev = item.event
     merged = ev.merged
     subject = subject_of(merged) if merged is not None else None
     key_id = vault.key_id(subject) if subject else vault.event_key_id(item.source, ev.message_id)
     if merged is None or ev.failure is not None:
         return Protected(key_id, ev.merged_json, [], False)
-    out, values = vault.tokens.protect_event(merged)
+    denied = gate.reason(merged) if gate is not None else None
+    out, values = vault.tokens.protect_event(minimise(merged, denied) if denied else merged)
     merged_json = orjson.dumps(out).decode() if out is not merged else ev.merged_json
     return Protected(key_id, merged_json, values, bool(vault.suppressed) and _is_suppressed(vault, merged, values))
 
