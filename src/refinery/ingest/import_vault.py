@@ -46,7 +46,7 @@ RAW_SCHEMA = pa.schema([
     ("row_numbers", pa.list_(pa.int64())),
     ("sealed", pa.binary()),  # AES-GCM under key_id's data key: a JSON array of the rows' texts as read
 ])
-_GROUPS_PER_SLICE = 16_384  # subjects sealed and written at a time
+_GROUPS_PER_SLICE = 4_096  # subjects sealed and written at a time
 _BUFFER_BYTES = 32 << 20  # rows buffered before they are sealed: one record per subject per buffer
 #: Ciphertext does not compress: only the key ids and row numbers are.
 _COMPRESSION = {"key_id": "zstd", "row_numbers.list.element": "zstd", "sealed": "none"}
