@@ -2,7 +2,9 @@
 
 Each side runs in its own subprocess so peak RSS (ru_maxrss) is measured per side:
   baseline  CREATE TABLE AS SELECT * FROM read_csv(file)  (what DuckDB alone does)
-  import    run_import() with a track mapping: payload SQL, dedup, cleaning, failed zone, chunks
+  import    run_import() with a track mapping: payload SQL, dedup, cleaning, failed zone, chunks,
+            the email as a token (HMAC in SQL), its value sealed per customer, the rows sealed per
+            customer into the raw zone (50,000 customers: 50,000 data keys)
 Usage: .venv/bin/python bench/import_csv.py [--rows 1000000] [--keep]
 Targets: >= 500,000 rows/s and peak RSS < 1 GiB whatever the file size.
 """
