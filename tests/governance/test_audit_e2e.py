@@ -44,11 +44,14 @@ def test_reads_and_changes_are_audited_and_verifiable(server: Server) -> None:
     assert {t["name"] for t in json.loads(_cli(d, "tokens", "list", "--json").stdout)} == {"dpo", "ann"}
     assert dpo["token"] not in _cli(d, "tokens", "list", "--json").stdout
 
-    # a privacy officer reads a profile (audited); an analyst may not, nor read the audit log
+    # a privacy officer reads a profile with its values (audited as such); an analyst reads it
+    # pseudonymised (tokens, audited too), and may not read the audit log
     profile = httpx.get(server.url + "/api/profiles", params={"identifier": f"email:{EMAIL}"}, headers=_bearer(dpo["token"]))
     assert profile.status_code == 200, profile.text
+    assert EMAIL.lower() in profile.text
     pid = profile.json()["profile_id"]
-    assert httpx.get(server.url + f"/api/profiles/{pid}", headers=_bearer(analyst["token"])).status_code == 403
+    seen = httpx.get(server.url + f"/api/profiles/{pid}", headers=_bearer(analyst["token"]))
+    assert seen.status_code == 200 and EMAIL.lower() not in seen.text.lower() and "pii:email:" in seen.text
     assert httpx.get(server.url + "/api/audit", headers=_bearer(analyst["token"])).status_code == 403
 
     log = httpx.get(server.url + "/api/audit", params={"limit": 1000}, headers=_bearer(dpo["token"]))
@@ -62,10 +65,12 @@ def test_reads_and_changes_are_audited_and_verifiable(server: Server) -> None:
         ("tokens.create", "bootstrap admin"),     # the CLI goes through the running server
         ("tokens.create", "bootstrap admin"),
         ("profiles.lookup", "dpo"),
+        ("profiles.read", "ann"),
     ]
-    lookup = entries[-1]
+    lookup, read = entries[-2], entries[-1]
     assert lookup["actor_id"] == dpo["token_id"] and lookup["object"] == f"profile:{pid}"
-    assert lookup["details"] == {"identifier_type": "email"}
+    assert lookup["details"] == {"identifier_type": "email", "pii": True}
+    assert read["object"] == f"profile:{pid}" and read["details"]["pii"] is False
     assert entries[2]["details"] == {"rate_limit_per_second": 50.0} and entries[2]["object"] == "source:web"
     text = log.text
     for secret in (EMAIL, "Jane Audit", dpo["token"], analyst["token"], server.write_key, "test-admin-token"):
