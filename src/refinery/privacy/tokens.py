@@ -75,6 +75,8 @@ class Tokeniser:
 
     def __post_init__(self) -> None:
         self._mac = hmac.new(self.key, digestmod="sha256")
+        self._traits = frozenset(self.policy.trait_fields)
+        self._properties = frozenset(self.policy.property_fields)
 
     def token(self, kind: str, normal: str) -> str:
         """The token of a value already in normal form."""
@@ -123,16 +125,20 @@ class Tokeniser:
         context = event.get("context")
         region = _region(traits, context)
         if isinstance(traits, dict):
-            out["traits"] = self._protect_fields(traits, self.policy.trait_fields, region, found)
+            out["traits"] = self._protect_fields(traits, self._traits, region, found)
         props = event.get("properties")
         if isinstance(props, dict):
-            out["properties"] = self._protect_fields(props, self.policy.property_fields, region, found)
+            out["properties"] = self._protect_fields(props, self._properties, region, found)
         if isinstance(context, dict):
-            ctx = dict(context)
+            ctx = context
             if isinstance(context.get("traits"), dict):
-                ctx["traits"] = self._protect_fields(context["traits"], self.policy.trait_fields, region, found)
+                protected = self._protect_fields(context["traits"], self._traits, region, found)
+                if protected is not context["traits"]:
+                    ctx = {**context, "traits": protected}
             ip = context.get("ip")
-            if isinstance(ip, str) and ip and not is_token(ip) and self.policy.ip != "keep":
+            if isinstance(ip, str) and ip and self.policy.ip != "keep" and not is_token(ip):
+                if ctx is context:
+                    ctx = dict(context)
                 if self.policy.ip == "truncate":
                     ctx["ip"] = truncate_ip(ip)
                 else:
@@ -143,10 +149,12 @@ class Tokeniser:
         return out, found
 
     def _protect_fields(
-        self, obj: dict[str, Any], fields: tuple[str, ...], region: str | None, found: list[PiiValue]
+        self, obj: dict[str, Any], fields: frozenset[str], region: str | None, found: list[PiiValue]
     ) -> dict[str, Any]:
+        if fields.isdisjoint(obj):  # most objects hold no personal field: no copy, no loop
+            return obj
         copy: dict[str, Any] | None = None
-        for name in fields:
+        for name in sorted(fields.intersection(obj)):
             value = obj.get(name)
             if value is None or value == "" or is_token(value):
                 continue
@@ -173,6 +181,8 @@ def subject_of(event: dict[str, Any]) -> str | None:
         value = event.get(name)
         if value is None or isinstance(value, (dict, list, bool)):
             continue
+        if isinstance(value, str) and value and value.isascii() and value.isprintable() and value[0] != " " and value[-1] != " ":
+            return value  # printable ASCII without outer spaces is its own normal form (the common case)
         text = clean_text(value if isinstance(value, str) else orjson.dumps(value).decode())
         if text:
             return text
