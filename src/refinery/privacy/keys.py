@@ -106,14 +106,15 @@ def _decode(text: str, where: str) -> bytes:
 class KeyStore:
     """Per-subject data keys, wrapped by the key-encryption key, in their own SQLite file.
 
-    Thread-safe (one connection behind a lock); unwrapped keys are cached (bounded LRU).
+    Thread-safe (one connection behind a lock); unwrapped keys are cached (bounded LRU) as their
+    32 bytes: a cipher object holds ~2.4 KB of OpenSSL state, so one is built per `get` instead.
     """
 
     def __init__(self, path: Path, master: bytes, *, cache_size: int = 200_000):
         self.path = path
         self._kek = AESGCM(derive(master, "key-encryption"))
         self._lock = threading.Lock()
-        self._cache: OrderedDict[str, AESGCM] = OrderedDict()
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cache_size = cache_size
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -156,12 +157,12 @@ class KeyStore:
         missing: list[str] = []
         with self._lock:
             for k in key_ids:
-                aead = self._cache.get(k)
-                if aead is None:
+                key = self._cache.get(k)
+                if key is None:
                     missing.append(k)
-                else:
+                elif k not in out:
                     self._cache.move_to_end(k)
-                    out[k] = aead
+                    out[k] = AESGCM(key)
             if not missing:
                 return out
             missing = list(dict.fromkeys(missing))
@@ -170,7 +171,7 @@ class KeyStore:
                 marks = ",".join("?" * len(chunk))
                 rows = self._db.execute(f"SELECT key_id, wrapped FROM subject_keys WHERE key_id IN ({marks})", chunk)  # noqa: S608 - placeholders only
                 for key_id, wrapped in rows:
-                    out[key_id] = self._remember(key_id, AESGCM(unseal(self._kek, bytes(wrapped), key_id.encode())))
+                    out[key_id] = AESGCM(self._remember(key_id, unseal(self._kek, bytes(wrapped), key_id.encode())))
             new = [k for k in missing if k not in out]
             if new and create:
                 now = datetime.now(UTC).isoformat()
@@ -186,14 +187,14 @@ class KeyStore:
                     self._db.execute("ROLLBACK")
                     raise
                 for k, key in fresh.items():
-                    out[k] = self._remember(k, AESGCM(key))
+                    out[k] = AESGCM(self._remember(k, key))
         return out
 
-    def _remember(self, key_id: str, aead: AESGCM) -> AESGCM:
-        self._cache[key_id] = aead
+    def _remember(self, key_id: str, key: bytes) -> bytes:
+        self._cache[key_id] = key
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return aead
+        return key
 
     def destroy(self, key_ids: Iterable[str]) -> int:
         """Delete the keys (crypto-shredding); returns how many existed. Committed before returning."""
