@@ -50,10 +50,15 @@ class Runtime:
             engine.close()
             raise
         install(engine, vault)
-        applied = migrate(engine)
+        try:
+            applied = migrate(engine)
+            vault.load_suppression(engine)
+        except BaseException:  # a migration that fails leaves the store as it was: let go of it cleanly
+            engine.close()
+            vault.close()
+            raise
         if applied:
             log.info("storage migrated to version %s", applied[-1])
-        vault.load_suppression(engine)
         writer = Writer(engine, max_group=settings.commit_max_events, max_wait_ms=settings.commit_max_wait_ms)
         if start_writer:
             writer.start()
