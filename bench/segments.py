@@ -81,19 +81,19 @@ def segments(days: int) -> list[tuple[str, str, str]]:
     return [
         (f"pricing_visitors_{days}d",
          f"count(event = 'page_view' and url contains 'pricing') >= 2 in last {days} days",
-         f"SELECT ep.profile_id FROM {_EP} WHERE e.event = 'page_view' AND contains(e.page_url, 'pricing') AND {_since(days)} "
+         f"SELECT ep.profile_id FROM {_EP} WHERE e.event = 'page_view' AND contains(e.page_url, 'pricing') AND {_since(days)} "  # noqa: S608
          f"AND {_AS_OF} GROUP BY 1 HAVING count(*) >= 2"),
         (f"big_buyers_{days}d",
          f"performed 'Order Completed' where total > 100 at least 1 times in last {days} days",
-         f"SELECT DISTINCT ep.profile_id FROM {_EP} WHERE e.event = 'Order Completed' "
+         f"SELECT DISTINCT ep.profile_id FROM {_EP} WHERE e.event = 'Order Completed' "  # noqa: S608
          f"AND TRY_CAST(e.properties->>'$.total' AS DOUBLE) > 100 AND {_since(days)} AND {_AS_OF}"),
         (f"lapsed_pro_{days}d",
          f"plan = 'pro' and not performed 'Product Viewed' in last {days} days",
-         f"SELECT profile_id FROM profiles WHERE traits->>'$.plan' = 'pro' AND profile_id NOT IN "
+         f"SELECT profile_id FROM profiles WHERE traits->>'$.plan' = 'pro' AND profile_id NOT IN "  # noqa: S608
          f"(SELECT ep.profile_id FROM {_EP} WHERE e.event = 'Product Viewed' AND {_since(days)} AND {_AS_OF})"),
         (f"young_spenders_{days}d",
          f"age between 18 and 30 and sum(total) of 'Order Completed' in last {days} days > 200",
-         f"SELECT p.profile_id FROM profiles p JOIN (SELECT ep.profile_id, sum(TRY_CAST(e.properties->>'$.total' AS DOUBLE)) AS s "
+         f"SELECT p.profile_id FROM profiles p JOIN (SELECT ep.profile_id, sum(TRY_CAST(e.properties->>'$.total' AS DOUBLE)) AS s "  # noqa: S608
          f"FROM {_EP} WHERE e.event = 'Order Completed' AND {_since(days)} AND {_AS_OF} GROUP BY 1) o ON o.profile_id = p.profile_id "
          f"WHERE TRY_CAST(p.traits->>'$.age' AS DOUBLE) BETWEEN 18 AND 30 AND o.s > 200"),
     ]
@@ -110,7 +110,7 @@ PREVIEW = (
         JOIN (SELECT ep.profile_id FROM {_EP} WHERE e.event = 'page_view' AND contains(e.page_url, 'pricing')
               AND {_since(30)} AND {_AS_OF} GROUP BY 1 HAVING count(*) >= 1) v ON v.profile_id = p.profile_id
         WHERE p.traits->>'$.plan' = 'pro'
-          AND p.profile_id NOT IN (SELECT ep.profile_id FROM {_EP} WHERE e.event = 'Order Completed' AND {_since(30)} AND {_AS_OF})""",
+          AND p.profile_id NOT IN (SELECT ep.profile_id FROM {_EP} WHERE e.event = 'Order Completed' AND {_since(30)} AND {_AS_OF})""",  # noqa: S608
 )
 
 
