@@ -399,7 +399,12 @@ BUILTIN: tuple[Any, ...] = (
     VaultStore(),
     AuditStore(),
     RequestsStore(),
-    EmptyStore("segments", "segment memberships (the segments stage registers its store)"),
+    # segments (refinery/segments/): membership history, the entered/exited outbox, computed trait values
+    TableStore("segments", (
+        Part("segment_members", _in("profile_id", "pids"), "segment, entered_at", scrub=False),
+        Part("segment_events", _in("profile_id", "pids"), "event_id", scrub=False),
+        Part("computed_trait_values", _in("profile_id", "pids"), "name", scrub=False),
+    )),
     EmptyStore("features", "feature values and the online store (the features stage registers its store)"),
     EmptyStore("activation", "activation history and outboxes (the activation stage registers its store)"),
 )
@@ -413,6 +418,11 @@ NO_PERSONAL_DATA: dict[str, str] = {
     "api_tokens": "staff API tokens (hashed), their names and roles",
     "audit_head": "the audit log's last sequence number and hash",
     "retention_*": "retention overrides per source and retention runs with counts",
+    # segments: definitions and run counts (a rule's literals compare against tokens; docs/segments.md)
+    "segments": "segment definitions: names, rule text, descriptions, who changed them",
+    "segment_versions": "every saved rule of every segment, with who saved it",
+    "segment_runs": "one row per segment recomputation: counts, status and input fingerprints",
+    "computed_traits": "computed trait definitions: names, expressions, counts",
     "suppression_list": "keyed hashes of erased identifiers (neither the values nor their tokens), kept so the person stays erased",
 }
 

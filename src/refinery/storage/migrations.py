@@ -431,6 +431,96 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        10,
+        "segments: definitions and versions, membership history, runs, the entered/exited outbox, computed traits",
+        (
+            # One row per segment (the rule now in force). Deleting sets deleted_at; the row and its
+            # versions stay so past audiences can still be explained and reproduced.
+            """CREATE TABLE segments (
+                name VARCHAR PRIMARY KEY,
+                rule VARCHAR NOT NULL,                 -- the rule text as written
+                description VARCHAR,
+                identity_policy JSON NOT NULL,         -- as the compiler parsed it: {"mode", "threshold"}
+                version INTEGER NOT NULL,              -- the version in segment_versions now in force
+                created_by VARCHAR NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                updated_by VARCHAR NOT NULL,
+                updated_at TIMESTAMPTZ NOT NULL,
+                deleted_at TIMESTAMPTZ,
+                deleted_by VARCHAR
+            )""",
+            # Every rule ever saved: the version in force at T is the newest created at or before T.
+            """CREATE TABLE segment_versions (
+                segment VARCHAR NOT NULL,
+                version INTEGER NOT NULL,
+                rule VARCHAR NOT NULL,
+                description VARCHAR,
+                identity_policy JSON NOT NULL,
+                created_by VARCHAR NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (segment, version)
+            )""",
+            # Membership with history: one open row (exited_at NULL) while a profile is a member;
+            # leaving closes it, coming back opens a new one.
+            """CREATE TABLE segment_members (
+                segment VARCHAR NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                entered_at TIMESTAMPTZ NOT NULL,       -- the as-of moment of the run that found it in
+                exited_at TIMESTAMPTZ,                 -- the as-of moment of the run that found it out
+                entered_run VARCHAR NOT NULL,
+                exited_run VARCHAR
+            )""",
+            # One row per recomputation of one segment (skipped segments are not recorded).
+            """CREATE TABLE segment_runs (
+                run_id VARCHAR PRIMARY KEY,
+                segment VARCHAR NOT NULL,
+                version INTEGER,
+                as_of TIMESTAMPTZ NOT NULL,
+                trigger VARCHAR NOT NULL,              -- cli | api | scheduled | update | delete
+                actor VARCHAR NOT NULL,
+                started_at TIMESTAMPTZ NOT NULL,
+                finished_at TIMESTAMPTZ,
+                members BIGINT,
+                entered BIGINT,
+                exited BIGINT,
+                status VARCHAR NOT NULL,               -- completed | failed | superseded
+                error VARCHAR,                         -- why it failed (no personal values)
+                inputs JSON                            -- the fingerprint of what it read (incremental runs compare it)
+            )""",
+            "CREATE SEQUENCE segment_event_seq START 1",
+            # The outbox activation consumes in event_id order: who entered or left which segment, when.
+            """CREATE TABLE segment_events (
+                event_id BIGINT NOT NULL,
+                kind VARCHAR NOT NULL,                 -- segment_entered | segment_exited
+                segment VARCHAR NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                occurred_at TIMESTAMPTZ NOT NULL,      -- the membership change's moment (the run's as-of)
+                run_id VARCHAR NOT NULL,
+                version INTEGER,
+                recorded_at TIMESTAMPTZ NOT NULL
+            )""",
+            """CREATE TABLE computed_traits (
+                name VARCHAR PRIMARY KEY,
+                expression VARCHAR NOT NULL,
+                description VARCHAR,
+                version INTEGER NOT NULL,
+                created_by VARCHAR NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                updated_by VARCHAR NOT NULL,
+                updated_at TIMESTAMPTZ NOT NULL,
+                deleted_at TIMESTAMPTZ,
+                computed_at TIMESTAMPTZ,               -- when the values were last materialised
+                profiles BIGINT                        -- how many profiles have a value
+            )""",
+            """CREATE TABLE computed_trait_values (
+                profile_id VARCHAR NOT NULL,
+                name VARCHAR NOT NULL,
+                value JSON,
+                computed_at TIMESTAMPTZ NOT NULL
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
