@@ -105,6 +105,36 @@ class Client(abc.ABC):
     @abc.abstractmethod
     def privacy_request_get(self, request_id: str) -> dict[str, Any]: ...
 
+    # segments and computed traits (refinery.segments.lifecycle)
+    @abc.abstractmethod
+    def segments(self) -> list[dict[str, Any]]: ...
+    @abc.abstractmethod
+    def segment(self, name: str) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def create_segment(self, name: str, rule: str, description: str | None = None, run: bool = True) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def update_segment(self, name: str, rule: str | None = None, description: str | None = None, run: bool = True) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def delete_segment(self, name: str) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def preview_segment(self, rule: str, sample: int = 20, as_of: str | None = None, name: str | None = None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def run_segments(self, name: str | None = None, as_of: str | None = None, force: bool = False) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def segment_members(self, name: str, as_of: str | None = None, source: str = "history", limit: int = 1000) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def segment_history(self, name: str, limit: int = 50) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def explain_segment(self, name: str, profile: str, as_of: str | None = None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def computed_traits(self) -> list[dict[str, Any]]: ...
+    @abc.abstractmethod
+    def define_computed_trait(self, name: str, expression: str, description: str | None = None) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def compute_trait(self, name: str) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def delete_computed_trait(self, name: str) -> dict[str, Any]: ...
+
 
 class LocalClient(Client):
     def __init__(self, settings: Settings):
@@ -389,6 +419,87 @@ class LocalClient(Client):
         self._audit_read("privacy.request_read", f"privacy_request:{request_id}", {"document": body.get("document") is not None})
         return body
 
+    # segments: the API's operations (refinery.segments.lifecycle) as the local user
+    def segments(self) -> list[dict[str, Any]]:
+        from refinery.segments import lifecycle
+
+        return lifecycle.list_segments(self.rt.engine)
+
+    def segment(self, name: str) -> dict[str, Any]:
+        from refinery.segments import lifecycle
+
+        return lifecycle.show(self.rt.engine, name)
+
+    def create_segment(self, name: str, rule: str, description: str | None = None, run: bool = True) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.segments import lifecycle
+
+        return lifecycle.create(self.rt.engine, self.rt.writer, local_principal(), name, rule, description, run=run, trigger="cli")
+
+    def update_segment(self, name: str, rule: str | None = None, description: str | None = None, run: bool = True) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.segments import lifecycle
+
+        return lifecycle.update(self.rt.engine, self.rt.writer, local_principal(), name, rule, description, run=run)
+
+    def delete_segment(self, name: str) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.segments import lifecycle
+
+        return lifecycle.delete(self.rt.writer, local_principal(), name)
+
+    def preview_segment(self, rule: str, sample: int = 20, as_of: str | None = None, name: str | None = None) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.segments import lifecycle
+
+        return lifecycle.run_preview(self.rt.engine, self.rt.writer, local_principal(), rule, sample=sample, as_of=as_of, name=name)
+
+    def run_segments(self, name: str | None = None, as_of: str | None = None, force: bool = False) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.segments import lifecycle
+
+        return lifecycle.run(self.rt.engine, self.rt.writer, local_principal(), name, as_of=as_of, force=force, trigger="cli")
+
+    def segment_members(self, name: str, as_of: str | None = None, source: str = "history", limit: int = 1000) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.segments import lifecycle
+
+        return lifecycle.read_members(self.rt.engine, self.rt.writer, local_principal(), name, as_of=as_of, source=source, limit=limit)
+
+    def segment_history(self, name: str, limit: int = 50) -> dict[str, Any]:
+        from refinery.segments import lifecycle
+
+        return lifecycle.read_history(self.rt.engine, name, limit)
+
+    def explain_segment(self, name: str, profile: str, as_of: str | None = None) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.segments import lifecycle
+
+        return lifecycle.explain_profile(self.rt.engine, self.rt.writer, local_principal(), name, profile, as_of=as_of, rules=self._rules())
+
+    def computed_traits(self) -> list[dict[str, Any]]:
+        from refinery.segments import lifecycle
+
+        return lifecycle.list_traits(self.rt.engine)
+
+    def define_computed_trait(self, name: str, expression: str, description: str | None = None) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.segments import lifecycle
+
+        return lifecycle.define_trait(self.rt.writer, local_principal(), name, expression, description)
+
+    def compute_trait(self, name: str) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.segments import lifecycle
+
+        return lifecycle.compute_trait(self.rt.engine, self.rt.writer, local_principal(), name)
+
+    def delete_computed_trait(self, name: str) -> dict[str, Any]:
+        from refinery.governance.principal import local_principal
+        from refinery.segments import lifecycle
+
+        return lifecycle.delete_trait(self.rt.writer, local_principal(), name)
+
 
 class RemoteClient(Client):
     def __init__(self, url: str, token: str):
@@ -537,6 +648,72 @@ class RemoteClient(Client):
     def privacy_request_get(self, request_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", f"/api/privacy/requests/{request_id}")
         return result
+
+    # segments
+    def segments(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/api/segments")["segments"]
+        return result
+
+    def segment(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/api/segments/{_seg(name)}")
+        return result
+
+    def create_segment(self, name: str, rule: str, description: str | None = None, run: bool = True) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/api/segments", json={"name": name, "rule": rule, "description": description, "run": run})
+        return result
+
+    def update_segment(self, name: str, rule: str | None = None, description: str | None = None, run: bool = True) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("PATCH", f"/api/segments/{_seg(name)}", json={"rule": rule, "description": description, "run": run})
+        return result
+
+    def delete_segment(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE", f"/api/segments/{_seg(name)}")
+        return result
+
+    def preview_segment(self, rule: str, sample: int = 20, as_of: str | None = None, name: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/api/segments/preview", json={"rule": rule, "sample": sample, "as_of": as_of, "name": name})
+        return result
+
+    def run_segments(self, name: str | None = None, as_of: str | None = None, force: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/api/segments/run", json={"name": name, "as_of": as_of, "force": force})
+        return result
+
+    def segment_members(self, name: str, as_of: str | None = None, source: str = "history", limit: int = 1000) -> dict[str, Any]:
+        params: dict[str, Any] = {"source": source, "limit": limit, **({"as_of": as_of} if as_of else {})}
+        result: dict[str, Any] = self._call("GET", f"/api/segments/{_seg(name)}/members", params=params)
+        return result
+
+    def segment_history(self, name: str, limit: int = 50) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/api/segments/{_seg(name)}/history", params={"limit": limit})
+        return result
+
+    def explain_segment(self, name: str, profile: str, as_of: str | None = None) -> dict[str, Any]:
+        params = {"profile": profile, **({"as_of": as_of} if as_of else {})}
+        result: dict[str, Any] = self._call("GET", f"/api/segments/{_seg(name)}/explain", params=params)
+        return result
+
+    def computed_traits(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/api/computed-traits")["computed_traits"]
+        return result
+
+    def define_computed_trait(self, name: str, expression: str, description: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/api/computed-traits", json={"name": name, "expression": expression, "description": description})
+        return result
+
+    def compute_trait(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/api/computed-traits/{_seg(name)}/compute")
+        return result
+
+    def delete_computed_trait(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE", f"/api/computed-traits/{_seg(name)}")
+        return result
+
+
+def _seg(name: str) -> str:
+    """A segment or trait name as one path segment (names are checked on the server; this keeps '/' and '?' inside)."""
+    from urllib.parse import quote
+
+    return quote(name, safe="")
 
 
 def connect(settings: Settings) -> Client:

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     # k-anonymity (governance/kanon.py, docs/decisions/0017-k-anonymity.md): aggregate reports to roles without pii:read
     min_group_size: int = Field(10, ge=2, description="Aggregate reports served to roles without `pii:read` (the catalog, `POST /api/query` in aggregate mode) leave out every group seen from fewer than this many distinct people, and say how many they left out.")
 
+    # segments (refinery/segments/schedule.py, docs/segments.md): membership recomputed inside `refinery serve`
+    segments_interval_minutes: float = Field(15.0, ge=0, description="How often `refinery serve` recomputes segment membership (segments whose inputs did not change are skipped); 0 turns the scheduled job off.")
+
     @property
     def master_key_path(self) -> Path:
         return self.master_key_file or (self.data_dir / "keys" / "master.key")

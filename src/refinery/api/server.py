@@ -110,6 +110,8 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
         chores = asyncio.ensure_future(housekeeping())
         from refinery.governance.retention import scheduled  # retention: its own schedule (docs/retention.md)
         retention_job = asyncio.ensure_future(scheduled(runtime.engine, runtime.writer, settings))
+        from refinery.segments.schedule import scheduled as segments_scheduled  # segments: docs/segments.md
+        segments_job = asyncio.ensure_future(segments_scheduled(runtime.engine, runtime.writer, settings))
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
         if server.started:
@@ -121,6 +123,7 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
         finally:
             chores.cancel()
             retention_job.cancel()  # retention
+            segments_job.cancel()  # segments
 
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with the default handlers that
     # kills the process before the finally below can checkpoint the store and remove server.json.

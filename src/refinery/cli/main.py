@@ -21,6 +21,7 @@ from refinery.cli import (
     privacy,
     profiles,
     retention,
+    segments,
     sources,
     tokens,
 )
@@ -55,6 +56,7 @@ app.add_typer(consent.app, name="consent")
 app.add_typer(retention.app, name="retention")
 app.command("lineage")(lineage.show)
 app.add_typer(privacy.app, name="privacy")
+app.add_typer(segments.app, name="segments")
 
 
 @app.command()

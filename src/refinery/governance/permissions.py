@@ -143,3 +143,10 @@ grant("privacy_officer", "retention:run", "retention:read")
 register_permission("lineage:read", "Read lineage: the job runs behind a table, and the sources, messages and files behind a profile.")
 grant("privacy_officer", "lineage:read")
 grant("analyst", "lineage:read")
+
+# segments (refinery/segments/): definitions, membership, previews and explanations; profile ids, values only with pii:read.
+register_permission("segments:read", "List segments, preview rules, read members (profile ids), history and explanations; every member read is audited.")
+register_permission("segments:write", "Create, change and delete segments and computed traits, and run their recomputation.")
+grant("marketer", "segments:read", "segments:write")
+grant("analyst", "segments:read")
+grant("privacy_officer", "segments:read")

@@ -441,7 +441,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 name VARCHAR PRIMARY KEY,
                 rule VARCHAR NOT NULL,                 -- the rule text as written
                 description VARCHAR,
-                identity_policy JSON NOT NULL,         -- as the compiler parsed it: {"mode", "threshold"}
+                identity_policy JSON NOT NULL,         -- as the compiler parsed it: {"mode": "profiles"} or {"mode": "persons", "threshold"}
                 version INTEGER NOT NULL,              -- the version in segment_versions now in force
                 created_by VARCHAR NOT NULL,
                 created_at TIMESTAMPTZ NOT NULL,

@@ -1,0 +1,146 @@
+"""The segment operations the admin API and the local client share, each audited as governance asks:
+changes in the transaction that makes them, reads of members (profile ids) before the answer leaves.
+
+The API routes and `LocalClient` are thin calls into these, with their own principal (a token's
+holder, or the local user), so both edges behave alike by construction.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+
+from refinery.governance import audit
+from refinery.governance.principal import Principal
+from refinery.privacy.pii import reveal_in
+from refinery.segments import computed, explain, members, preview, store
+from refinery.segments.store import SegmentLifecycleError
+from refinery.storage.engine import Engine
+from refinery.storage.writer import Writer
+
+
+def parse_time(text: str | None, field: str = "as_of") -> datetime | None:
+    """An ISO 8601 moment (`2026-01-31T12:00:00Z`) or a date (midnight UTC); naive times are UTC."""
+    if text is None or text == "":
+        return None
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00")) if "T" in text or " " in text else None
+        if at is None:
+            d = date.fromisoformat(text)
+            at = datetime(d.year, d.month, d.day, tzinfo=UTC)
+    except ValueError:
+        raise SegmentLifecycleError(f"{field} {text!r} is not a date or time.",
+                                    fix="Write it as 2026-01-31 or 2026-01-31T12:00:00Z.", field=field) from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def _member_counts(engine: Engine, cursor: Any) -> dict[str, int]:
+    rows = engine.fetch_all("SELECT segment, count(*) FROM segment_members WHERE exited_at IS NULL GROUP BY segment", cursor=cursor)
+    return {str(s): int(n) for s, n in rows}
+
+
+def list_segments(engine: Engine) -> list[dict[str, Any]]:
+    cur = engine.reader()
+    counts = _member_counts(engine, cur)
+    return [{**s.to_dict(), "members": counts.get(s.name, 0)} for s in store.list_segments(engine, cursor=cur)]
+
+
+def show(engine: Engine, name: str) -> dict[str, Any]:
+    cur = engine.reader()
+    seg = store.get(engine, name, cursor=cur)
+    last = engine.fetch_dicts(
+        "SELECT run_id, as_of, status, members, entered, exited, trigger FROM segment_runs WHERE segment = ? "
+        "ORDER BY started_at DESC LIMIT 1", [name], cursor=cur,
+    )
+    for r in last:
+        r["as_of"] = r["as_of"].astimezone(UTC).isoformat()
+    return {**seg.to_dict(), "members": _member_counts(engine, cur).get(name, 0), "last_run": last[0] if last else None,
+            "versions": [v.to_dict() for v in store.versions(engine, name, cursor=cur)]}
+
+
+def create(engine: Engine, writer: Writer, actor: Principal, name: str, rule: str, description: str | None = None, *,
+           run: bool = True, trigger: str = "create") -> dict[str, Any]:
+    seg = writer.call(lambda e: store.create(e, actor, name, rule, description))
+    out: dict[str, Any] = seg.to_dict()
+    if run:
+        out["run"] = members.run_segments(engine, writer, actor, [name], trigger=trigger, force=True).to_dict()
+    return out
+
+
+def update(engine: Engine, writer: Writer, actor: Principal, name: str, rule: str | None = None, description: str | None = None,
+           *, run: bool = True) -> dict[str, Any]:
+    seg = writer.call(lambda e: store.update(e, actor, name, rule, description))
+    out: dict[str, Any] = seg.to_dict()
+    if run:
+        out["run"] = members.run_segments(engine, writer, actor, [name], trigger="update").to_dict()
+    return out
+
+
+def delete(writer: Writer, actor: Principal, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = writer.call(lambda e: store.delete(e, actor, name))
+    return result
+
+
+def run(engine: Engine, writer: Writer, actor: Principal, name: str | None = None, *, as_of: str | None = None,
+        force: bool = False, trigger: str = "cli") -> dict[str, Any]:
+    return members.run_segments(engine, writer, actor, [name] if name else None, as_of=parse_time(as_of), trigger=trigger,
+                                force=force).to_dict()
+
+
+def run_preview(engine: Engine, writer: Writer, actor: Principal, rule: str, *, sample: int = 20, as_of: str | None = None,
+                name: str | None = None) -> dict[str, Any]:
+    result = preview.preview(engine, rule, sample=sample, as_of=parse_time(as_of), name=name)
+    audit.record_now(writer, actor, "segments.preview", f"segment:{name}" if name else None,
+                     {"count": result["count"], "sample": len(result["sample"])})
+    return result
+
+
+def read_members(engine: Engine, writer: Writer, actor: Principal, name: str, *, as_of: str | None = None,
+                 source: str = "history", limit: int | None = 1000) -> dict[str, Any]:
+    """Members now (recorded), or at a past moment: `history` (rows open then: what the runs found)
+    or `evaluated` (the rule then in force over the events received by then). Audited."""
+    at = parse_time(as_of)
+    if source not in ("history", "evaluated"):
+        raise SegmentLifecycleError(f"Unknown members source {source!r}.", fix="Use history or evaluated.", field="source")
+    if source == "evaluated":
+        body = members.members_evaluated(engine, name, at or datetime.now(UTC), limit=limit)
+    else:
+        rows = members.members_from_history(engine, name, at)
+        body = {"segment": name, "as_of": at.isoformat() if at else None, "source": "history", "count": len(rows),
+                "members": rows[:limit] if limit is not None else rows}
+    audit.record_now(writer, actor, "segments.members", f"segment:{name}",
+                     {"source": source, "as_of": body["as_of"], "count": body["count"], "returned": len(body["members"])})
+    return body
+
+
+def read_history(engine: Engine, name: str, limit: int = 50) -> dict[str, Any]:
+    return members.history(engine, name, limit=limit)
+
+
+def explain_profile(engine: Engine, writer: Writer, actor: Principal, name: str, profile: str, *, as_of: str | None = None,
+                    rules: Any = None) -> dict[str, Any]:
+    """Why `profile` is in `name` or not; values in clear only for `pii:read`. Audited like a profile read."""
+    result = explain.explain(engine, name, profile, as_of=parse_time(as_of), rules=rules)
+    pii = actor.can("pii:read")
+    audit.record_now(writer, actor, "segments.explain", f"profile:{result['profile_id']}",
+                     {"segment": name, "member": result["member"], "pii": pii})
+    return reveal_in(engine, result) if pii else result
+
+
+# --- computed traits ---------------------------------------------------------------------------------
+
+def define_trait(writer: Writer, actor: Principal, name: str, expression: str, description: str | None = None) -> dict[str, Any]:
+    return writer.call(lambda e: computed.define(e, actor, name, expression, description)).to_dict()
+
+
+def compute_trait(engine: Engine, writer: Writer, actor: Principal, name: str) -> dict[str, Any]:
+    return computed.materialise(engine, writer, actor, name)
+
+
+def delete_trait(writer: Writer, actor: Principal, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = writer.call(lambda e: computed.delete(e, actor, name))
+    return result
+
+
+def list_traits(engine: Engine) -> list[dict[str, Any]]:
+    return [t.to_dict() for t in computed.list_traits(engine)]

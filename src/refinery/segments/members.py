@@ -1,0 +1,351 @@
+"""Membership: recompute segments, keep their history, and tell activation who entered and who left.
+
+A run evaluates a segment's rule (the version in force at the run's `as_of`) over the store, then,
+in one writer transaction, diffs the new member set against the open rows of `segment_members`:
+rows of profiles no longer in are closed (`exited_at` = the run's as-of), profiles newly in get an
+open row (`entered_at` = the run's as-of), and a `segment_exited` / `segment_entered` row goes to
+the `segment_events` outbox for each, with the run's row and its audit row. Either all of that
+commits or none of it.
+
+The rule is evaluated on a read cursor *before* the writer transaction (a query over millions of
+events must not hold up the collector's commits); the writer is drained first, so the run sees
+every event received before its as-of that had reached the writer. The diff itself always reads
+the open rows inside the transaction, so two runs never double-count. A run whose as-of is older
+than the segment's last completed run is recorded `superseded` and changes nothing: history only
+moves forward.
+
+Incremental: a run compares the fingerprint of everything a rule can read (its version, the
+versions of the segments it reaches, the input tables' row counts and change marks, and the as-of
+itself when the rule has a window relative to now) with the last completed run's; when equal,
+the segment is skipped. See docs/decisions/0019-segment-membership.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from refinery.errors import RefineryError
+from refinery.governance import audit
+from refinery.governance.principal import Principal
+from refinery.segments import store
+from refinery.storage.engine import Engine
+from refinery.storage.writer import Writer
+
+log = logging.getLogger(__name__)
+
+#: Who runs the scheduled recomputation inside `refinery serve` (the audit actor).
+SYSTEM = Principal("system", "system:segments", "admin")
+
+#: Summaries of the tables a rule can read; equal summaries mean nothing a rule reads has changed.
+_INPUTS: dict[str, str] = {
+    "events": "SELECT count(*), max(received_at)::VARCHAR, bit_xor(hash(source, message_id)) FROM events",
+    "event_profiles": "SELECT count(*), bit_xor(hash(source, message_id, profile_id)) FROM event_profiles",
+    "profiles": "SELECT count(*), max(updated_at)::VARCHAR, bit_xor(hash(profile_id, updated_at)) FROM profiles",
+    "profile_merges": "SELECT count(*), bit_xor(hash(merged_profile_id, surviving_profile_id, undone_at)) FROM profile_merges",
+    "identity_links": "SELECT count(*), bit_xor(hash(link_id, removed_at)) FROM identity_links",
+    "computed_trait_values": "SELECT count(*), max(computed_at)::VARCHAR, bit_xor(hash(profile_id, name, computed_at)) FROM computed_trait_values",
+}
+
+_NEW = "_segment_new_members"
+# The diff of a run, as constant text over the registered new member set (`_NEW`); values are bound.
+_NEW_IDS = f"SELECT DISTINCT profile_id FROM {_NEW} WHERE profile_id IS NOT NULL"  # noqa: S608 - constant text
+_LEAVING = f"FROM segment_members m WHERE m.segment = ? AND m.exited_at IS NULL AND m.profile_id NOT IN ({_NEW_IDS})"  # noqa: S608
+_ENTERING = ("FROM (" + _NEW_IDS + ") n WHERE n.profile_id NOT IN "  # noqa: S608 - constant text
+             "(SELECT profile_id FROM segment_members WHERE segment = ? AND exited_at IS NULL)")
+_OUTBOX = ("INSERT INTO segment_events (event_id, kind, segment, profile_id, occurred_at, run_id, version, recorded_at) "
+           "SELECT nextval('segment_event_seq'), ")
+_CLOSE = ("UPDATE segment_members SET exited_at = ?, exited_run = ? WHERE segment = ? AND exited_at IS NULL "  # noqa: S608
+          "AND profile_id NOT IN (" + _NEW_IDS + ")")
+_OPEN = "INSERT INTO segment_members (segment, profile_id, entered_at, exited_at, entered_run, exited_run) SELECT ?, n.profile_id, ?, NULL, ?, NULL "
+
+
+@dataclass
+class SegmentRun:
+    run_id: str
+    segment: str
+    version: int | None
+    as_of: str
+    trigger: str
+    actor: str
+    started_at: str
+    finished_at: str | None = None
+    members: int | None = None
+    entered: int | None = None
+    exited: int | None = None
+    status: str = "completed"
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunReport:
+    as_of: str
+    trigger: str
+    runs: list[SegmentRun] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [r.segment for r in self.runs if r.status == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"as_of": self.as_of, "trigger": self.trigger, "runs": [r.to_dict() for r in self.runs],
+                "skipped": self.skipped, "failed": self.failed}
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat()
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def table_inputs(engine: Engine, *, cursor: Any = None) -> dict[str, list[Any]]:
+    """The summary of every input table (counts and change marks), read once per run of many segments."""
+    cur = cursor if cursor is not None else engine.fresh_reader()
+    return {name: [None if v is None else str(v) for v in engine.fetch_all(sql, cursor=cur)[0]] for name, sql in _INPUTS.items()}
+
+
+def time_dependent(compiled: Any) -> bool:
+    """Whether the rule's answer can change with time alone: a window `in last ...`, or a moment
+    written `N days ago`, anywhere in it (segments it includes are compiled into it, so checked too)."""
+    from refinery.segments import ast
+
+    stack: list[Any] = [compiled.rule]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Window) and node.last is not None:
+            return True
+        if isinstance(node, ast.Literal) and node.type == "ago":
+            return True
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for f in dataclasses.fields(node):
+                if f.name != "span":
+                    stack.append(getattr(node, f.name))
+        elif isinstance(node, (tuple, list)):
+            stack.extend(node)
+    return False
+
+
+def fingerprint(engine: Engine, name: str, version: int, compiled: Any, tables: dict[str, list[Any]], as_of: datetime,
+                *, cursor: Any = None) -> dict[str, Any]:
+    """What a run of `name` reads, summarised: equal fingerprints give equal members."""
+    refs = sorted(compiled.segments_referenced)
+    ref_versions = {}
+    for ref in refs:
+        ref_versions[ref] = store.version_at(engine, ref, as_of, cursor=cursor).version
+    fp: dict[str, Any] = {"version": version, "segments": ref_versions, "tables": tables}
+    if time_dependent(compiled):
+        fp["as_of"] = _iso(as_of)
+    fp["digest"] = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()
+    return fp
+
+
+def last_completed(engine: Engine, name: str, *, cursor: Any = None) -> dict[str, Any] | None:
+    rows = engine.fetch_dicts(
+        "SELECT run_id, as_of, inputs FROM segment_runs WHERE segment = ? AND status = 'completed' ORDER BY as_of DESC, started_at DESC LIMIT 1",
+        [name], cursor=cursor if cursor is not None else engine.reader(),
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    row["inputs"] = json.loads(row["inputs"]) if isinstance(row["inputs"], str) else row["inputs"]
+    return row
+
+
+# --- evaluating and applying ----------------------------------------------------------------------
+
+def evaluate(engine: Engine, compiled: Any, as_of: datetime) -> pa.Table:
+    """The member set of a compiled rule as of `as_of`: one `profile_id` column, distinct, on a fresh reader."""
+    cursor = engine.fresh_reader()
+    try:
+        table = engine.fetch_arrow(compiled.members(as_of), cursor=cursor)
+    finally:
+        cursor.close()
+    return table.select([0]).rename_columns(["profile_id"])
+
+
+def _apply(engine: Engine, run: SegmentRun, new_members: pa.Table, as_of: datetime, inputs: dict[str, Any], actor: Principal) -> SegmentRun:
+    """Inside the writer: diff `new_members` against the open rows, write history, outbox, run row, audit row."""
+    last = engine.fetch_all(
+        "SELECT max(as_of) FROM segment_runs WHERE segment = ? AND status = 'completed'", [run.segment]
+    )[0][0]
+    now = datetime.now(UTC)
+    if last is not None and _utc(last) > as_of:
+        run.status, run.error = "superseded", f"a run as of {_iso(last)} completed first; history only moves forward"
+        _record_run(engine, run, as_of, now, inputs)
+        return run
+    engine.register(_NEW, new_members)
+    try:
+        params = [run.segment, as_of, run.run_id, run.version, now, run.segment]
+        engine.execute(_OUTBOX + "'segment_exited', ?, m.profile_id, ?, ?, ?, ? " + _LEAVING, params)
+        exited = engine.fetch_all(_CLOSE, [as_of, run.run_id, run.segment])
+        entered = engine.fetch_all(_OUTBOX + "'segment_entered', ?, n.profile_id, ?, ?, ?, ? " + _ENTERING, params)
+        engine.execute(_OPEN + _ENTERING, [run.segment, as_of, run.run_id, run.segment])
+        members = engine.fetch_all("SELECT count(*) FROM segment_members WHERE segment = ? AND exited_at IS NULL", [run.segment])
+    finally:
+        engine.unregister(_NEW)
+    run.entered, run.exited, run.members = _n(entered), _n(exited), _n(members)
+    _record_run(engine, run, as_of, now, inputs)
+    audit.record(engine, actor, "segments.run", f"segment:{run.segment}",
+                 {"run_id": run.run_id, "version": run.version, "trigger": run.trigger, "members": run.members,
+                  "entered": run.entered, "exited": run.exited})
+    return run
+
+
+def _n(rows: list[tuple[Any, ...]]) -> int:
+    return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+
+def _record_run(engine: Engine, run: SegmentRun, as_of: datetime, now: datetime, inputs: dict[str, Any] | None) -> None:
+    run.finished_at = _iso(now)
+    engine.execute(
+        "INSERT INTO segment_runs (run_id, segment, version, as_of, trigger, actor, started_at, finished_at, members, entered, "
+        "exited, status, error, inputs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [run.run_id, run.segment, run.version, as_of, run.trigger, run.actor, datetime.fromisoformat(run.started_at), now,
+         run.members, run.entered, run.exited, run.status, run.error,
+         json.dumps(inputs, sort_keys=True, default=str) if inputs is not None else None],
+    )
+
+
+def close_all(engine: Engine, name: str, version: int, at: datetime, actor: Principal) -> int:
+    """Inside the writer: every open membership of `name` ends at `at` (the segment is deleted), with
+    segment_exited rows in the outbox and a run row (trigger `delete`)."""
+    run = SegmentRun(f"segrun_{uuid.uuid4().hex[:16]}", name, version, _iso(at), "delete", actor.name, _iso(at))
+    done = _apply(engine, run, pa.table({"profile_id": pa.array([], pa.string())}), at, {}, actor)
+    return done.exited or 0
+
+
+# --- runs -------------------------------------------------------------------------------------------
+
+def run_segments(engine: Engine, writer: Writer, actor: Principal, names: Iterable[str] | None = None, *,
+                 as_of: datetime | None = None, trigger: str = "cli", force: bool = False,
+                 on_progress: Callable[[SegmentRun], None] | None = None) -> RunReport:
+    """Recompute `names` (default: every live segment) as of `as_of` (default: now).
+
+    Segments whose inputs did not change since their last completed run are skipped (listed in
+    `skipped`) unless `force`. A segment whose rule fails is recorded `failed` with the reason and
+    the others still run. A named as-of older than a segment's last run is refused (history only
+    moves forward; read a past audience with `members(..., as_of=...)`)."""
+    explicit_as_of = as_of is not None
+    at = _utc(as_of) if as_of is not None else datetime.now(UTC)
+    if at > datetime.now(UTC):
+        raise store.SegmentLifecycleError(f"As-of {_iso(at)} is in the future.", fix="Give a past moment, or leave --as-of out for now.",
+                                          field="as_of")
+    writer.call(lambda e: None)  # drain: everything queued before this moment is committed
+    cur = engine.fresh_reader()
+    try:
+        wanted = list(names) if names is not None else [s.name for s in store.list_segments(engine, cursor=cur)]
+        for n in wanted:
+            store.get(engine, n, cursor=cur)
+        report = RunReport(_iso(at), trigger)
+        tables = table_inputs(engine, cursor=cur)
+        for name in wanted:
+            run = _run_one(engine, writer, actor, name, at, tables, trigger, force, explicit_as_of, cur)
+            if run is None:
+                report.skipped.append(name)
+                continue
+            report.runs.append(run)
+            if on_progress:
+                on_progress(run)
+    finally:
+        cur.close()
+    return report
+
+
+def _run_one(engine: Engine, writer: Writer, actor: Principal, name: str, at: datetime, tables: dict[str, list[Any]],
+             trigger: str, force: bool, explicit_as_of: bool, cur: Any) -> SegmentRun | None:
+    started = datetime.now(UTC)
+    last = last_completed(engine, name, cursor=cur)
+    if explicit_as_of and last is not None and _utc(last["as_of"]) > at:
+        raise store.SegmentLifecycleError(
+            f"Segment {name!r} has membership history up to {_iso(last['as_of'])}; a run as of {_iso(at)} would rewrite it.",
+            fix=f"Read the audience of that moment instead: refinery segments members {name} --as-of {_iso(at)}",
+            field="as_of",
+        )
+    run = SegmentRun(f"segrun_{uuid.uuid4().hex[:16]}", name, None, _iso(at), trigger, actor.name, _iso(started))
+    try:
+        version = store.version_at(engine, name, at, cursor=cur)
+        run.version = version.version
+        compiled = store.compile_text(engine, version.rule, name=name, as_of=at, cursor=cur)
+        inputs = fingerprint(engine, name, version.version, compiled, tables, at, cursor=cur)
+        if not force and last is not None and (last["inputs"] or {}).get("digest") == inputs["digest"]:
+            return None
+        new_members = evaluate(engine, compiled, at)
+    except RefineryError as e:
+        run.status, run.error = "failed", f"{type(e).__name__}: {e.message}"
+        log.warning("segment run %s failed: %s", run.run_id, type(e).__name__)
+        writer.call(lambda eng: _record_run(eng, run, at, datetime.now(UTC), None))
+        return run
+    return writer.call(lambda eng: _apply(eng, run, new_members, at, inputs, actor))
+
+
+# --- reads ----------------------------------------------------------------------------------------
+
+def members_from_history(engine: Engine, name: str, at: datetime | None = None, *, limit: int | None = None,
+                         cursor: Any = None) -> list[dict[str, Any]]:
+    """Members as recorded: rows open at `at` (default: now), i.e. as the runs up to then found them."""
+    store.get(engine, name, include_deleted=at is not None, cursor=cursor)
+    cur = cursor if cursor is not None else engine.reader()
+    if at is None:
+        sql = "SELECT profile_id, entered_at FROM segment_members WHERE segment = ? AND exited_at IS NULL ORDER BY profile_id"
+        params: list[Any] = [name]
+    else:
+        sql = ("SELECT profile_id, entered_at FROM segment_members WHERE segment = ? AND entered_at <= ? "
+               "AND (exited_at IS NULL OR exited_at > ?) ORDER BY profile_id")
+        params = [name, _utc(at), _utc(at)]
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [{"profile_id": p, "entered_at": _iso(e)} for p, e in engine.fetch_all(sql, params, cursor=cur)]
+
+
+def members_evaluated(engine: Engine, name: str, at: datetime, *, limit: int | None = None) -> dict[str, Any]:
+    """Members by evaluation: the rule version in force at `at` over events received by `at`."""
+    at = _utc(at)
+    cur = engine.fresh_reader()
+    try:
+        version = store.version_at(engine, name, at, cursor=cur)
+        compiled = store.compile_text(engine, version.rule, name=name, as_of=at, cursor=cur)
+    finally:
+        cur.close()
+    ids = sorted(str(p) for p in evaluate(engine, compiled, at).column(0).to_pylist() if p is not None)
+    return {"segment": name, "as_of": _iso(at), "version": version.version, "source": "evaluated", "count": len(ids),
+            "members": ids[:limit] if limit is not None else ids}
+
+
+def history(engine: Engine, name: str, *, limit: int = 50, cursor: Any = None) -> dict[str, Any]:
+    """A segment's versions and its latest runs (newest first)."""
+    cur = cursor if cursor is not None else engine.reader()
+    seg = store.get(engine, name, include_deleted=True, cursor=cur)
+    runs = engine.fetch_dicts(
+        "SELECT run_id, version, as_of, trigger, actor, started_at, finished_at, members, entered, exited, status, error "
+        "FROM segment_runs WHERE segment = ? ORDER BY started_at DESC LIMIT ?", [name, limit], cursor=cur,
+    )
+    for r in runs:
+        for k in ("as_of", "started_at", "finished_at"):
+            r[k] = _iso(r[k]) if r[k] is not None else None
+    return {"segment": seg.to_dict(), "versions": [v.to_dict() for v in store.versions(engine, name, cursor=cur)], "runs": runs}
+
+
+def profile_history(engine: Engine, name: str, profile_id: str, *, cursor: Any = None) -> list[dict[str, Any]]:
+    """Every stay of one profile in a segment (entered, exited)."""
+    rows = engine.fetch_all(
+        "SELECT entered_at, exited_at, entered_run, exited_run FROM segment_members WHERE segment = ? AND profile_id = ? ORDER BY entered_at",
+        [name, profile_id], cursor=cursor if cursor is not None else engine.reader(),
+    )
+    return [{"entered_at": _iso(a), "exited_at": _iso(b) if b is not None else None, "entered_run": c, "exited_run": d}
+            for a, b, c, d in rows]
