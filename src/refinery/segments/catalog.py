@@ -1,0 +1,86 @@
+"""What rules may name: events, their properties, profile traits, with types; and which fields are personal.
+
+`build_catalog(engine)` reads it from the store (the ingest catalog, refinery/ingest/catalog.py, and
+the vault's policy); tests and tools build a `Catalog` directly. The checker uses it to refuse
+unknown names with a suggestion and to type comparisons.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from refinery.storage.engine import Engine
+
+#: Catalog type names (ingest/catalog.py) -> the language's types.
+_TYPES = {"string": "string", "integer": "number", "number": "number", "boolean": "boolean",
+          "object": "object", "array": "array", "null": "unknown"}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """events: event name -> property -> type; traits: profile trait -> type. Types are the
+    language's: string, number, boolean, timestamp, object, array, unknown.
+
+    `strict=False` lets unknown events, properties and traits through (typed `unknown`), for a
+    store that has not seen its events yet."""
+
+    events: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    traits: Mapping[str, str] = field(default_factory=dict)
+    personal_traits: frozenset[str] = frozenset()
+    personal_properties: frozenset[str] = frozenset()
+    strict: bool = True
+
+    def properties(self, events: Iterable[str] | None) -> dict[str, str]:
+        """The properties of these events (all events for None), a key's type where they agree."""
+        names = list(self.events) if events is None else [e for e in events if e in self.events]
+        out: dict[str, str] = {}
+        for name in names:
+            for key, kind in self.events[name].items():
+                out[key] = kind if out.get(key, kind) == kind else "unknown"
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"events": {k: dict(v) for k, v in self.events.items()}, "traits": dict(self.traits),
+                "personal_traits": sorted(self.personal_traits), "personal_properties": sorted(self.personal_properties)}
+
+
+def suggest(name: str, options: Iterable[str]) -> str | None:
+    """The closest known name, if one is close enough to be a typo."""
+    options = list(options)
+    hits = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    if not hits:
+        lowered = {o.lower(): o for o in options}
+        hits = [lowered[h] for h in difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)]
+    return hits[0] if hits else None
+
+
+def build_catalog(engine: Engine) -> Catalog:
+    """The catalog of the store behind `engine`: every event name (`COALESCE(event, name, type)`)
+    with its properties, the traits identify calls carry, and the personal fields when the store
+    pseudonymises (they hold tokens)."""
+    from refinery.ingest import catalog as ingest_catalog
+    from refinery.privacy import pii
+
+    entries = ingest_catalog.build(engine)["events"]
+    events: dict[str, dict[str, str]] = {}
+    traits: dict[str, tuple[str, int]] = {}
+    for entry in entries:
+        props = events.setdefault(entry["event"], {})
+        for key, info in entry["properties"].items():
+            kind = _TYPES.get(info["type"], "unknown")
+            props[key] = kind if props.get(key, kind) == kind else "unknown"
+        if entry["type"] == "identify":
+            for key, info in entry["traits"].items():
+                kind, count = _TYPES.get(info["type"], "unknown"), info["count"]
+                if key not in traits or traits[key][1] < count:
+                    traits[key] = (kind, count)
+    vault = pii.vault_of(engine)
+    personal_traits: frozenset[str] = frozenset()
+    personal_properties: frozenset[str] = frozenset()
+    if vault is not None and vault.policy.enabled:
+        personal_traits = frozenset(vault.policy.trait_fields)
+        personal_properties = frozenset(vault.policy.property_fields)
+    return Catalog(events, {k: v[0] for k, v in traits.items()}, personal_traits, personal_properties)
