@@ -434,13 +434,13 @@ class LocalClient(Client):
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.create(self.rt.engine, self.rt.writer, local_principal(), name, rule, description, run=run, trigger="cli")
+        return lifecycle.create(self.rt.engine, self.rt.writer, local_principal(), name, rule, description, run=run, trigger="cli", rules=self._rules())
 
     def update_segment(self, name: str, rule: str | None = None, description: str | None = None, run: bool = True) -> dict[str, Any]:
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.update(self.rt.engine, self.rt.writer, local_principal(), name, rule, description, run=run)
+        return lifecycle.update(self.rt.engine, self.rt.writer, local_principal(), name, rule, description, run=run, rules=self._rules())
 
     def delete_segment(self, name: str) -> dict[str, Any]:
         from refinery.governance.principal import local_principal
@@ -452,19 +452,19 @@ class LocalClient(Client):
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.run_preview(self.rt.engine, self.rt.writer, local_principal(), rule, sample=sample, as_of=as_of, name=name)
+        return lifecycle.run_preview(self.rt.engine, self.rt.writer, local_principal(), rule, sample=sample, as_of=as_of, name=name, rules=self._rules())
 
     def run_segments(self, name: str | None = None, as_of: str | None = None, force: bool = False) -> dict[str, Any]:
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.run(self.rt.engine, self.rt.writer, local_principal(), name, as_of=as_of, force=force, trigger="cli")
+        return lifecycle.run(self.rt.engine, self.rt.writer, local_principal(), name, as_of=as_of, force=force, trigger="cli", rules=self._rules())
 
     def segment_members(self, name: str, as_of: str | None = None, source: str = "history", limit: int = 1000) -> dict[str, Any]:
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.read_members(self.rt.engine, self.rt.writer, local_principal(), name, as_of=as_of, source=source, limit=limit)
+        return lifecycle.read_members(self.rt.engine, self.rt.writer, local_principal(), name, as_of=as_of, source=source, limit=limit, rules=self._rules())
 
     def segment_history(self, name: str, limit: int = 50) -> dict[str, Any]:
         from refinery.segments import lifecycle

@@ -187,6 +187,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(reports_router(runtime))
     from refinery.api.privacy import router as privacy_router  # subject requests (privacy/requests.py)
     app.include_router(privacy_router(runtime))
-    from refinery.api.segments import router as segments_router  # segments (refinery/segments/, docs/segments.md)
+    from refinery.api.segments import router as segments_router  # segments (docs/segments.md)
     app.include_router(segments_router(runtime))
     return app

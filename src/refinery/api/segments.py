@@ -59,21 +59,24 @@ def router(runtime: Runtime) -> APIRouter:
     write = Depends(require("segments:write"))
     engine, writer = runtime.engine, runtime.writer
 
+    def rules() -> Any:
+        return rules_from_settings(runtime.settings)
+
     @r.get("/api/segments", dependencies=[read])
     def list_segments() -> dict[str, Any]:
         return {"segments": lifecycle.list_segments(engine)}
 
     @r.post("/api/segments", dependencies=[write], status_code=201)
     def create(body: SegmentCreate, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.create(engine, writer, actor, body.name, body.rule, body.description, run=body.run, trigger="api")
+        return lifecycle.create(engine, writer, actor, body.name, body.rule, body.description, run=body.run, trigger="api", rules=rules())
 
     @r.post("/api/segments/preview", dependencies=[read])
     def preview(body: PreviewRequest, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.run_preview(engine, writer, actor, body.rule, sample=body.sample, as_of=body.as_of, name=body.name)
+        return lifecycle.run_preview(engine, writer, actor, body.rule, sample=body.sample, as_of=body.as_of, name=body.name, rules=rules())
 
     @r.post("/api/segments/run", dependencies=[write])
     def run(body: RunRequest, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.run(engine, writer, actor, body.name, as_of=body.as_of, force=body.force, trigger="api")
+        return lifecycle.run(engine, writer, actor, body.name, as_of=body.as_of, force=body.force, trigger="api", rules=rules())
 
     @r.get("/api/segments/{name}", dependencies=[read])
     def show(name: str) -> dict[str, Any]:
@@ -81,7 +84,7 @@ def router(runtime: Runtime) -> APIRouter:
 
     @r.patch("/api/segments/{name}", dependencies=[write])
     def update(name: str, body: SegmentUpdate, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.update(engine, writer, actor, name, body.rule, body.description, run=body.run)
+        return lifecycle.update(engine, writer, actor, name, body.rule, body.description, run=body.run, rules=rules())
 
     @r.delete("/api/segments/{name}", dependencies=[write])
     def delete(name: str, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
@@ -95,7 +98,7 @@ def router(runtime: Runtime) -> APIRouter:
         source: Literal["history", "evaluated"] = Query("history", description="history: rows open then; evaluated: the rule then in force over events received by then."),
         limit: int = Query(1000, ge=0, le=1_000_000),
     ) -> dict[str, Any]:
-        return lifecycle.read_members(engine, writer, actor, name, as_of=as_of, source=source, limit=limit)
+        return lifecycle.read_members(engine, writer, actor, name, as_of=as_of, source=source, limit=limit, rules=rules())
 
     @r.get("/api/segments/{name}/history", dependencies=[read])
     def history(name: str, limit: int = Query(50, ge=1, le=10_000)) -> dict[str, Any]:
@@ -104,7 +107,7 @@ def router(runtime: Runtime) -> APIRouter:
     @r.get("/api/segments/{name}/explain", dependencies=[read])
     def explain(name: str, profile: str = Query(..., description="A profile id, or an identifier as type:value."),
                 as_of: str | None = None, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.explain_profile(engine, writer, actor, name, profile, as_of=as_of, rules=rules_from_settings(runtime.settings))
+        return lifecycle.explain_profile(engine, writer, actor, name, profile, as_of=as_of, rules=rules())
 
     @r.get("/api/computed-traits", dependencies=[read])
     def list_traits() -> dict[str, Any]:

@@ -38,6 +38,7 @@ def explain(engine: Engine, name: str, profile: str, *, as_of: datetime | None =
     try:
         version = store.version_at(engine, name, at, cursor=cur)
         compiled = store.compile_text(engine, version.rule, name=name, as_of=at, cursor=cur)
+        members.register_persons(engine, compiled, cur, rules)
         rows = engine.fetch_all(compiled.explain(profile_id, at), cursor=cur)
         is_member = engine.fetch_all(
             exp.select(exp.Count(this=exp.Star())).from_(compiled.members(at).subquery("_m"))
@@ -51,7 +52,7 @@ def explain(engine: Engine, name: str, profile: str, *, as_of: datetime | None =
     conditions = []
     for c in compiled.conditions:
         held, value = found.get(str(c.id), (None, None))
-        conditions.append({"id": c.id, "kind": c.kind, "text": _text(version.rule, c), "held": held, "value": value})
+        conditions.append({"id": c.id, "kind": c.kind, "text": c.text, "segment": c.segment, "held": held, "value": value})
     recorded = bool(stays and stays[-1]["exited_at"] is None)
     return {
         "segment": name,
@@ -65,14 +66,3 @@ def explain(engine: Engine, name: str, profile: str, *, as_of: datetime | None =
         "conditions": conditions,
         "history": stays,
     }
-
-
-def _text(rule: str, condition: Any) -> str:
-    """The part of the rule a condition came from (its source span), or its own text."""
-    text = getattr(condition, "text", None)
-    if isinstance(text, str):
-        return text
-    span = getattr(condition, "span", None)
-    if span is not None and hasattr(span, "start") and hasattr(span, "end"):
-        return rule[span.start:span.end]
-    return str(condition.id)

@@ -59,20 +59,20 @@ def show(engine: Engine, name: str) -> dict[str, Any]:
 
 
 def create(engine: Engine, writer: Writer, actor: Principal, name: str, rule: str, description: str | None = None, *,
-           run: bool = True, trigger: str = "create") -> dict[str, Any]:
+           run: bool = True, trigger: str = "create", rules: Any = None) -> dict[str, Any]:
     seg = writer.call(lambda e: store.create(e, actor, name, rule, description))
     out: dict[str, Any] = seg.to_dict()
     if run:
-        out["run"] = members.run_segments(engine, writer, actor, [name], trigger=trigger, force=True).to_dict()
+        out["run"] = members.run_segments(engine, writer, actor, [name], trigger=trigger, force=True, rules=rules).to_dict()
     return out
 
 
 def update(engine: Engine, writer: Writer, actor: Principal, name: str, rule: str | None = None, description: str | None = None,
-           *, run: bool = True) -> dict[str, Any]:
+           *, run: bool = True, rules: Any = None) -> dict[str, Any]:
     seg = writer.call(lambda e: store.update(e, actor, name, rule, description))
     out: dict[str, Any] = seg.to_dict()
     if run:
-        out["run"] = members.run_segments(engine, writer, actor, [name], trigger="update").to_dict()
+        out["run"] = members.run_segments(engine, writer, actor, [name], trigger="update", rules=rules).to_dict()
     return out
 
 
@@ -82,28 +82,28 @@ def delete(writer: Writer, actor: Principal, name: str) -> dict[str, Any]:
 
 
 def run(engine: Engine, writer: Writer, actor: Principal, name: str | None = None, *, as_of: str | None = None,
-        force: bool = False, trigger: str = "cli") -> dict[str, Any]:
+        force: bool = False, trigger: str = "cli", rules: Any = None) -> dict[str, Any]:
     return members.run_segments(engine, writer, actor, [name] if name else None, as_of=parse_time(as_of), trigger=trigger,
-                                force=force).to_dict()
+                                force=force, rules=rules).to_dict()
 
 
 def run_preview(engine: Engine, writer: Writer, actor: Principal, rule: str, *, sample: int = 20, as_of: str | None = None,
-                name: str | None = None) -> dict[str, Any]:
-    result = preview.preview(engine, rule, sample=sample, as_of=parse_time(as_of), name=name)
+                name: str | None = None, rules: Any = None) -> dict[str, Any]:
+    result = preview.preview(engine, rule, sample=sample, as_of=parse_time(as_of), name=name, rules=rules)
     audit.record_now(writer, actor, "segments.preview", f"segment:{name}" if name else None,
                      {"count": result["count"], "sample": len(result["sample"])})
     return result
 
 
 def read_members(engine: Engine, writer: Writer, actor: Principal, name: str, *, as_of: str | None = None,
-                 source: str = "history", limit: int | None = 1000) -> dict[str, Any]:
+                 source: str = "history", limit: int | None = 1000, rules: Any = None) -> dict[str, Any]:
     """Members now (recorded), or at a past moment: `history` (rows open then: what the runs found)
     or `evaluated` (the rule then in force over the events received by then). Audited."""
     at = parse_time(as_of)
     if source not in ("history", "evaluated"):
         raise SegmentLifecycleError(f"Unknown members source {source!r}.", fix="Use history or evaluated.", field="source")
     if source == "evaluated":
-        body = members.members_evaluated(engine, name, at or datetime.now(UTC), limit=limit)
+        body = members.members_evaluated(engine, name, at or datetime.now(UTC), limit=limit, rules=rules)
     else:
         rows = members.members_from_history(engine, name, at)
         body = {"segment": name, "as_of": at.isoformat() if at else None, "source": "history", "count": len(rows),

@@ -168,10 +168,25 @@ def last_completed(engine: Engine, name: str, *, cursor: Any = None) -> dict[str
 
 # --- evaluating and applying ----------------------------------------------------------------------
 
-def evaluate(engine: Engine, compiled: Any, as_of: datetime) -> pa.Table:
+def register_persons(engine: Engine, compiled: Any, cursor: Any, rules: Any) -> None:
+    """A rule `counted by persons above T` reads the profile -> person groups at T: register them
+    on `cursor` (computed by refinery.profiles.persons from the links at or above T)."""
+    threshold = compiled.persons_threshold
+    if threshold is None:
+        return
+    from refinery.identity.rules import IdentityRules
+    from refinery.profiles.persons import IdentityPolicy, persons
+    from refinery.segments.compile import PERSONS_TABLE
+
+    groups = persons(engine, IdentityPolicy("probabilistic", threshold), rules if rules is not None else IdentityRules())
+    engine.register(PERSONS_TABLE, groups.to_arrow(), cursor=cursor)
+
+
+def evaluate(engine: Engine, compiled: Any, as_of: datetime, *, rules: Any = None) -> pa.Table:
     """The member set of a compiled rule as of `as_of`: one `profile_id` column, distinct, on a fresh reader."""
     cursor = engine.fresh_reader()
     try:
+        register_persons(engine, compiled, cursor, rules)
         table = engine.fetch_arrow(compiled.members(as_of), cursor=cursor)
     finally:
         cursor.close()
@@ -232,7 +247,7 @@ def close_all(engine: Engine, name: str, version: int, at: datetime, actor: Prin
 # --- runs -------------------------------------------------------------------------------------------
 
 def run_segments(engine: Engine, writer: Writer, actor: Principal, names: Iterable[str] | None = None, *,
-                 as_of: datetime | None = None, trigger: str = "cli", force: bool = False,
+                 as_of: datetime | None = None, trigger: str = "cli", force: bool = False, rules: Any = None,
                  on_progress: Callable[[SegmentRun], None] | None = None) -> RunReport:
     """Recompute `names` (default: every live segment) as of `as_of` (default: now).
 
@@ -253,8 +268,9 @@ def run_segments(engine: Engine, writer: Writer, actor: Principal, names: Iterab
             store.get(engine, n, cursor=cur)
         report = RunReport(_iso(at), trigger)
         tables = table_inputs(engine, cursor=cur)
+        catalog = _catalog(engine) if wanted else None
         for name in wanted:
-            run = _run_one(engine, writer, actor, name, at, tables, trigger, force, explicit_as_of, cur)
+            run = _run_one(engine, writer, actor, name, at, _Inputs(tables, catalog, rules), trigger, force, explicit_as_of, cur)
             if run is None:
                 report.skipped.append(name)
                 continue
@@ -266,7 +282,22 @@ def run_segments(engine: Engine, writer: Writer, actor: Principal, names: Iterab
     return report
 
 
-def _run_one(engine: Engine, writer: Writer, actor: Principal, name: str, at: datetime, tables: dict[str, list[Any]],
+@dataclass(frozen=True)
+class _Inputs:
+    """What every segment of one run shares: the input tables' summary, the catalog, the identity rules."""
+
+    tables: dict[str, list[Any]]
+    catalog: Any
+    rules: Any
+
+
+def _catalog(engine: Engine) -> Any:
+    from refinery.segments.catalog import build_catalog
+
+    return build_catalog(engine)
+
+
+def _run_one(engine: Engine, writer: Writer, actor: Principal, name: str, at: datetime, shared: _Inputs,
              trigger: str, force: bool, explicit_as_of: bool, cur: Any) -> SegmentRun | None:
     started = datetime.now(UTC)
     last = last_completed(engine, name, cursor=cur)
@@ -280,11 +311,11 @@ def _run_one(engine: Engine, writer: Writer, actor: Principal, name: str, at: da
     try:
         version = store.version_at(engine, name, at, cursor=cur)
         run.version = version.version
-        compiled = store.compile_text(engine, version.rule, name=name, as_of=at, cursor=cur)
-        inputs = fingerprint(engine, name, version.version, compiled, tables, at, cursor=cur)
+        compiled = store.compile_text(engine, version.rule, name=name, as_of=at, catalog=shared.catalog, cursor=cur)
+        inputs = fingerprint(engine, name, version.version, compiled, shared.tables, at, cursor=cur)
         if not force and last is not None and (last["inputs"] or {}).get("digest") == inputs["digest"]:
             return None
-        new_members = evaluate(engine, compiled, at)
+        new_members = evaluate(engine, compiled, at, rules=shared.rules)
     except RefineryError as e:
         run.status, run.error = "failed", f"{type(e).__name__}: {e.message}"
         log.warning("segment run %s failed: %s", run.run_id, type(e).__name__)
@@ -313,7 +344,7 @@ def members_from_history(engine: Engine, name: str, at: datetime | None = None, 
     return [{"profile_id": p, "entered_at": _iso(e)} for p, e in engine.fetch_all(sql, params, cursor=cur)]
 
 
-def members_evaluated(engine: Engine, name: str, at: datetime, *, limit: int | None = None) -> dict[str, Any]:
+def members_evaluated(engine: Engine, name: str, at: datetime, *, limit: int | None = None, rules: Any = None) -> dict[str, Any]:
     """Members by evaluation: the rule version in force at `at` over events received by `at`."""
     at = _utc(at)
     cur = engine.fresh_reader()
@@ -322,7 +353,7 @@ def members_evaluated(engine: Engine, name: str, at: datetime, *, limit: int | N
         compiled = store.compile_text(engine, version.rule, name=name, as_of=at, cursor=cur)
     finally:
         cur.close()
-    ids = sorted(str(p) for p in evaluate(engine, compiled, at).column(0).to_pylist() if p is not None)
+    ids = sorted(str(p) for p in evaluate(engine, compiled, at, rules=rules).column(0).to_pylist() if p is not None)
     return {"segment": name, "as_of": _iso(at), "version": version.version, "source": "evaluated", "count": len(ids),
             "members": ids[:limit] if limit is not None else ids}
 

@@ -15,6 +15,7 @@ from typing import Any
 from sqlglot import exp
 
 from refinery.segments import store
+from refinery.segments.members import register_persons
 from refinery.segments.store import SegmentLifecycleError
 from refinery.storage.engine import Engine
 
@@ -23,7 +24,7 @@ MAX_SAMPLE = 1_000
 
 
 def preview(engine: Engine, rule: str, *, sample: int = 20, as_of: datetime | None = None, name: str | None = None,
-            timeout: float = 30.0) -> dict[str, Any]:
+            timeout: float = 30.0, rules: Any = None) -> dict[str, Any]:
     """Compile `rule` (as the segment `name` would be, when given) and count and sample its members as of `as_of` (now)."""
     if not 0 <= sample <= MAX_SAMPLE:
         raise SegmentLifecycleError(f"A sample of {sample} profiles is outside 0..{MAX_SAMPLE}.",
@@ -42,6 +43,7 @@ def preview(engine: Engine, rule: str, *, sample: int = 20, as_of: datetime | No
     cursor = engine.fresh_reader()
     timer = threading.Timer(timeout, engine.interrupt, [cursor])
     try:
+        register_persons(engine, compiled, cursor, rules)
         timer.start()
         rows = engine.fetch_all(query, cursor=cursor)
     except Exception as e:
@@ -67,9 +69,5 @@ def preview(engine: Engine, rule: str, *, sample: int = 20, as_of: datetime | No
 
 
 def _condition(c: Any) -> dict[str, Any]:
-    """A compiled condition as JSON: its id, kind and the rule text it came from."""
-    out: dict[str, Any] = {"id": getattr(c, "id", None), "kind": getattr(c, "kind", None)}
-    text = getattr(c, "text", None)
-    if text is not None:
-        out["text"] = text
-    return out
+    """A compiled condition as JSON: its id, kind, the rule text it came from, and the segment it was included from."""
+    return {"id": c.id, "kind": c.kind, "text": c.text, "segment": c.segment}

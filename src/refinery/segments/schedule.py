@@ -18,8 +18,10 @@ from refinery.storage.writer import Writer
 log = logging.getLogger(__name__)
 
 
-def run_once(engine: Engine, writer: Writer) -> members.RunReport:
-    report = members.run_segments(engine, writer, members.SYSTEM, trigger="scheduled")
+def run_once(engine: Engine, writer: Writer, settings: Settings) -> members.RunReport:
+    from refinery.identity import rules_from_settings
+
+    report = members.run_segments(engine, writer, members.SYSTEM, trigger="scheduled", rules=rules_from_settings(settings))
     changed = [r for r in report.runs if r.status == "completed" and (r.entered or r.exited)]
     if report.runs:
         log.info("segments: %d recomputed (%d changed, %d failed), %d unchanged", len(report.runs), len(changed),
@@ -35,6 +37,6 @@ async def scheduled(engine: Engine, writer: Writer, settings: Settings) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await asyncio.to_thread(run_once, engine, writer)
+            await asyncio.to_thread(run_once, engine, writer, settings)
         except Exception as e:  # never take the server down
             log.warning("segments: scheduled run failed: %s", type(e).__name__)

@@ -196,12 +196,15 @@ def live_rules(engine: Engine, *, as_of: datetime | None = None, cursor: Any = N
 
 # --- compiling ------------------------------------------------------------------------------------
 
-def context(engine: Engine, *, as_of: datetime | None = None, segments: Mapping[str, str] | None = None, cursor: Any = None) -> Any:
-    """The compiler's context over this store: the catalog, the other segments' rules (in force at
-    `as_of` when given), the computed traits, and the tokeniser for literals of personal fields."""
+def context(engine: Engine, *, as_of: datetime | None = None, segments: Mapping[str, str] | None = None, catalog: Any = None,
+            cursor: Any = None) -> Any:
+    """The compiler's context over this store: the catalog (built unless given: a run of many
+    segments builds it once), the other segments' rules (in force at `as_of` when given), the
+    computed traits, and the tokeniser for literals compared with personal fields."""
     from refinery.privacy.pii import token_for
     from refinery.segments import computed
-    from refinery.segments.compile import CompileContext, build_catalog
+    from refinery.segments.catalog import build_catalog
+    from refinery.segments.compile import CompileContext
 
     rules = live_rules(engine, as_of=as_of, cursor=cursor) if segments is None else dict(segments)
 
@@ -209,7 +212,7 @@ def context(engine: Engine, *, as_of: datetime | None = None, segments: Mapping[
         return token_for(engine, kind, normal) or normal
 
     return CompileContext(
-        catalog=build_catalog(engine),
+        catalog=catalog if catalog is not None else build_catalog(engine),
         segments=rules,
         computed_traits=computed.expressions(engine, cursor=cursor),
         engine_dialect=engine.dialect,
@@ -217,7 +220,8 @@ def context(engine: Engine, *, as_of: datetime | None = None, segments: Mapping[
     )
 
 
-def compile_text(engine: Engine, rule: str, *, name: str | None = None, as_of: datetime | None = None, cursor: Any = None) -> Any:
+def compile_text(engine: Engine, rule: str, *, name: str | None = None, as_of: datetime | None = None, catalog: Any = None,
+                 cursor: Any = None) -> Any:
     """Compile `rule` against this store. With `name`, the rule stands in for that segment's own
     (so `in segment` cycles through it are found before it is saved)."""
     from refinery.segments.compile import compile_rule
@@ -225,7 +229,7 @@ def compile_text(engine: Engine, rule: str, *, name: str | None = None, as_of: d
     rules = live_rules(engine, as_of=as_of, cursor=cursor)
     if name is not None:
         rules[name] = rule
-    return compile_rule(rule, context(engine, as_of=as_of, segments=rules, cursor=cursor))
+    return compile_rule(rule, context(engine, as_of=as_of, segments=rules, catalog=catalog, cursor=cursor), name=name)
 
 
 def identity_policy(compiled: Any) -> dict[str, Any]:
