@@ -354,7 +354,7 @@ class _Query:
             scan = self._events_from()
             scan.set("expressions", [exp.alias_(self._unit(), "unit"), *self.aggs])
             if self.prefilters:
-                scan = scan.where(_paren(_or(self.prefilters)))
+                scan = scan.where(_paren(_or([_paren(p.copy()) for p in self.prefilters])))
             scan = scan.group_by(exp.column("unit"))
             self.ctes.insert(0, ("agg", scan))
             self.joins.insert(0, "agg")
@@ -518,7 +518,7 @@ class _Query:
         if isinstance(cheap, exp.Boolean):
             self.prefilters = None  # some condition reads every event
         elif all(cheap != p for p in self.prefilters):
-            self.prefilters.append(_paren(cheap))
+            self.prefilters.append(cheap)
 
     def _aggregate(self, agg: ast.Aggregate, window: ast.Window | None, cid: str) -> exp.Expr:
         full, cheap = self._event_condition(agg.event, agg.where, window)

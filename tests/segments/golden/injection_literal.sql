@@ -1,0 +1,12 @@
+SELECT
+  p.profile_id
+FROM profiles AS p
+WHERE
+  COALESCE(
+    (
+      (
+        p.traits ->> '$.name'
+      ) = 'pii:name:<x'' OR 1=1; DROP TABLE profiles; -->'
+    ),
+    FALSE
+  )
