@@ -14,6 +14,7 @@ from refinery.governance import audit
 from refinery.governance.principal import Principal
 from refinery.privacy.pii import reveal_in
 from refinery.segments import computed, explain, members, preview, store
+from refinery.segments.catalog import build_catalog
 from refinery.segments.store import SegmentLifecycleError
 from refinery.storage.engine import Engine
 from refinery.storage.writer import Writer
@@ -60,7 +61,8 @@ def show(engine: Engine, name: str) -> dict[str, Any]:
 
 def create(engine: Engine, writer: Writer, actor: Principal, name: str, rule: str, description: str | None = None, *,
            run: bool = True, trigger: str = "create", rules: Any = None) -> dict[str, Any]:
-    seg = writer.call(lambda e: store.create(e, actor, name, rule, description))
+    catalog = build_catalog(engine)  # outside the writer: it scans the events
+    seg = writer.call(lambda e: store.create(e, actor, name, rule, description, catalog=catalog))
     out: dict[str, Any] = seg.to_dict()
     if run:
         out["run"] = members.run_segments(engine, writer, actor, [name], trigger=trigger, force=True, rules=rules).to_dict()
@@ -69,7 +71,8 @@ def create(engine: Engine, writer: Writer, actor: Principal, name: str, rule: st
 
 def update(engine: Engine, writer: Writer, actor: Principal, name: str, rule: str | None = None, description: str | None = None,
            *, run: bool = True, rules: Any = None) -> dict[str, Any]:
-    seg = writer.call(lambda e: store.update(e, actor, name, rule, description))
+    catalog = build_catalog(engine)
+    seg = writer.call(lambda e: store.update(e, actor, name, rule, description, catalog=catalog))
     out: dict[str, Any] = seg.to_dict()
     if run:
         out["run"] = members.run_segments(engine, writer, actor, [name], trigger="update", rules=rules).to_dict()
@@ -77,7 +80,8 @@ def update(engine: Engine, writer: Writer, actor: Principal, name: str, rule: st
 
 
 def delete(writer: Writer, actor: Principal, name: str) -> dict[str, Any]:
-    result: dict[str, Any] = writer.call(lambda e: store.delete(e, actor, name))
+    catalog = build_catalog(writer.engine)
+    result: dict[str, Any] = writer.call(lambda e: store.delete(e, actor, name, catalog=catalog))
     return result
 
 

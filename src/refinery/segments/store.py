@@ -251,16 +251,17 @@ def _save_version(engine: Engine, name: str, version: int, rule: str, descriptio
     )
 
 
-def create(engine: Engine, actor: Principal, name: str, rule: str, description: str | None = None) -> Segment:
+def create(engine: Engine, actor: Principal, name: str, rule: str, description: str | None = None, *, catalog: Any = None) -> Segment:
     """Save a new segment (its rule compiled first). A name of a deleted segment is taken again,
-    continuing its versions (its history stays). Call inside the writer."""
+    continuing its versions (its history stays). Call inside the writer; pass the `catalog` built
+    before it (building one scans the events, which must not hold the writer)."""
     check_name(name)
     _check_text(rule, description)
     existing = find(engine, name, include_deleted=True, cursor=engine.reader())
     if existing is not None and existing.deleted_at is None:
         raise SegmentExists(f"Segment {name!r} exists already (version {existing.version}).",
                             fix=f"Change it with: refinery segments update {name} RULE, or choose another name.", field="name")
-    compiled = compile_text(engine, rule, name=name)
+    compiled = compile_text(engine, rule, name=name, catalog=catalog)
     policy = identity_policy(compiled)
     at = datetime.now(UTC)
     if existing is None:
@@ -282,8 +283,9 @@ def create(engine: Engine, actor: Principal, name: str, rule: str, description: 
     return Segment(name, rule, description, policy, version, actor.name, at, actor.name, at)
 
 
-def update(engine: Engine, actor: Principal, name: str, rule: str | None = None, description: str | None = None) -> Segment:
-    """Save a new version of `name` with a new rule and/or description. Call inside the writer."""
+def update(engine: Engine, actor: Principal, name: str, rule: str | None = None, description: str | None = None, *,
+           catalog: Any = None) -> Segment:
+    """Save a new version of `name` with a new rule and/or description. Call inside the writer (see `create` on `catalog`)."""
     seg = get(engine, name, cursor=engine.reader())
     if rule is None and description is None:
         raise SegmentLifecycleError("Nothing to change.", fix="Give a new rule, a new description, or both.")
@@ -292,7 +294,7 @@ def update(engine: Engine, actor: Principal, name: str, rule: str | None = None,
     _check_text(new_rule, new_description)
     if new_rule == seg.rule and new_description == seg.description:
         return seg
-    compiled = compile_text(engine, new_rule, name=name)
+    compiled = compile_text(engine, new_rule, name=name, catalog=catalog)
     policy = identity_policy(compiled)
     at = datetime.now(UTC)
     version = seg.version + 1
@@ -306,7 +308,7 @@ def update(engine: Engine, actor: Principal, name: str, rule: str | None = None,
     return Segment(name, new_rule, new_description, policy, version, seg.created_by, seg.created_at, actor.name, at)
 
 
-def referrers(engine: Engine, name: str, *, cursor: Any = None) -> list[str]:
+def referrers(engine: Engine, name: str, *, catalog: Any = None, cursor: Any = None) -> list[str]:
     """Live segments whose rules reach `name` through `in segment` (directly or through another)."""
     from refinery.segments.errors import SegmentError
 
@@ -316,7 +318,7 @@ def referrers(engine: Engine, name: str, *, cursor: Any = None) -> list[str]:
         if other == name:
             continue
         try:
-            compiled = compile_text(engine, text, name=other, cursor=cursor)
+            compiled = compile_text(engine, text, name=other, catalog=catalog, cursor=cursor)
         except SegmentError:
             continue  # a rule that no longer compiles reaches nothing; its runs fail with the reason
         if name in compiled.segments_referenced:
@@ -324,13 +326,13 @@ def referrers(engine: Engine, name: str, *, cursor: Any = None) -> list[str]:
     return sorted(out)
 
 
-def delete(engine: Engine, actor: Principal, name: str) -> dict[str, Any]:
+def delete(engine: Engine, actor: Principal, name: str, *, catalog: Any = None) -> dict[str, Any]:
     """Delete `name`: its open memberships close now (with segment_exited rows in the outbox) and
     its definition and history stay. Refused while another segment uses it. Call inside the writer."""
     from refinery.segments import members
 
     seg = get(engine, name, cursor=engine.reader())
-    users = referrers(engine, name, cursor=engine.reader())
+    users = referrers(engine, name, catalog=catalog, cursor=engine.reader())
     if users:
         raise SegmentInUse(
             f"Segment {name!r} is used by {', '.join(repr(u) for u in users)} (`in segment '{name}'`).",
