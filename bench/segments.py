@@ -50,17 +50,18 @@ GENERATE = [
            CASE WHEN k < 55 THEN 'page_view' WHEN k < 85 THEN 'Product Viewed' WHEN k < 95 THEN 'Added to Cart'
                 WHEN k < 99 THEN 'Order Completed' ELSE 'Signed Up' END,
            NULL, 'u' || prof, ts, ts + INTERVAL 2 SECOND,
-           CASE WHEN k BETWEEN 55 AND 98 THEN json_object(
-               'sku', 'sku-' || hash(e, 5) % 5000,
-               'category', ['shoes', 'shirts', 'bags', 'hats', 'socks', 'coats'][1 + hash(e, 6) % 6],
-               'total', round((hash(e, 7) % 40000) / 100.0, 2)) END,
+           CASE WHEN k < 55 THEN json_object('url', 'https://shop.example' || path, 'path', path)
+                WHEN k BETWEEN 55 AND 98 THEN json_object(
+               'sku', 'sku-' || (hash(e, 5) % 5000)::BIGINT,
+               'category', ['shoes', 'shirts', 'bags', 'hats', 'socks', 'coats'][1 + (hash(e, 6) % 6)::BIGINT],
+               'total', round(((hash(e, 7) % 40000)::BIGINT) / 100.0, 2)) END,
            CASE WHEN k < 55 THEN 'https://shop.example' || path END,
            CASE WHEN k < 55 THEN path END,
            ts + INTERVAL 3 SECOND
-    FROM (SELECT e, hash(e, 1) % $profiles AS prof, hash(e, 2) % 100 AS k,
-                 $now::TIMESTAMPTZ - to_seconds(hash(e, 3) % (120 * 86400)) AS ts,
+    FROM (SELECT e, (hash(e, 1) % $profiles)::BIGINT AS prof, (hash(e, 2) % 100)::BIGINT AS k,
+                 $now::TIMESTAMPTZ - to_seconds((hash(e, 3) % (120 * 86400))::BIGINT) AS ts,
                  ['/', '/pricing', '/blog/post', '/products/a', '/products/b', '/pricing/enterprise', '/about',
-                  '/docs', '/cart', '/'][1 + hash(e, 4) % 10] AS path
+                  '/docs', '/cart', '/'][1 + (hash(e, 4) % 10)::BIGINT] AS path
           FROM range($events) t(e)) x""",
     """INSERT INTO event_profiles
     SELECT source, message_id, 'prof_' || lpad(substr(user_id, 2), 9, '0'), 'user_id', timestamp FROM events""",
@@ -81,7 +82,7 @@ def segments(days: int) -> list[tuple[str, str, str]]:
     return [
         (f"pricing_visitors_{days}d",
          f"count(event = 'page_view' and url contains 'pricing') >= 2 in last {days} days",
-         f"SELECT ep.profile_id FROM {_EP} WHERE e.event = 'page_view' AND contains(e.page_url, 'pricing') AND {_since(days)} "  # noqa: S608
+         f"SELECT ep.profile_id FROM {_EP} WHERE e.event = 'page_view' AND contains(e.properties->>'$.url', 'pricing') AND {_since(days)} "  # noqa: S608
          f"AND {_AS_OF} GROUP BY 1 HAVING count(*) >= 2"),
         (f"big_buyers_{days}d",
          f"performed 'Order Completed' where total > 100 at least 1 times in last {days} days",
@@ -92,7 +93,7 @@ def segments(days: int) -> list[tuple[str, str, str]]:
          f"SELECT profile_id FROM profiles WHERE traits->>'$.plan' = 'pro' AND profile_id NOT IN "  # noqa: S608
          f"(SELECT ep.profile_id FROM {_EP} WHERE e.event = 'Product Viewed' AND {_since(days)} AND {_AS_OF})"),
         (f"young_spenders_{days}d",
-         f"age between 18 and 30 and sum(total) of 'Order Completed' in last {days} days > 200",
+         f"age between 18 and 30 and sum(total) of 'Order Completed' > 200 in last {days} days",
          f"SELECT p.profile_id FROM profiles p JOIN (SELECT ep.profile_id, sum(TRY_CAST(e.properties->>'$.total' AS DOUBLE)) AS s "  # noqa: S608
          f"FROM {_EP} WHERE e.event = 'Order Completed' AND {_since(days)} AND {_AS_OF} GROUP BY 1) o ON o.profile_id = p.profile_id "
          f"WHERE TRY_CAST(p.traits->>'$.age' AS DOUBLE) BETWEEN 18 AND 30 AND o.s > 200"),
@@ -107,7 +108,7 @@ PREVIEW = (
     "count(event = 'page_view' and url contains 'pricing') >= 1 in last 30 days "
     "and plan = 'pro' and not performed 'Order Completed' in last 30 days",
     f"""SELECT p.profile_id FROM profiles p
-        JOIN (SELECT ep.profile_id FROM {_EP} WHERE e.event = 'page_view' AND contains(e.page_url, 'pricing')
+        JOIN (SELECT ep.profile_id FROM {_EP} WHERE e.event = 'page_view' AND contains(e.properties->>'$.url', 'pricing')
               AND {_since(30)} AND {_AS_OF} GROUP BY 1 HAVING count(*) >= 1) v ON v.profile_id = p.profile_id
         WHERE p.traits->>'$.plan' = 'pro'
           AND p.profile_id NOT IN (SELECT ep.profile_id FROM {_EP} WHERE e.event = 'Order Completed' AND {_since(30)} AND {_AS_OF})""",  # noqa: S608
@@ -150,7 +151,6 @@ def main() -> int:
             t = time.perf_counter()
             for statement in GENERATE:
                 engine.execute(statement, _params(statement, args.profiles, args.events))
-            engine.execute("CHECKPOINT")
             print(f"world: {args.profiles:,} profiles, {args.events:,} events, generated in {time.perf_counter() - t:.1f} s")
 
             catalog = build_catalog(engine)

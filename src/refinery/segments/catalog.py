@@ -19,6 +19,11 @@ _TYPES = {"string": "string", "integer": "number", "number": "number", "boolean"
           "object": "object", "array": "array", "null": "unknown"}
 
 
+#: DuckDB's json_type names -> the language's types.
+_PROFILE_TYPES = {"varchar": "string", "bigint": "number", "ubigint": "number", "double": "number", "boolean": "boolean",
+                  "object": "object", "array": "array", "null": "unknown"}
+
+
 @dataclass(frozen=True)
 class Catalog:
     """events: event name -> property -> type; traits: profile trait -> type. Types are the
@@ -77,6 +82,14 @@ def build_catalog(engine: Engine) -> Catalog:
                 kind, count = _TYPES.get(info["type"], "unknown"), info["count"]
                 if key not in traits or traits[key][1] < count:
                     traits[key] = (kind, count)
+    # Traits of the curated profiles too: imports and trait policies put traits there that no
+    # identify call in the catalog's window carries.
+    for key, jtype, count in engine.fetch_all(
+        "SELECT key, lower(json_type(value)), count(*) FROM profiles, json_each(traits) GROUP BY ALL", cursor=engine.reader()
+    ):
+        kind = _PROFILE_TYPES.get(str(jtype), "unknown")
+        if key not in traits or traits[key][1] < int(count):
+            traits[key] = (kind, int(count))
     vault = pii.vault_of(engine)
     personal_traits: frozenset[str] = frozenset()
     personal_properties: frozenset[str] = frozenset()
