@@ -82,24 +82,20 @@ def _subject(value: str | None) -> str | None:
 
 class Sealer:
     """`Vault.seal_many` for an import's many rows: the same sealed form (nonce || AES-GCM ciphertext
-    and tag, bound to the key id), with each distinct key fetched once per call (the key store
-    creates and commits a key before anything is sealed with it) and the nonces drawn at once.
-    Cipher objects are not kept between calls: each holds ~2.4 KB of OpenSSL state."""
+    and tag, bound to the key id), with the nonces drawn at once. Cipher objects live for one call
+    only (each holds ~2.4 KB of OpenSSL state); the key store caches the keys themselves (the key
+    store creates and commits a key before anything is sealed with it)."""
 
     def __init__(self, vault: Vault):
         self.vault = vault
 
     def seal_many(self, key_ids: Sequence[str], plaintexts: Sequence[bytes]) -> list[bytes]:
-        out: list[bytes] = []
-        for lo in range(0, len(key_ids), _SEAL_BATCH):  # bounded: at most _SEAL_BATCH cipher objects at once
-            ids, plain = key_ids[lo:lo + _SEAL_BATCH], plaintexts[lo:lo + _SEAL_BATCH]
-            aead = self.vault.keys.get(list(dict.fromkeys(ids)), create=True)
-            nonces = os.urandom(_NONCE * len(ids))
-            out.extend(
-                nonces[i * _NONCE:(i + 1) * _NONCE] + aead[k].encrypt(nonces[i * _NONCE:(i + 1) * _NONCE], p, k.encode())
-                for i, (k, p) in enumerate(zip(ids, plain, strict=True))
-            )
-        return out
+        aead = self.vault.keys.get(dict.fromkeys(key_ids), create=True)
+        nonces = os.urandom(_NONCE * len(key_ids))
+        return [
+            nonces[i * _NONCE:(i + 1) * _NONCE] + aead[k].encrypt(nonces[i * _NONCE:(i + 1) * _NONCE], p, k.encode())
+            for i, (k, p) in enumerate(zip(key_ids, plaintexts, strict=True))
+        ]
 
 
 @dataclass
