@@ -180,7 +180,8 @@ def import_(
     colour = "green" if job["status"] == "completed" else "red"
     console.print(
         f"[{colour}]{job['status']}[/]: {job['rows_read']} rows read, {job['rows_loaded']} loaded, "
-        f"{job['rows_duplicate']} already imported, {job['rows_failed']} failed."
+        f"{job['rows_duplicate']} already imported, {job['rows_failed']} failed"
+        + (f", {job['rows_suppressed']} of erased people left out (suppression list)." if job.get("rows_suppressed") else ".")
     )
     if job.get("error"):
         console.print(f"[red]{escape(job['error'])}[/]")
