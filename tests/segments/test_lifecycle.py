@@ -105,8 +105,9 @@ def test_relative_windows_are_never_skipped(shop: Runtime) -> None:
     _create(shop, "recent", "performed 'Order Completed' in last 36500 days")
     assert members.run_segments(shop.engine, shop.writer, ACTOR).skipped == []
     _create(shop, "ever", "performed 'Order Completed'")
+    _create(shop, "includes_recent", "in segment 'recent' and plan = 'pro'")  # a window inside an included segment counts too
     report = members.run_segments(shop.engine, shop.writer, ACTOR)
-    assert report.skipped == ["ever"] and [r.segment for r in report.runs] == ["recent"]
+    assert report.skipped == ["ever"] and [r.segment for r in report.runs] == ["includes_recent", "recent"]
 
 
 @pytest.mark.parametrize(("rule", "code"), [

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -124,7 +124,7 @@ def time_dependent(compiled: Any) -> bool:
     written `N days ago`, anywhere in it (segments it includes are compiled into it, so checked too)."""
     from refinery.segments import ast
 
-    stack: list[Any] = [compiled.rule]
+    stack: list[Any] = [compiled.checked if compiled.checked is not None else compiled.rule]
     while stack:
         node = stack.pop()
         if isinstance(node, ast.Window) and node.last is not None:
@@ -137,6 +137,8 @@ def time_dependent(compiled: Any) -> bool:
                     stack.append(getattr(node, f.name))
         elif isinstance(node, (tuple, list)):
             stack.extend(node)
+        elif isinstance(node, Mapping):  # the checked rules of included segments
+            stack.extend(node.values())
     return False
 
 
