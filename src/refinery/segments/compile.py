@@ -5,7 +5,8 @@ Shape of the query (one pass over the events for every aggregate, not a subquery
     WITH agg AS (             -- one row per profile: each event condition as an aggregate with FILTER
         SELECT ep.profile_id AS unit, count(*) FILTER (WHERE ...) AS c1, sum(...) FILTER (...) AS c2
         FROM events e JOIN event_profiles ep ON ...
-        WHERE e.received_at <= as_of AND e.timestamp <= as_of AND (<cheap prefilter>)
+        WHERE e.received_at <= as_of AND e.timestamp <= as_of   -- as of (also on ep.timestamp)
+          AND (<condition 1's filter> OR <condition 2's filter> ...)  -- only events something counts
         GROUP BY unit),
       seq_c3 AS (...),        -- a sequence: window functions over the steps' events, per profile
       freq_c4 AS (...)        -- most frequent value: counts per value, the first by count
@@ -267,6 +268,22 @@ def _false_if_null(e: exp.Expr) -> exp.Expr:
     return exp.Coalesce(this=_paren(e), expressions=[exp.false()])
 
 
+def _positive(e: exp.Expr) -> exp.Expr:
+    """`e` for a WHERE or FILTER, where NULL rejects a row as FALSE does: `COALESCE(x, FALSE)`
+    under AND and OR only (never under NOT) becomes `x`. Sound because AND and OR are monotone
+    (NULL lies between FALSE and TRUE): the row is kept exactly when it was. The bare comparison
+    lets DuckDB push it into the table scan and turn the profiles' outer join into an inner one."""
+    if isinstance(e, exp.Coalesce) and len(e.expressions) == 1 and isinstance(e.expressions[0], exp.Boolean) \
+            and e.expressions[0].this is False:
+        return _positive(e.this)
+    if isinstance(e, (exp.And, exp.Or)):
+        return type(e)(this=_positive(e.this), expression=_positive(e.expression))
+    if isinstance(e, exp.Paren):
+        inner = _positive(e.this)
+        return exp.Paren(this=inner) if isinstance(inner, (exp.And, exp.Or)) else inner
+    return e
+
+
 def _col(name: str, table: str) -> exp.Column:
     return exp.column(name, table=table)
 
@@ -281,7 +298,9 @@ class _Query:
         self.profile_id = profile_id
         self.persons = compiled.persons_threshold is not None
         self.aggs: list[exp.Expr] = []            # aggregate columns of `agg`
-        self.prefilters: list[exp.Expr] | None = []  # cheap filters: one per event condition, OR-ed
+        self.agg_filters: list[exp.Expr | None] = []  # each aggregate's FILTER condition (None: every row)
+        self.prefilters: list[exp.Expr] | None = []  # the aggregates' filters, OR-ed: the scan's WHERE
+        self.since: list[datetime | None] = []     # each aggregate's earliest event time (None: unbounded)
         self.ctes: list[tuple[str, exp.Expr]] = []
         self.joins: list[str] = []                       # CTEs joined to the profiles by unit
         self.trait_cols: list[exp.Expr] = []       # persons: trait conditions pooled per person
@@ -289,8 +308,13 @@ class _Query:
         self.explained: list[tuple[str, exp.Expr, exp.Expr]] = []  # (id, held, value)
 
     # --- the units: profiles, or persons -----------------------------------------------------
-    def _events_from(self) -> exp.Select:
-        """SELECT ... FROM events e JOIN event_profiles ep [JOIN persons] WHERE as-of (+ explain's profile)."""
+    def _events_from(self, since: datetime | None = None) -> exp.Select:
+        """SELECT ... FROM events e JOIN event_profiles ep [JOIN persons] WHERE as-of (+ explain's profile).
+
+        `event_profiles.timestamp` is its event's `timestamp` (profiles/build.py and
+        identity/incremental.py copy it), so the time bounds are repeated on it: the join then
+        probes only the attributions in the window instead of every one (`since`: the earliest
+        event time any condition of the scan counts)."""
         q = exp.select().from_(exp.to_table("events").as_("e")).join(
             exp.to_table("event_profiles").as_("ep"),
             on=_and([exp.EQ(this=_col("source", "ep"), expression=_col("source", "e")),
@@ -299,7 +323,10 @@ class _Query:
             q = q.join(exp.to_table(PERSONS_TABLE).as_("pm"),
                        on=exp.EQ(this=_col("profile_id", "pm"), expression=_col("profile_id", "ep")))
         where: list[exp.Expr] = [exp.LTE(this=_col("received_at", "e"), expression=ts_literal(self.as_of)),
-                 exp.LTE(this=_col("timestamp", "e"), expression=ts_literal(self.as_of))]
+                                 exp.LTE(this=_col("timestamp", "e"), expression=ts_literal(self.as_of)),
+                                 exp.LTE(this=_col("timestamp", "ep"), expression=ts_literal(self.as_of))]
+        if since is not None:
+            where.append(exp.GTE(this=_col("timestamp", "ep"), expression=ts_literal(since)))
         if self.profile_id is not None:
             where.append(self._unit_filter(_col("profile_id", "ep")))
         return q.where(_and(where))
@@ -351,8 +378,14 @@ class _Query:
 
     def _final(self, select: exp.Select, held: exp.Expr) -> exp.Select:
         if self.aggs:
-            scan = self._events_from()
-            scan.set("expressions", [exp.alias_(self._unit(), "unit"), *self.aggs])
+            since = None if any(at is None for at in self.since) else min(cast(list[datetime], self.since))
+            scan = self._events_from(since)
+            aggs = [a.copy() for a in self.aggs]
+            if self.prefilters and len(self.prefilters) == 1:
+                # the scan's WHERE is the one filter every aggregate has: no FILTER left to test
+                aggs = [exp.alias_(a.this.this, a.alias) if f is not None and f == self.prefilters[0] else a
+                        for a, f in zip(aggs, self.agg_filters, strict=True)]
+            scan.set("expressions", [exp.alias_(self._unit(), "unit"), *aggs])
             if self.prefilters:
                 scan = scan.where(_paren(_or([_paren(p.copy()) for p in self.prefilters])))
             scan = scan.group_by(exp.column("unit"))
@@ -379,7 +412,7 @@ class _Query:
                           if self.profile_id is not None else None)
         for name in self.joins:
             q = q.join(exp.to_table(name), on=exp.EQ(this=_col("unit", name), expression=unit.copy()), join_type="LEFT")
-        conditions = [held] if not (isinstance(held, exp.Boolean) and held.this is True) else []
+        conditions = [_positive(held)] if not (isinstance(held, exp.Boolean) and held.this is True) else []
         if where_unit is not None:
             conditions.insert(0, where_unit)
         if conditions:
@@ -501,27 +534,32 @@ class _Query:
         return self.compare(value, node.op, node.values, node.field_type or "unknown", node.personal)
 
     # --- event conditions ---------------------------------------------------------------------
-    def _event_condition(self, ref: ast.EventRef, where: ast.Filter | None, window: ast.Window | None) -> tuple[exp.Expr, exp.Expr]:
-        """(the full filter, the cheap part of it: event name and window)."""
-        cheap: list[exp.Expr] = []
+    def _event_condition(self, ref: ast.EventRef, where: ast.Filter | None,
+                         window: ast.Window | None) -> tuple[exp.Expr, datetime | None]:
+        """(the filter on events: name, window, then `where`, in the order they are cheapest to
+        test; the earliest event time it lets through, None when unbounded)."""
+        parts: list[exp.Expr] = []
         if ref.name is not None:
-            cheap.append(exp.EQ(this=event_name(), expression=exp.Literal.string(ref.name)))
-        cheap.extend(_bound_exprs(_col("timestamp", "e"), window_bounds(window, self.as_of)))
-        full = list(cheap)
+            parts.append(exp.EQ(this=event_name(), expression=exp.Literal.string(ref.name)))
+        bounds = window_bounds(window, self.as_of)
+        parts.extend(_bound_exprs(_col("timestamp", "e"), bounds))
         if where is not None:
-            full.append(_paren(self.event_filter(where)))
-        return _and(full), _and(cheap)
+            parts.append(_paren(self.event_filter(where)))
+        since = min((at for op, at in bounds if op in (">", ">=")), default=None)
+        return _positive(_and(parts)), since
 
-    def _note_prefilter(self, cheap: exp.Expr) -> None:
+    def _note_prefilter(self, full: exp.Expr) -> None:
+        """The scan reads only events some aggregate counts: the OR of their whole filters (not
+        only names and windows), so a single-condition rule's filter reaches the table scan."""
         if self.prefilters is None:
             return
-        if isinstance(cheap, exp.Boolean):
+        if isinstance(full, exp.Boolean):
             self.prefilters = None  # some condition reads every event
-        elif all(cheap != p for p in self.prefilters):
-            self.prefilters.append(cheap)
+        elif all(full != p for p in self.prefilters):
+            self.prefilters.append(full)
 
     def _aggregate(self, agg: ast.Aggregate, window: ast.Window | None, cid: str) -> exp.Expr:
-        full, cheap = self._event_condition(agg.event, agg.where, window)
+        full, since = self._event_condition(agg.event, agg.where, window)
         alias = _safe(cid)
         value: exp.Expr | None = None
         if agg.path is not None:
@@ -532,8 +570,7 @@ class _Query:
                 value = typed(raw, "number")
         if agg.func == "most_frequent":
             assert value is not None
-            return self._most_frequent(value, full, cheap, alias)
-        self._note_prefilter(cheap)
+            return self._most_frequent(value, full, since, alias)
         fn: exp.Expr
         if agg.func == "count":
             fn = exp.Count(this=exp.Star())
@@ -553,17 +590,25 @@ class _Query:
             fn = exp.Max(this=_col("timestamp", "e"))
         else:
             raise ValueError(agg.func)
-        if not (isinstance(full, exp.Boolean) and full.this is True):
+        every = isinstance(full, exp.Boolean) and full.this is True
+        if not every:
             fn = exp.Filter(this=fn, expression=exp.Where(this=full))
-        self.aggs.append(exp.alias_(fn, alias))
+        same = next((a for a in self.aggs if a.this == fn), None)  # the same aggregate, twice: one column
+        if same is not None:
+            alias = same.alias
+        else:
+            self._note_prefilter(full)
+            self.aggs.append(exp.alias_(fn, alias))
+            self.agg_filters.append(None if every else full)
+            self.since.append(since)
         col: exp.Expr = _col(alias, "agg")
         if agg.func in ("count", "distinct_count", "sum"):
             col = exp.Coalesce(this=col, expressions=[exp.Literal.number(0)])
         return col
 
-    def _most_frequent(self, value: exp.Expr, full: exp.Expr, cheap: exp.Expr, alias: str) -> exp.Expr:
+    def _most_frequent(self, value: exp.Expr, full: exp.Expr, since: datetime | None, alias: str) -> exp.Expr:
         name = f"freq_{alias}"
-        counts = self._events_from()
+        counts = self._events_from(since)
         counts.set("expressions", [
             exp.alias_(self._unit(), "unit"), exp.alias_(value, "value"),
             exp.alias_(exp.Window(this=exp.RowNumber(), partition_by=[self._unit()],
@@ -583,7 +628,8 @@ class _Query:
         alias = _safe(cid)
         name = f"seq_{alias}"
         steps = [self._event_condition(s.event, s.where, c.window) for s in c.steps]
-        base = self._events_from()
+        since = None if any(at is None for _, at in steps) else min(at for _, at in steps if at is not None)
+        base = self._events_from(since)
         us = exp.func("epoch_us", _col("timestamp", "e"))
         base.set("expressions", [exp.alias_(self._unit(), "unit"), exp.alias_(_col("timestamp", "e"), "ts"),
                                  exp.alias_(us, "us"),

@@ -13,6 +13,7 @@ WITH agg AS (
     (
       e.received_at <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
       AND e.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
+      AND ep.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
     )
     AND (
       (
@@ -30,9 +31,4 @@ FROM profiles AS p
 LEFT JOIN agg
   ON agg.unit = p.profile_id
 WHERE
-  COALESCE((
-    COALESCE(agg.c1, 0) > 500
-  ), FALSE)
-  AND COALESCE((
-    COALESCE(agg.c2, 0) >= 3
-  ), FALSE)
+  COALESCE(agg.c1, 0) > 500 AND COALESCE(agg.c2, 0) >= 3

@@ -2,11 +2,6 @@ SELECT
   p.profile_id
 FROM profiles AS p
 WHERE
-  COALESCE(
-    (
-      (
-        p.traits ->> '$.name'
-      ) = 'pii:name:<x'' OR 1=1; DROP TABLE profiles; -->'
-    ),
-    FALSE
-  )
+  (
+    p.traits ->> '$.name'
+  ) = 'pii:name:<x'' OR 1=1; DROP TABLE profiles; -->'

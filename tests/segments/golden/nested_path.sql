@@ -1,18 +1,7 @@
 WITH agg AS (
   SELECT
     ep.profile_id AS unit,
-    COUNT(*) FILTER(WHERE
-      COALESCE(e.event, e.name, e.type) = 'Order Completed'
-      AND (
-        COALESCE((
-          (
-            e.properties ->> '$.items[0].sku'
-          ) = 'A-1'
-        ), FALSE)
-        OR COALESCE(REGEXP_MATCHES((
-          e.properties ->> '$.url'
-        ), '^https://[a-z.]+/pricing'), FALSE)
-      )) AS c1
+    COUNT(*) AS c1
   FROM events AS e
   JOIN event_profiles AS ep
     ON ep.source = e.source AND ep.message_id = e.message_id
@@ -20,9 +9,18 @@ WITH agg AS (
     (
       e.received_at <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
       AND e.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
+      AND ep.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
     )
     AND (
       COALESCE(e.event, e.name, e.type) = 'Order Completed'
+      AND (
+        (
+          e.properties ->> '$.items[0].sku'
+        ) = 'A-1'
+        OR REGEXP_MATCHES((
+          e.properties ->> '$.url'
+        ), '^https://[a-z.]+/pricing')
+      )
     )
   GROUP BY
     unit

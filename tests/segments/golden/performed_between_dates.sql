@@ -1,13 +1,7 @@
 WITH agg AS (
   SELECT
     ep.profile_id AS unit,
-    COUNT(*) FILTER(WHERE
-      COALESCE(e.event, e.name, e.type) = 'Order Completed'
-      AND e.timestamp >= CAST('2026-01-01 00:00:00+00:00' AS TIMESTAMPTZ)
-      AND e.timestamp < CAST('2026-02-02 00:00:00+00:00' AS TIMESTAMPTZ)
-      AND COALESCE((
-        TRY_CAST(e.properties ->> '$.total' AS DOUBLE) > 100
-      ), FALSE)) AS c1
+    COUNT(*) AS c1
   FROM events AS e
   JOIN event_profiles AS ep
     ON ep.source = e.source AND ep.message_id = e.message_id
@@ -15,11 +9,14 @@ WITH agg AS (
     (
       e.received_at <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
       AND e.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
+      AND ep.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
+      AND ep.timestamp >= CAST('2026-01-01 00:00:00+00:00' AS TIMESTAMPTZ)
     )
     AND (
       COALESCE(e.event, e.name, e.type) = 'Order Completed'
       AND e.timestamp >= CAST('2026-01-01 00:00:00+00:00' AS TIMESTAMPTZ)
       AND e.timestamp < CAST('2026-02-02 00:00:00+00:00' AS TIMESTAMPTZ)
+      AND TRY_CAST(e.properties ->> '$.total' AS DOUBLE) > 100
     )
   GROUP BY
     unit

@@ -1,10 +1,8 @@
 WITH agg AS (
   SELECT
     pm.person_id AS unit,
-    SUM(TRY_CAST(e.properties ->> '$.total' AS DOUBLE)) FILTER(WHERE
-      COALESCE(e.event, e.name, e.type) = 'Order Completed') AS c1_c1,
-    MAX(e.timestamp) FILTER(WHERE
-      COALESCE(e.event, e.name, e.type) = 'Order Completed') AS c2
+    SUM(TRY_CAST(e.properties ->> '$.total' AS DOUBLE)) AS c1_c1,
+    MAX(e.timestamp) AS c2
   FROM events AS e
   JOIN event_profiles AS ep
     ON ep.source = e.source AND ep.message_id = e.message_id
@@ -14,6 +12,7 @@ WITH agg AS (
     (
       e.received_at <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
       AND e.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
+      AND ep.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
     )
     AND (
       COALESCE(e.event, e.name, e.type) = 'Order Completed'
@@ -27,9 +26,5 @@ FROM segment_persons AS pm
 LEFT JOIN agg
   ON agg.unit = pm.person_id
 WHERE
-  COALESCE((
-    COALESCE(agg.c1_c1, 0) > 500
-  ), FALSE)
-  AND COALESCE((
-    agg.c2 < CAST('2025-12-03 12:00:00+00:00' AS TIMESTAMPTZ)
-  ), FALSE)
+  COALESCE(agg.c1_c1, 0) > 500
+  AND agg.c2 < CAST('2025-12-03 12:00:00+00:00' AS TIMESTAMPTZ)
