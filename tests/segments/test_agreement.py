@@ -10,6 +10,7 @@ they were received, once from empty and once warmed with `load` from the store a
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from refinery.segments import reference
 from refinery.segments.catalog import Catalog, build_catalog
 from refinery.segments.compile import CompileContext, Compiled, compile_rule
 from refinery.segments.errors import SegmentError
-from refinery.segments.realtime import NotRealtime, RealtimeSegments
+from refinery.segments.realtime import Change, NotRealtime, RealtimeSegments
 from support import fresh_runtime, write_events
 
 # --- the vocabulary ------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def stream(draw: st.DrawFn) -> list[dict[str, Any]]:
         if draw(st.integers(0, 2)) == 0:
             traits["email"] = f"{user.upper()}@example.com"
         out.append({"type": "identify", "userId": user, "traits": traits, "_days": 40.0})
-    n = draw(st.integers(0, 14))
+    n = draw(st.integers(3, 14))
     for _ in range(n):
         event = draw(event_names)
         props: dict[str, Any] = {}
@@ -218,23 +219,23 @@ def sql_members(rt: Runtime, compiled: Compiled, as_of: datetime) -> set[str]:
     return {str(r[0]) for r in rt.engine.fetch_all(compiled.members(as_of), cursor=rt.engine.fresh_reader())}
 
 
-def stream_into(live: RealtimeSegments, rows: list[dict[str, Any]], traits: dict[str, Any]) -> None:
+def stream_into(live: RealtimeSegments, rows: list[dict[str, Any]], traits: dict[str, Any]) -> list[Change]:
+    """Traits first (as the profiles table has them), then the events; the changes the events caused."""
     for profile, t in traits.items():
         live.set_traits(profile, t)
-    for row in rows:
-        live.on_event(row)
+    return [c for row in rows for c in live.on_event(row)]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(text=rule(), first=stream(), second=stream())
-def test_sql_reference_and_realtime_agree(runtime: Runtime, text: str, first: list[dict[str, Any]],
+@given(texts=st.lists(rule(), min_size=5, max_size=5), first=stream(), second=stream())
+def test_sql_reference_and_realtime_agree(runtime: Runtime, texts: list[str], first: list[dict[str, Any]],
                                           second: list[dict[str, Any]]) -> None:
     ctx = context(runtime)
-    try:
-        compiled = compile_rule(text, ctx)
-    except SegmentError:
-        assume(False)
-        raise
+    rules: dict[str, Compiled] = {}
+    for i, text in enumerate(texts):
+        with contextlib.suppress(SegmentError):  # a generated rule can be refused (e.g. `between` bounds reversed)
+            rules[f"s{i}"] = compile_rule(text, ctx)
+    assume(rules)
     reset(runtime)
     base = datetime.now(UTC)
     send(runtime, first, base)
@@ -244,34 +245,51 @@ def test_sql_reference_and_realtime_agree(runtime: Runtime, text: str, first: li
     runtime.writer.call(lambda e: resolve_and_build(e, IdentityRules(), TraitPolicy()))
     after = datetime.now(UTC)
     rows, traits = event_rows(runtime), profile_traits(runtime)
-    moments = [between, after, after + timedelta(days=3, hours=1)]
+    moments = [between, after, after + timedelta(hours=30), after + timedelta(days=3, hours=1)]
 
-    expected = {}
-    for at in moments:
-        expected[at] = reference.members(compiled, rows, traits, at)
-        assert sql_members(runtime, compiled, at) == expected[at], (text, at)
+    expected: dict[tuple[str, datetime], set[str]] = {}
+    for name, compiled in rules.items():
+        for at in moments:
+            expected[name, at] = reference.members(compiled, rows, traits, at)
+            assert sql_members(runtime, compiled, at) == expected[name, at], (compiled.rule.text, at)
 
-    try:
-        live = RealtimeSegments.of({"s": compiled})
-    except NotRealtime:
-        event("sql and reference only")
-        assert not compiled.realtime, text  # the generator writes `ago` only in windows and first/last time
+    live_rules = {}
+    for name, compiled in rules.items():
+        try:
+            RealtimeSegments.of({name: compiled})
+        except NotRealtime:
+            assert not compiled.realtime, compiled.rule.text  # the generator writes `ago` only in windows and first/last time
+            event("sql and reference only")
+            continue
+        assert compiled.realtime, compiled.rule.text
+        event("sql, reference and real time")
+        live_rules[name] = compiled
+    if not live_rules:
         return
-    assert compiled.realtime, text
-    event("sql, reference and real time")
-    event(f"members at the end: {'some' if expected[moments[-1]] else 'none'}")
+    live = RealtimeSegments.of(live_rules)
     # from empty, event by event
-    stream_into(live, [r for r in rows if r["received_at"] <= between], traits)
-    live.on_tick(between)
-    assert live.members("s") == expected[between], (text, "realtime", between)
-    stream_into(live, [r for r in rows if r["received_at"] > between], {})
+    changes = stream_into(live, [r for r in rows if r["received_at"] <= between], traits)
+    changes += live.on_tick(between)
+    for name in live_rules:
+        assert live.members(name) == expected[name, between], (rules[name].rule.text, "realtime", between)
+    changes += stream_into(live, [r for r in rows if r["received_at"] > between], {})
     for at in moments[1:]:
-        live.on_tick(at)
-        assert live.members("s") == expected[at], (text, "realtime", at)
+        changes += live.on_tick(at)
+        for name in live_rules:
+            assert live.members(name) == expected[name, at], (rules[name].rule.text, "realtime", at)
+    # every change happened exactly when it says: the reference differs just before it and agrees at it
+    for c in changes:
+        entered, compiled = c.kind == "segment_entered", rules[c.segment]
+        assert (c.profile_id in reference.members(compiled, rows, traits, c.at)) == entered, (compiled.rule.text, c)
+        before = reference.members(compiled, rows, traits, c.at - timedelta(microseconds=1))
+        assert (c.profile_id in before) != entered, (compiled.rule.text, c)
+    event(f"changes: {'some' if changes else 'none'}")
     # warmed from the store as of `between`, then the second batch
-    warm = RealtimeSegments.load(runtime.engine, between, {"s": compiled})
-    assert warm.members("s") == expected[between], (text, "loaded", between)
+    warm = RealtimeSegments.load(runtime.engine, between, live_rules)
+    for name in live_rules:
+        assert warm.members(name) == expected[name, between], (rules[name].rule.text, "loaded", between)
     stream_into(warm, [r for r in rows if r["received_at"] > between], {})
     for at in moments[1:]:
         warm.on_tick(at)
-        assert warm.members("s") == expected[at], (text, "loaded", at)
+        for name in live_rules:
+            assert warm.members(name) == expected[name, at], (rules[name].rule.text, "loaded", at)

@@ -125,9 +125,15 @@ class _Leaf:
     event: str | None = None  # the event name it reads (None: any event); traits leaves read none
     reads_events = True
 
-    def matches(self, ev: Mapping[str, Any]) -> bool: ...
-    def add(self, state: Any, t: int, ev: Mapping[str, Any]) -> Any: ...
-    def holds(self, state: Any, profile: _Profile, now: int) -> bool: ...
+    def matches(self, ev: Mapping[str, Any]) -> bool:
+        return False
+
+    def add(self, state: Any, t: int, ev: Mapping[str, Any]) -> Any:
+        return state
+
+    def holds(self, state: Any, profile: _Profile, now: int) -> bool:
+        raise NotImplementedError
+
     def next_change(self, state: Any, now: int) -> int:
         return _NEVER
 
@@ -268,11 +274,11 @@ def _filter_fn(node: ast.Filter, tokenise: ref.Tokenise | None) -> EventFn:
     f = event_field(node.path)
     kind = ref.operand_kind(node.path, node.values, bool(f.json))
     values = ref.tokenised(node.values, node.personal, tokenise)
-    op, path, parts, column = node.op, node.path, f.json, f.column
+    op, path, keys, column = node.op, node.path, f.json, f.column
     compare = ref.compare
-    if parts:
+    if keys:
         def json_test(ev: Mapping[str, Any]) -> bool:
-            return compare(ref.typed(ref.json_text(ref.json_at(ev.get(column), parts)), kind or "string"), op, values,
+            return compare(ref.typed(ref.json_text(ref.json_at(ev.get(column), keys)), kind or "string"), op, values,
                            _PLACEHOLDER)
         return json_test
     return lambda ev: compare(ref.event_value(ev, path, None), op, values, _PLACEHOLDER)
@@ -323,15 +329,15 @@ class _Builder:
         if isinstance(node, ast.TraitCondition):
             cmp = node.compare
             _no_ago(cmp.values, f"the trait '{cmp.path.text()}'")
-            parts = trait_parts(cmp.path)
+            keys = trait_parts(cmp.path)
             kind = ref.operand_kind(cmp.path, cmp.values, True) or "string"
-            values = ref.tokenised(cmp.values, cmp.personal, self.tokenise)
+            literals = ref.tokenised(cmp.values, cmp.personal, self.tokenise)
             cop = cmp.op
-            return self.leaf(_Trait(lambda traits: ref.compare(ref.typed(ref.json_text(ref.json_at(traits, parts)), kind),
-                                                                cop, values, _PLACEHOLDER)))
+            return self.leaf(_Trait(lambda traits: ref.compare(ref.typed(ref.json_text(ref.json_at(traits, keys)), kind),
+                                                                cop, literals, _PLACEHOLDER)))
         if isinstance(node, ast.SegmentRef):
-            inner = checked.segments[node.name]
-            return self.node(inner, inner.rule.expr)
+            included = checked.segments[node.name]
+            return self.node(included, included.rule.expr)
         raise NotRealtime(f"{type(node).__name__} is not a condition the real-time evaluator knows")
 
 
