@@ -38,8 +38,8 @@ from refinery.storage.engine import parse as parse_sql
 #: (`persons_relation`) with the groups refinery.profiles.persons computes for the threshold.
 PERSONS_TABLE = "segment_persons"
 
-__all__ = ["PERSONS_TABLE", "CompileContext", "Compiled", "Condition", "build_catalog", "compile_rule",
-           "time_bounds"]
+__all__ = ["PERSONS_TABLE", "CompileContext", "Compiled", "CompiledMany", "Condition", "build_catalog", "compile_many",
+           "compile_rule", "time_bounds"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,61 @@ def compile_rule(text: str, ctx: CompileContext, *, name: str | None = None) -> 
     checked = check(parse(text), ctx, name=name)
     conditions = tuple(_conditions(checked))
     return Compiled(checked.rule, conditions, frozenset(_referenced(checked)), _realtime(checked), checked, ctx)
+
+
+@dataclass(frozen=True)
+class CompiledMany:
+    """Many rules evaluated together. Those counted by profiles (`batched`) share one scan of the
+    events: their aggregates are columns of one `agg`, their sequences and most-frequent values
+    CTEs of one query, and `members` returns (segment, profile_id) for all of them at once. A rule
+    counted by persons reads the persons relation at its own threshold, so it runs alone
+    (`alone`: use `compiled[name].members`)."""
+
+    compiled: Mapping[str, Compiled]
+    batched: tuple[str, ...]
+    alone: tuple[str, ...]
+
+    def members(self, as_of: datetime) -> exp.Select | None:
+        """SELECT segment, profile_id of every member of every batched rule as of `as_of`
+        (None when no rule is batched)."""
+        if not self.batched:
+            return None
+        return _many(self, _utc(as_of))
+
+    def sql(self, as_of: datetime, dialect: str = "duckdb") -> str | None:
+        q = self.members(as_of)
+        return None if q is None else q.sql(dialect=dialect, pretty=True)
+
+
+def compile_many(rules: Mapping[str, str], ctx: CompileContext) -> CompiledMany:
+    """Compile each rule (by name: `in segment` cycles through it are found) for one evaluation
+    of them all; raises the first rule's SegmentError."""
+    compiled = {name: compile_rule(text, ctx, name=name) for name, text in rules.items()}
+    batched = tuple(n for n, c in compiled.items() if c.persons_threshold is None)
+    alone = tuple(n for n, c in compiled.items() if c.persons_threshold is not None)
+    return CompiledMany(compiled, batched, alone)
+
+
+def _many(many: CompiledMany, as_of: datetime) -> exp.Select:
+    """WITH agg, seq_*, freq_* (shared), base AS MATERIALIZED (profile_id, one boolean per rule)
+    SELECT 'a' AS segment, profile_id FROM base WHERE s1 UNION ALL ..."""
+    q = _Query(many.compiled[many.batched[0]], as_of)
+    held = []
+    for i, name in enumerate(many.batched, start=1):
+        checked = many.compiled[name].checked
+        held.append(exp.alias_(q.node(checked, checked.rule.expr, f"s{i}."), f"s{i}"))
+    base = q._final(exp.select(_col("profile_id", "p"), *held), exp.true())
+    union: exp.Expr | None = None
+    for i, name in enumerate(many.batched, start=1):
+        part = exp.select(exp.alias_(exp.Literal.string(name), "segment"), exp.column("profile_id")).from_("base") \
+            .where(exp.column(f"s{i}"))
+        union = part if union is None else exp.union(union, part, distinct=False)
+    assert union is not None
+    out = exp.select("segment", "profile_id").from_(exp.Subquery(this=union, alias="m"))
+    with_ = base.args.pop("with_", None)  # the CTEs go to the top, beside `base`
+    for cte in with_.expressions if with_ is not None else []:
+        out = out.with_(cte.alias, as_=cte.this)
+    return out.with_("base", as_=base, materialized=True)
 
 
 def _conditions(checked: Checked, prefix: str = "", segment: str | None = None) -> list[Condition]:
