@@ -57,6 +57,8 @@ PERSON_TABLES: dict[str, str] = {
         "SELECT c.*, COALESCE(i.profile_id, c.subject_type || ':' || c.subject_value) AS _person "
         "FROM consent_log AS c LEFT JOIN identities AS i ON i.identifier_type = c.subject_type AND i.value = c.subject_value"
     ),
+    # segment sizes and their history are the marketer's aggregate: members are profiles
+    "segment_members": "SELECT m.*, m.profile_id AS _person FROM segment_members AS m",
 }
 
 #: Aggregates whose value is about the group, not one member of it (as BigQuery's and Snowflake's

@@ -45,6 +45,9 @@ QUERYABLE_TABLES: set[str] = {
     "retention_overrides", "retention_runs",  # retention
     # profiles
     "profiles", "event_profiles",
+    # segments
+    "segments", "segment_versions", "segment_members", "segment_runs", "segment_events",
+    "computed_traits", "computed_trait_values",
 }
 #: Safe views over tables with secrets (the source list without key hashes).
 QUERYABLE_VIEWS: dict[str, str] = {
