@@ -37,6 +37,9 @@ class Catalog:
     personal_traits: frozenset[str] = frozenset()
     personal_properties: frozenset[str] = frozenset()
     strict: bool = True
+    #: The store's region for phone numbers written without a country code (identity_phone_region):
+    #: a `phone = '...'` literal is normalised with it, as ingest normalised the stored ones.
+    phone_region: str = "US"
 
     def properties(self, events: Iterable[str] | None) -> dict[str, str]:
         """The properties of these events (all events for None), a key's type where they agree."""
@@ -93,7 +96,9 @@ def build_catalog(engine: Engine) -> Catalog:
     vault = pii.vault_of(engine)
     personal_traits: frozenset[str] = frozenset()
     personal_properties: frozenset[str] = frozenset()
+    phone_region = vault.policy.phone_region if vault is not None else "US"
     if vault is not None and vault.policy.enabled:
         personal_traits = frozenset(vault.policy.trait_fields)
         personal_properties = frozenset(vault.policy.property_fields)
-    return Catalog(events, {k: v[0] for k, v in traits.items()}, personal_traits, personal_properties)
+    return Catalog(events, {k: v[0] for k, v in traits.items()}, personal_traits, personal_properties,
+                   phone_region=phone_region)

@@ -49,6 +49,7 @@ class CompileContext:
     computed_traits: Mapping[str, str] = field(default_factory=dict)  # name -> expression text
     engine_dialect: str = "duckdb"
     tokenise: Callable[[str, str], str] | None = None                 # (kind, normal value) -> token
+    phone_region: str | None = None   # phone literals without a country code; None: the catalog's (the store's)
 
 
 @dataclass(frozen=True)
@@ -557,12 +558,13 @@ class _Query:
         return _false_if_null(out)
 
     def _token(self, lit: ast.Literal, kind: str) -> ast.Literal:
-        from refinery.privacy.tokens import Tokeniser
+        from refinery.privacy.tokens import PiiPolicy, Tokeniser
 
         if self.ctx.tokenise is None:
             raise SegmentTypeError(f"'{kind}' is stored as a token, and this compilation has no tokeniser",
                                    fix="compile through the store (CompileContext.tokenise).")
-        normal = Tokeniser(b"\0" * 32).normal_form(kind, lit.value)
+        region = self.ctx.phone_region or self.ctx.catalog.phone_region
+        normal = Tokeniser(b"\0" * 32, PiiPolicy(phone_region=region)).normal_form(kind, lit.value)
         return ast.Literal(self.ctx.tokenise(kind, normal), "string", lit.span)
 
     def operand(self, column: exp.Expr, parts: tuple[str | int, ...], values: tuple[ast.Literal, ...]) -> exp.Expr:
