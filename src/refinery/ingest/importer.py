@@ -259,6 +259,8 @@ def start_import(runtime: Runtime, path: str | Path, *, source: str, mapping: di
 
 
 def get_import(engine: Engine, import_id: str) -> ImportJob:
+    with _RUNNING_LOCK:  # before reading: an import that finishes between the two looks 'started' in the read
+        running_before = import_id in _RUNNING
     rows = engine.fetch_dicts(
         "SELECT import_id, source, path, status, rows_read, rows_loaded, rows_duplicate, rows_failed, error, started_at, "
         "finished_at, format, file_sha256, stored_path FROM imports WHERE import_id = ?",
@@ -269,7 +271,7 @@ def get_import(engine: Engine, import_id: str) -> ImportJob:
     job = ImportJob(**rows[0])
     job.rows_suppressed = max(job.rows_read - job.rows_loaded - job.rows_duplicate - job.rows_failed, 0)
     with _RUNNING_LOCK:
-        cut_off = job.status in ("new", "started") and job.import_id not in _RUNNING
+        cut_off = job.status in ("new", "started") and not running_before and job.import_id not in _RUNNING
     if cut_off:  # not marked yet (that happens when the next import starts): say what it is
         job.status = "interrupted"
         job.error = f"The import stopped before it finished (the server or command was stopped) after {job.rows_read} rows. {_INTERRUPTED_FIX}"
