@@ -123,6 +123,15 @@ def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
     prob = ident["accuracy"]["with_probabilistic_links"]
     assert prob["precision"] >= 0.99 and prob["recall_of_all_pairs"] >= det["recall_of_all_pairs"]
 
+    # Segments: the demo's audiences were computed, and one member's membership explained.
+    seg = first["segments"]
+    assert not seg["failed"] and set(seg["sizes"]) == set(seg["rules"]) and sum(1 for n in seg["sizes"].values() if n) >= 4
+    x = seg["explanation"]
+    assert x["member"] and x["conditions"] and all(c["held"] for c in x["conditions"] if "." not in c["id"])
+    open_members = query(data_dir, "SELECT segment, count(*) AS n FROM segment_members WHERE exited_at IS NULL GROUP BY 1")
+    for row in open_members:  # (the erasure below may take one member away)
+        assert seg["sizes"][row["segment"]] - row["n"] in (0, 1)
+
     # Privacy: one person exported (with their consent), another erased with a receipt; an event
     # sent for the erased person afterwards is suppressed.
     priv = first["privacy"]

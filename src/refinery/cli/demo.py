@@ -102,6 +102,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     )
     if s.get("identity"):
         _print_identity(s["identity"])
+    if s.get("segments"):
+        _print_segments(s["segments"])
     if s.get("privacy"):
         _print_privacy(s["privacy"])
     console.print("[bold]Try next:[/]")
@@ -152,3 +154,17 @@ def _print_privacy(p: dict[str, Any]) -> None:
         f"An event sent for the erased person afterwards: {after['suppressed']} of {after['sent']} suppressed (not stored).",
     ]
     console.print(Panel("\n".join(lines), title="Privacy", title_align="left"))
+
+
+def _print_segments(seg: dict[str, Any]) -> None:
+    lines = [f"[bold]{escape(name)}[/] ({seg['sizes'].get(name, 0)} members): {escape(rule)}" for name, rule in seg["rules"].items()]
+    for name, error in seg.get("failed", {}).items():
+        lines.append(f"[red]{escape(name)} failed:[/] {escape(str(error))}")
+    x = seg.get("explanation")
+    if x:
+        lines.append(f"Why {x['profile_id']} is {'in' if x['member'] else 'not in'} {escape(x['segment'])}:")
+        for c in x["conditions"]:
+            mark = "[green]held[/]" if c["held"] else "[red]did not hold[/]"
+            value = f" (value: {escape(str(c['value']))})" if c.get("value") is not None else ""
+            lines.append(f"  {c['id']} {escape(c['text'])}: {mark}{value}")
+    console.print(Panel("\n".join(lines), title="Segments", title_align="left"))

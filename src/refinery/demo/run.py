@@ -27,6 +27,7 @@ from refinery.demo.send import send_events
 from refinery.demo.server import demo_server
 from refinery.demo.world import APP_SOURCE, CLEAN, CRM_SOURCE, WEB_SOURCE, World, generate
 from refinery.errors import ConfigurationError, RefineryError
+from refinery.segments.demo import define_demo_segments
 from refinery.settings import Settings
 
 DEFAULT_PEOPLE = 200
@@ -104,6 +105,7 @@ class DemoSummary:
     crm: dict[str, Any]
     ground_truth: dict[str, Any]
     identity: dict[str, Any] = field(default_factory=dict)
+    segments: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     next_commands: list[str] = field(default_factory=list)
 
@@ -111,7 +113,8 @@ class DemoSummary:
         return {
             "data_dir": self.data_dir, "seed": self.seed, "people": self.people, "rerun": self.rerun, "server": self.server,
             "events": self.events, "zones": self.zones, "crm": self.crm, "ground_truth": self.ground_truth,
-            "identity": self.identity, "privacy": self.privacy, "next_commands": self.next_commands,
+            "identity": self.identity, "segments": self.segments, "privacy": self.privacy,
+            "next_commands": self.next_commands,
         }
 
 
@@ -162,12 +165,15 @@ def run_demo(settings: Settings, *, people: int = DEFAULT_PEOPLE, seed: int = DE
         identity["matching"] = matching
         identity["rules_file"] = str(settings.identity_rules_path)
         example = _explain_example(api) or _sample_user(world)
+        report.stage("Segments: defining a few audiences, computing their members and explaining one")
+        segments = define_demo_segments(api)
         report.stage("Privacy: exporting one person's data, erasing another with a receipt, then sending an event for the erased person")
         privacy = demo_privacy.run(api, world, paths.folder, server.url, keys[WEB_SOURCE])
         zones = _zone_counts(api)
     summary = _summary(settings, world, paths, server.url, server.started_by_demo, rerun, sent, len(present), job, zones, example,
                        demo_privacy.erased_person(paths.folder))
     summary.identity = identity
+    summary.segments = segments
     summary.privacy = privacy
     return summary
 
@@ -356,5 +362,7 @@ def _summary(
             f'refinery query --data-dir {d} "SELECT profile_id, event_count, identifiers FROM profiles ORDER BY event_count DESC LIMIT 5"',  # noqa: S608
             f'refinery query --data-dir {d} "SELECT reason, identifier_type, value, profile_a, profile_b FROM identity_blocked WHERE kind = \'merge\' LIMIT 10"',  # noqa: S608
             f"refinery profiles explain --data-dir {d} user_id:{shlex.quote(explain_user)}",
+            f"refinery segments list --data-dir {d}",
+            f"refinery segments preview --data-dir {d} \"performed 'Order Completed' where total > 100 in last 30 days\"",
         ],
     )
