@@ -307,3 +307,28 @@ def test_a_phone_literal_is_normalised_with_the_stores_region(tmp_path: Path) ->
         assert s.members("phone = '(212) 555-0100'", phone_region="US") == {"us-caller"}
     finally:
         rt.close()
+
+
+# --- what the SQL relies on -----------------------------------------------------------------------
+def test_event_profiles_carry_their_events_time_through_full_and_incremental_resolution(tmp_path: Path) -> None:
+    """The compiled scan repeats its time bounds on `event_profiles.timestamp`: it must be the
+    event's own `timestamp`, to the microsecond, however the event was attributed."""
+    from refinery.identity.incremental import run_batch
+    from refinery.settings import Settings
+
+    rules, policy = IdentityRules(), TraitPolicy()
+    with Runtime.open(Settings(data_dir=tmp_path / "data", admin_token="t")) as rt:
+        write_events(rt, identify("t1", plan="pro"), track("t1", "Login", ago(3) + timedelta(microseconds=123457)))
+        rt.writer.call(lambda e: resolve_and_build(e, rules, policy))  # full
+        write_events(rt, track("t1", "Login", ago(2) + timedelta(microseconds=999999)),  # known identifier: attached
+                     {**identify(anonymous="t1-device"), "userId": "t1"},                # a new identifier: a region
+                     track_anonymous("t1-device", "Login", ago(1) + timedelta(microseconds=1)))
+        assert rt.writer.call(lambda e: run_batch(e, rules, policy)).mode != "none"
+        write_events(rt, track_anonymous("t2-device", "Login", ago(0.5) + timedelta(microseconds=500001)))
+        rt.writer.call(lambda e: run_batch(e, rules, policy))
+        rows = rt.engine.fetch_all("SELECT count(*), count(*) FILTER (WHERE e.timestamp IS DISTINCT FROM ep.timestamp) "
+                                   "FROM events e JOIN event_profiles ep ON ep.source = e.source AND ep.message_id = e.message_id",
+                                   cursor=rt.engine.reader())
+        assert rows == [(6, 0)]
+        s = Store(rt)
+        assert s.members("count of 'Login' >= 3 in last 3 days") == {"t1"}
