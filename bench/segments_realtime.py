@@ -5,7 +5,11 @@ an event's arrival at the evaluator to its membership changes being returned), p
 a timer tick every 1,000 events. Baseline, in the same run: the same events through a trivial loop
 that only bumps a per-(event name, profile) counter in a dict; the ratio is printed.
 
-    .venv/bin/python bench/segments_realtime.py [--events 200000] [--profiles 20000]
+    .venv/bin/python bench/segments_realtime.py [--events 200000] [--profiles 20000] [--against REV]
+
+`--against REV` also runs the evaluator as committed at git revision REV (read with `git show`)
+on the same segments and events in the same process, first, so a change is measured before and
+after side by side on the same machine load; the members of every segment must come out the same.
 
 Rules are compiled against a fixed catalog (no store needed): the evaluator's cost does not
 depend on where the events come from.
@@ -16,8 +20,13 @@ from __future__ import annotations
 import argparse
 import gc
 import random
+import subprocess
+import sys
 import time
+import types
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from refinery.segments.catalog import Catalog
@@ -99,25 +108,35 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--profiles", type=int, default=20_000)
-    args = parser.parse_args()
+@dataclass
+class Run:
+    label: str
+    seconds: float
+    latencies: list[float]
+    changes: int
+    ticks: int
+    members: dict[str, set[str]]
 
-    catalog = Catalog(EVENTS, TRAITS)
-    ctx = CompileContext(catalog)
-    compiled = {name: compile_rule(text, ctx) for name, text in segments().items()}
-    assert all(c.realtime for c in compiled.values())
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    events = stream(args.events, args.profiles, start)
+
+def evaluator_at(rev: str) -> Any:
+    """The RealtimeSegments class as committed at `rev`, loaded as a module of its own."""
+    root = Path(__file__).resolve().parent.parent
+    text = subprocess.run(["git", "show", f"{rev}:src/refinery/segments/realtime.py"], cwd=root, check=True,
+                          capture_output=True, text=True).stdout
+    name = f"realtime_at_{rev.replace('~', '_').replace('^', '_')}"
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(text, f"{rev}:realtime.py", "exec"), module.__dict__)  # noqa: S102 - our own committed source
+    return module.RealtimeSegments
+
+
+def run(label: str, evaluator: Any, compiled: dict[str, Any], events: list[dict[str, Any]], profiles: int,
+        start: datetime) -> Run:
     rnd = random.Random(3)
-
-    live = RealtimeSegments.of(compiled)
-    for p in range(args.profiles):
+    live = evaluator.of(compiled)
+    for p in range(profiles):
         live.set_traits(f"prof_{p:06d}", {"plan": rnd.choice(["free", "pro"]), "age": rnd.choice([17, 25, 40]),
                                            "country": rnd.choice(["DE", "FR", "US"])}, start)
-
     gc.collect()
     gc.freeze()
     latencies: list[float] = []
@@ -130,8 +149,32 @@ def main() -> None:
         latencies.append(clock() - a)
         if i % 1000 == 999:
             ticks += len(live.on_tick(ev["received_at"]))
-    ours = clock() - t0
+    seconds = clock() - t0
     ticks += len(live.on_tick(events[-1]["received_at"] + timedelta(days=40)))
+    latencies.sort()
+    members = {name: live.members(name) for name in compiled}
+    gc.unfreeze()
+    return Run(label, seconds, latencies, changes, ticks, members)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--profiles", type=int, default=20_000)
+    parser.add_argument("--against", metavar="REV", help="also run the evaluator as committed at this git revision")
+    args = parser.parse_args()
+
+    catalog = Catalog(EVENTS, TRAITS)
+    ctx = CompileContext(catalog)
+    compiled = {name: compile_rule(text, ctx) for name, text in segments().items()}
+    assert all(c.realtime for c in compiled.values())
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    events = stream(args.events, args.profiles, start)
+    runs = []
+    if args.against:
+        runs.append(run(f"evaluator at {args.against}", evaluator_at(args.against), compiled, events, args.profiles, start))
+    runs.append(run("evaluator now", RealtimeSegments, compiled, events, args.profiles, start))
+    clock = time.perf_counter
 
     # baseline: a dict counter per (event name, profile), the least any per-event evaluator must do
     counts: dict[tuple[str, str], int] = {}
@@ -141,15 +184,20 @@ def main() -> None:
         counts[key] = counts.get(key, 0) + 1
     base = clock() - b0
 
-    latencies.sort()
     n = len(events)
-    sizes = sorted(((len(s.members), s.name) for s in live.segments), reverse=True)
     print(f"segments: {len(compiled)} live; profiles: {args.profiles:,}; events: {n:,} over 10 days of event time")
-    print(f"evaluator: {n / ours:,.0f} events/s ({ours:.2f} s); membership changes: {changes:,} on events, "
-          f"{ticks:,} from timers")
-    print(f"latency per event: p50 {percentile(latencies, 0.5) * 1e3:.3f} ms, p99 {percentile(latencies, 0.99) * 1e3:.3f} ms, "
-          f"max {latencies[-1] * 1e3:.3f} ms")
-    print(f"baseline dict-update loop: {n / base:,.0f} events/s ({base:.3f} s); ratio evaluator/baseline time: {ours / base:.1f}x")
+    for r in runs:
+        lat = r.latencies
+        print(f"{r.label}: {n / r.seconds:,.0f} events/s ({r.seconds:.2f} s); latency per event p50 "
+              f"{percentile(lat, 0.5) * 1e3:.3f} ms, p99 {percentile(lat, 0.99) * 1e3:.3f} ms, max {lat[-1] * 1e3:.3f} ms; "
+              f"membership changes: {r.changes:,} on events, {r.ticks:,} from timers; "
+              f"ratio to the baseline's time: {r.seconds / base:.1f}x")
+    if len(runs) == 2:
+        same = runs[0].members == runs[1].members
+        print(f"speed-up now vs {args.against}: {runs[0].seconds / runs[1].seconds:.2f}x; same members in every segment: {same}")
+        assert same, "the two evaluators disagree"
+    print(f"baseline dict-update loop: {n / base:,.0f} events/s ({base:.3f} s)")
+    sizes = sorted(((len(m), name) for name, m in runs[-1].members.items()), reverse=True)
     print("largest segments at the end:", ", ".join(f"{name} {size:,}" for size, name in sizes[:5]))
 
 
