@@ -96,6 +96,9 @@ EVENTS = [
     track("rel_29", "Login", ago(29)),
     track("rel_8", "Login", ago(8)),
     track("rel_6", "Login", ago(6)),
+    # a page call has no `event`: its name is the page's name
+    {"type": "page", "messageId": uuid.uuid4().hex, "userId": "pager", "name": "Pricing", "timestamp": ago(2).isoformat(),
+     "properties": {"url": "https://shop.example/pricing"}},
     # persons: a web profile and a CRM row of the same person (linked at 0.97), and a pair at 0.7
     identify("web-1", email="ann.w@acme.io"),
     identify(anonymous="crm-7", email="a.smith@post.io", plan="pro"),
@@ -307,6 +310,17 @@ def test_a_phone_literal_is_normalised_with_the_stores_region(tmp_path: Path) ->
         assert s.members("phone = '(212) 555-0100'", phone_region="US") == {"us-caller"}
     finally:
         rt.close()
+
+
+# --- event names ----------------------------------------------------------------------------------
+def test_names_of_pages_and_types_pass_the_scans_name_test(store: Store) -> None:
+    """The scan tests `event IN (names) OR event IS NULL` before the JSON: a page (no `event`) is
+    named by its name, an identify by its type, and both are still counted."""
+    assert store.members("performed 'Pricing' in last 7 days") == {"pager"}
+    assert store.members("count(event = 'Pricing' and url contains 'pricing') >= 1") == {"pager"}
+    assert store.members("count(event in ('Pricing', 'Login') and type = 'page') >= 1") == {"pager"}
+    assert store.members("'Pricing' then 'Order Completed' within 30 days or most frequent url of 'Pricing' = 'x'") == set()
+    assert {"ann", "bob"} <= store.members("performed 'identify' and performed 'Order Completed'")
 
 
 # --- what the SQL relies on -----------------------------------------------------------------------

@@ -340,6 +340,28 @@ def _positive(e: exp.Expr) -> exp.Expr:
     return e
 
 
+def _union(names: list[frozenset[str] | None]) -> frozenset[str] | None:
+    """All the event names some filter lets through (None when one lets any through)."""
+    if not names or any(n is None for n in names):
+        return None
+    return frozenset().union(*cast(list[frozenset[str]], names))
+
+
+def _names(node: ast.Filter) -> frozenset[str] | None:
+    """The event names a `where` lets through, when it says (`event = 'x'`, `event in (...)`,
+    and of such, or of such), else None."""
+    if isinstance(node, ast.And):
+        found = [n for n in (_names(cast(ast.Filter, i)) for i in node.items) if n is not None]
+        return frozenset.intersection(*found) if found else None
+    if isinstance(node, ast.Or):
+        return _union([_names(cast(ast.Filter, i)) for i in node.items])
+    if isinstance(node, ast.Compare) and node.op in ("=", "in") and all(v.type == "string" for v in node.values):
+        f = event_field(node.path)
+        if f.column == "event" and not f.json:
+            return frozenset(cast(str, v.value) for v in node.values)
+    return None
+
+
 def _col(name: str, table: str) -> exp.Column:
     return exp.column(name, table=table)
 
@@ -357,6 +379,7 @@ class _Query:
         self.agg_filters: list[exp.Expr | None] = []  # each aggregate's FILTER condition (None: every row)
         self.prefilters: list[exp.Expr] | None = []  # the aggregates' filters, OR-ed: the scan's WHERE
         self.since: list[datetime | None] = []     # each aggregate's earliest event time (None: unbounded)
+        self.names: list[frozenset[str] | None] = []  # each aggregate's event names (None: any event)
         self.ctes: list[tuple[str, exp.Expr]] = []
         self.joins: list[str] = []                       # CTEs joined to the profiles by unit
         self.trait_cols: list[exp.Expr] = []       # persons: trait conditions pooled per person
@@ -364,13 +387,15 @@ class _Query:
         self.explained: list[tuple[str, exp.Expr, exp.Expr]] = []  # (id, held, value)
 
     # --- the units: profiles, or persons -----------------------------------------------------
-    def _events_from(self, since: datetime | None = None) -> exp.Select:
+    def _events_from(self, since: datetime | None = None, names: frozenset[str] | None = None) -> exp.Select:
         """SELECT ... FROM events e JOIN event_profiles ep [JOIN persons] WHERE as-of (+ explain's profile).
 
         `event_profiles.timestamp` is its event's `timestamp` (profiles/build.py and
         identity/incremental.py copy it), so the time bounds are repeated on it: the join then
         probes only the attributions in the window instead of every one (`since`: the earliest
-        event time any condition of the scan counts)."""
+        event time any condition of the scan counts). `names`: the only event names it counts;
+        an event's name is `COALESCE(event, name, type)`, so it has `event` among them or no
+        `event` at all, a test on one column that DuckDB runs in the scan, before reading the JSON."""
         q = exp.select().from_(exp.to_table("events").as_("e")).join(
             exp.to_table("event_profiles").as_("ep"),
             on=_and([exp.EQ(this=_col("source", "ep"), expression=_col("source", "e")),
@@ -383,6 +408,11 @@ class _Query:
                                  exp.LTE(this=_col("timestamp", "ep"), expression=ts_literal(self.as_of))]
         if since is not None:
             where.append(exp.GTE(this=_col("timestamp", "ep"), expression=ts_literal(since)))
+        if names:
+            event = _col("event", "e")
+            where.append(exp.Paren(this=exp.Or(
+                this=exp.In(this=event, expressions=[exp.Literal.string(n) for n in sorted(names)]),
+                expression=exp.Is(this=event.copy(), expression=exp.Null()))))
         if self.profile_id is not None:
             where.append(self._unit_filter(_col("profile_id", "ep")))
         return q.where(_and(where))
@@ -435,7 +465,7 @@ class _Query:
     def _final(self, select: exp.Select, held: exp.Expr) -> exp.Select:
         if self.aggs:
             since = None if any(at is None for at in self.since) else min(cast(list[datetime], self.since))
-            scan = self._events_from(since)
+            scan = self._events_from(since, _union(self.names))
             aggs = [a.copy() for a in self.aggs]
             if self.prefilters and len(self.prefilters) == 1:
                 # the scan's WHERE is the one filter every aggregate has: no FILTER left to test
@@ -592,9 +622,10 @@ class _Query:
 
     # --- event conditions ---------------------------------------------------------------------
     def _event_condition(self, ref: ast.EventRef, where: ast.Filter | None,
-                         window: ast.Window | None) -> tuple[exp.Expr, datetime | None]:
+                         window: ast.Window | None) -> tuple[exp.Expr, datetime | None, frozenset[str] | None]:
         """(the filter on events: name, window, then `where`, in the order they are cheapest to
-        test; the earliest event time it lets through, None when unbounded)."""
+        test; the earliest event time it lets through, None when unbounded; the event names it
+        lets through, None when any)."""
         parts: list[exp.Expr] = []
         if ref.name is not None:
             parts.append(exp.EQ(this=event_name(), expression=exp.Literal.string(ref.name)))
@@ -603,7 +634,8 @@ class _Query:
         if where is not None:
             parts.append(_paren(self.event_filter(where)))
         since = min((at for op, at in bounds if op in (">", ">=")), default=None)
-        return _positive(_and(parts)), since
+        names = frozenset([ref.name]) if ref.name is not None else (_names(where) if where is not None else None)
+        return _positive(_and(parts)), since, names
 
     def _note_prefilter(self, full: exp.Expr) -> None:
         """The scan reads only events some aggregate counts: the OR of their whole filters (not
@@ -616,7 +648,7 @@ class _Query:
             self.prefilters.append(full)
 
     def _aggregate(self, agg: ast.Aggregate, window: ast.Window | None, cid: str) -> exp.Expr:
-        full, since = self._event_condition(agg.event, agg.where, window)
+        full, since, names = self._event_condition(agg.event, agg.where, window)
         alias = _safe(cid)
         value: exp.Expr | None = None
         if agg.path is not None:
@@ -627,7 +659,7 @@ class _Query:
                 value = typed(raw, "number")
         if agg.func == "most_frequent":
             assert value is not None
-            return self._most_frequent(value, full, since, alias)
+            return self._most_frequent(value, full, since, names, alias)
         fn: exp.Expr
         if agg.func == "count":
             fn = exp.Count(this=exp.Star())
@@ -658,14 +690,16 @@ class _Query:
             self.aggs.append(exp.alias_(fn, alias))
             self.agg_filters.append(None if every else full)
             self.since.append(since)
+            self.names.append(names)
         col: exp.Expr = _col(alias, "agg")
         if agg.func in ("count", "distinct_count", "sum"):
             col = exp.Coalesce(this=col, expressions=[exp.Literal.number(0)])
         return col
 
-    def _most_frequent(self, value: exp.Expr, full: exp.Expr, since: datetime | None, alias: str) -> exp.Expr:
+    def _most_frequent(self, value: exp.Expr, full: exp.Expr, since: datetime | None, names: frozenset[str] | None,
+                       alias: str) -> exp.Expr:
         name = f"freq_{alias}"
-        counts = self._events_from(since)
+        counts = self._events_from(since, names)
         counts.set("expressions", [
             exp.alias_(self._unit(), "unit"), exp.alias_(value, "value"),
             exp.alias_(exp.Window(this=exp.RowNumber(), partition_by=[self._unit()],
@@ -685,13 +719,13 @@ class _Query:
         alias = _safe(cid)
         name = f"seq_{alias}"
         steps = [self._event_condition(s.event, s.where, c.window) for s in c.steps]
-        since = None if any(at is None for _, at in steps) else min(at for _, at in steps if at is not None)
-        base = self._events_from(since)
+        since = None if any(at is None for _, at, _ in steps) else min(at for _, at, _ in steps if at is not None)
+        base = self._events_from(since, _union([n for _, _, n in steps]))
         us = exp.func("epoch_us", _col("timestamp", "e"))
         base.set("expressions", [exp.alias_(self._unit(), "unit"), exp.alias_(_col("timestamp", "e"), "ts"),
                                  exp.alias_(us, "us"),
-                                 *[exp.alias_(_paren(full), f"is{i}") for i, (full, _) in enumerate(steps, start=1)]])
-        base = base.where(_paren(_or([_paren(full) for full, _ in steps])))
+                                 *[exp.alias_(_paren(full), f"is{i}") for i, (full, _, _) in enumerate(steps, start=1)]])
+        base = base.where(_paren(_or([_paren(full) for full, _, _ in steps])))
         current: exp.Expr = base
         # start1 = us on step-1 rows; startk = max(start(k-1)) over strictly earlier rows of step k-1
         for k in range(2, len(steps) + 1):

@@ -11,6 +11,9 @@ WITH agg AS (
       AND e.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
       AND ep.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
       AND ep.timestamp >= CAST('2026-01-25 12:00:00+00:00' AS TIMESTAMPTZ)
+      AND (
+        e.event IN ('page_view') OR e.event IS NULL
+      )
     )
     AND (
       e.timestamp > CAST('2026-01-25 12:00:00+00:00' AS TIMESTAMPTZ)

@@ -10,6 +10,9 @@ WITH agg AS (
       e.received_at <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
       AND e.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
       AND ep.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
+      AND (
+        e.event IN ('Order Completed') OR e.event IS NULL
+      )
     )
     AND (
       COALESCE(e.event, e.name, e.type) = 'Order Completed'

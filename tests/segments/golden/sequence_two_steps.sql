@@ -26,6 +26,9 @@ WITH seq_c1 AS (
           e.received_at <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
           AND e.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
           AND ep.timestamp <= CAST('2026-02-01 12:00:00+00:00' AS TIMESTAMPTZ)
+          AND (
+            e.event IN ('Order Completed', 'Product Viewed') OR e.event IS NULL
+          )
         )
         AND (
           (
