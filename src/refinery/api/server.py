@@ -69,6 +69,11 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
     # identity_incremental (identity/incremental.py, owner: incremental identity): profiles follow commits.
     from refinery.identity.incremental import start_follower
     follower = start_follower(runtime)
+    # Real-time segments (segments/realtime.py) follow the events the identity follower attributes.
+    segments_live = None
+    if settings.identity_incremental:
+        from refinery.segments.realtime import follow
+        segments_live = follow(runtime)
     app = create_app(runtime)
     asgi = _batch_memory_for_identity_jobs(collector_first(app, app.router.routes), runtime)
     # Move start-up objects (imports, app, caches) out of the collector's way: otherwise every
@@ -141,6 +146,8 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
                 path.unlink()
         except (OSError, ValueError):
             pass
+        if segments_live is not None:  # real-time segments: stop the tail before the identity follower
+            segments_live.stop()
         if follower is not None:  # identity_incremental: stop the follower before the writer
             follower.stop()
         runtime.close()

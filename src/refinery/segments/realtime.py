@@ -34,7 +34,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from refinery.errors import RefineryError
 from refinery.segments import ast
@@ -70,8 +70,9 @@ class NotRealtime(RefineryError):
     code = "segment_not_realtime"
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
+    """A membership change at the moment it happened (a named tuple: the evaluator makes many)."""
+
     kind: str  # segment_entered | segment_exited
     segment: str
     profile_id: str
@@ -151,10 +152,11 @@ class _Count(_Leaf):
         self.bounds, self.cap = _Bounds(window), cap
         self.routes = _routes(event, where)
         values = [test(c) for c in range(cap + 2)]  # the test is constant from cap - 1 on
-        self.table, self.last = tuple(values), values[-1]
+        self.table, self.last_value = tuple(values), values[-1]
         self.default = values[0]
         self.trim = not self.bounds.relative_upper
         b = self.bounds
+        self.last = b.rlo is not None and b.flo == -_NEVER and b.fhi == _NEVER and b.rhi == 0  # `in last ...`
         self.key = ("count", self.routes, where, tokenise, (b.flo, b.rlo, b.fhi, b.rhi), cap, self.table)
         up, down = values == sorted(values), values == sorted(values, reverse=True)
         # `keep`: the value one more event can never change (a count only grows when an event is added):
@@ -168,6 +170,8 @@ class _Count(_Leaf):
     def refresh(self, times: list[int], profile: _Profile, now: int) -> tuple[bool, int]:
         b = self.bounds
         rlo = b.rlo
+        if self.last and (not times or times[-1] <= now):
+            return self._last(times, cast(int, rlo), now)
         lo = b.flo if rlo is None else max(b.flo, now - rlo)
         if times and times[0] < lo:
             del times[:bisect_left(times, lo)]  # below the lower bound: out for good (bounds only move forward)
@@ -175,7 +179,7 @@ class _Count(_Leaf):
         if end > self.cap and self.trim:
             del times[:end - self.cap]  # only the newest `cap` counted times matter
             end = self.cap
-        table, last, size = self.table, self.last, len(self.table)
+        table, last, size = self.table, self.last_value, len(self.table)
         value = table[end] if end < size else last
         n = len(times)
         if end == n:  # nothing still to come in: the count only falls, as times leave (oldest first)
@@ -208,6 +212,27 @@ class _Count(_Leaf):
                 i += 1
             if (table[c] if c < size else last) != value:
                 return value, when
+        return value, _NEVER
+
+
+    def _last(self, times: list[int], rlo: int, now: int) -> tuple[bool, int]:
+        """`refresh` for a window `in last ...` with no time still to come: the same answer, fewer steps."""
+        if times and times[0] < now - rlo:
+            del times[:bisect_left(times, now - rlo)]
+        end = len(times)
+        if end > self.cap:
+            del times[:end - self.cap]
+            end = self.cap
+        table, last, size = self.table, self.last_value, len(self.table)
+        value = table[end] if end < size else last
+        c, i = end, 0
+        while i < end:
+            t = times[i]
+            while i < end and times[i] == t:
+                i += 1
+                c -= 1
+            if (table[c] if c < size else last) != value:
+                return value, t + rlo + 1
         return value, _NEVER
 
 
@@ -663,7 +688,8 @@ class RealtimeSegments:
                         heapq.heappush(heap, (nxt, pid, gid))
                     if value != slot[1]:
                         slot[1] = value
-                        dirty.update((pid, i) for i in owners[gid])
+                        for i in owners[gid]:
+                            dirty.add((pid, i))
             for gid in self.sequences.get(key, ()):
                 seq = cast(_Sequence, leaves[gid])
                 mask = seq.mask(ev, name)
@@ -681,7 +707,8 @@ class RealtimeSegments:
                     heapq.heappush(heap, (nxt, pid, gid))
                 if value != slot[1]:
                     slot[1] = value
-                    dirty.update((pid, i) for i in owners[gid])
+                    for i in owners[gid]:
+                        dirty.add((pid, i))
 
     def set_traits(self, profile_id: str, traits: Mapping[str, Any] | str, now: datetime | None = None) -> list[Change]:
         """A profile's traits as the `profiles` table has them (dict or JSON text)."""
@@ -735,40 +762,52 @@ class RealtimeSegments:
             when = heap[0][0]
             dirty: set[tuple[str, int]] = set()
             self._pop(when, dirty)
-            self.now = max(self.now, when)
+            if when > self.now:
+                self.now = when
             if dirty:
                 changes.extend(self._evaluate(dirty, when))
-        self.now = max(self.now, limit)
+        if limit > self.now:
+            self.now = limit
         return changes
 
     def _pop(self, when: int, dirty: set[tuple[str, int]]) -> None:
+        """Refresh the conditions whose timers are due at `when`; note the segments whose condition changed."""
         heap, profiles, leaves, owners = self.heap, self.profiles, self.leaves, self.owners
+        heappop, heapreplace = heapq.heappop, heapq.heapreplace
         while heap and heap[0][0] == when:
-            _, pid, gid = heapq.heappop(heap)
+            _, pid, gid = heap[0]
             p = profiles[pid]
             slot = p.slots.get(gid)
             if slot is None or slot[2] != when:
-                continue  # superseded by an earlier timer for the same condition
-            value, nxt = leaves[gid].refresh(slot[0], p, when)
+                heappop(heap)  # superseded by an earlier timer for the same condition
+                continue
+            value, nxt = leaves[gid].refresh(slot[0], p, when)  # nxt > when: never this group again
             slot[2] = nxt
             if nxt < _NEVER:
-                heapq.heappush(heap, (nxt, pid, gid))
+                heapreplace(heap, (nxt, pid, gid))  # pop and push in one pass
+            else:
+                heappop(heap)
             if value != slot[1]:
                 slot[1] = value
-                dirty.update((pid, i) for i in owners[gid])
+                for i in owners[gid]:
+                    dirty.add((pid, i))
 
     # --- evaluation --------------------------------------------------------------------------------------
     def _evaluate(self, dirty: Iterable[tuple[str, int]], now: int) -> list[Change]:
         out: list[Change] = []
+        segments, profiles = self.segments, self.profiles
+        moment: datetime | None = None
         for pid, index in sorted(dirty):
-            seg = self.segments[index]
-            held = seg.expr(self.profiles[pid].slots)
+            seg = segments[index]
+            held = seg.expr(profiles[pid].slots)
             if held != (pid in seg.members):
                 if held:
                     seg.members.add(pid)
                 else:
                     seg.members.discard(pid)
-                out.append(Change("segment_entered" if held else "segment_exited", seg.name, pid, at(now)))
+                if moment is None:
+                    moment = at(now)
+                out.append(Change("segment_entered" if held else "segment_exited", seg.name, pid, moment))
         return out
 
     def members(self, name: str) -> set[str]:
@@ -776,10 +815,12 @@ class RealtimeSegments:
 
     # --- warming from the store ------------------------------------------------------------------------------
     @classmethod
-    def load(cls, engine: Engine, as_of: datetime, segments: Mapping[str, Compiled] | None = None) -> RealtimeSegments:
+    def load(cls, engine: Engine, as_of: datetime, segments: Mapping[str, Compiled] | None = None, *,
+             loaded_before: datetime | None = None) -> RealtimeSegments:
         """An evaluator warmed from the store as of `as_of`: every profile's traits, every event received
         by then with its profile, then membership evaluated at `as_of` (no changes reported).
-        `segments`: the rules to keep (default: every live segment whose rule can be kept in real time)."""
+        `segments`: the rules to keep (default: every live segment whose rule can be kept in real time);
+        `loaded_before`: only events committed before then (the identity follower's watermark)."""
         if segments is None:
             segments = live_rules(engine, as_of)
         live = cls.of(segments)
@@ -787,7 +828,11 @@ class RealtimeSegments:
         try:
             for pid, traits in engine.fetch_all("SELECT profile_id, traits FROM profiles", cursor=cur):
                 live.profiles[str(pid)] = _Profile(json.loads(traits) if isinstance(traits, str) else dict(traits or {}))
-            rows = engine.fetch_dicts(_EVENTS_SQL + " WHERE e.received_at <= ? ORDER BY e.received_at", [as_of], cursor=cur)
+            if loaded_before is None:
+                rows = engine.fetch_dicts(_EVENTS_SQL + " WHERE e.received_at <= ? ORDER BY e.received_at", [as_of], cursor=cur)
+            else:
+                rows = engine.fetch_dicts(_EVENTS_SQL + " WHERE e.received_at <= ? AND e.loaded_at < ? ORDER BY e.received_at",
+                                          [as_of, loaded_before], cursor=cur)
         finally:
             cur.close()
         for row in rows:
@@ -826,9 +871,13 @@ def live_rules(engine: Engine, as_of: datetime | None = None) -> dict[str, Compi
     cur = engine.fresh_reader()
     try:
         for seg in store.list_segments(engine, cursor=cur):
-            compiled = store.compile_text(engine, seg.rule, name=seg.name, as_of=as_of, cursor=cur)
-            if compiled.realtime:
-                out[seg.name] = compiled
+            try:
+                compiled = store.compile_text(engine, seg.rule, name=seg.name, as_of=as_of, cursor=cur)
+                if compiled.realtime:
+                    RealtimeSegments.of({seg.name: compiled})  # Compiled.realtime lets some `ago` comparisons through
+                    out[seg.name] = compiled
+            except RefineryError as e:  # one rule that cannot be kept must not stop the others; scheduled runs keep it
+                log.info("real-time segments: %s is left to scheduled runs: %s", seg.name, type(e).__name__)
     finally:
         cur.close()
     return out
@@ -853,9 +902,16 @@ def record(engine: Engine, changes: list[Change]) -> None:
                            "AND profile_id = ? AND exited_at IS NULL", [c.at, c.segment, c.profile_id])
 
 
+#: The identity follower's watermark: every event committed before it is attributed (identity/incremental.py).
+_WATERMARK_SQL = ("SELECT CASE WHEN resolution_id = 'incremental' THEN finished_at ELSE started_at END AS covered "
+                  "FROM identity_resolutions WHERE mode IN ('full', 'incremental') ORDER BY covered DESC NULLS LAST LIMIT 1")
+_DEFINITIONS_SQL = "SELECT name, version FROM segments WHERE deleted_at IS NULL ORDER BY name"
+
+
 class Follower:
     """Tails attributed events (the identity follower writes `event_profiles` and `profiles` as batches
-    commit) and feeds them to a `RealtimeSegments`, writing its changes through the writer."""
+    commit) and feeds them to a `RealtimeSegments`, writing its changes through the writer. When the
+    segment definitions change (created, updated, deleted), the evaluator is warmed again from the store."""
 
     def __init__(self, runtime: Any, interval: float = 0.5):
         self.runtime = runtime
@@ -864,6 +920,7 @@ class Follower:
         self.thread = threading.Thread(target=self._run, name="segments-realtime", daemon=True)
         self.live: RealtimeSegments | None = None
         self.mark: datetime | None = None
+        self.definitions: list[tuple[Any, ...]] = []
 
     def start(self) -> None:
         self.thread.start()
@@ -884,15 +941,25 @@ class Follower:
     def poll(self, engine: Engine) -> list[Change]:
         """One step: events attributed since the last step (up to the identity follower's watermark),
         their profiles' traits, then the timers; the changes are recorded and returned."""
-        mark = engine.fetch_all("SELECT max(finished_at) FROM identity_resolutions", cursor=engine.fresh_reader())[0][0]
-        if mark is None:
-            return []
-        if self.live is None:
-            self.live, self.mark = RealtimeSegments.load(engine, mark), mark
-            return []
         cur = engine.fresh_reader()
         try:
-            rows = engine.fetch_dicts(_EVENTS_SQL + " WHERE e.loaded_at > ? AND e.loaded_at <= ? ORDER BY e.received_at",
+            found = engine.fetch_all(_WATERMARK_SQL, cursor=cur)
+            definitions = [tuple(r) for r in engine.fetch_all(_DEFINITIONS_SQL, cursor=cur)]
+        finally:
+            cur.close()
+        mark = found[0][0] if found else None
+        if mark is None:
+            return []
+        if self.live is None or definitions != self.definitions:
+            self.live = RealtimeSegments.load(engine, mark, loaded_before=mark)
+            self.mark, self.definitions = mark, definitions
+            fixes = self._reconcile(engine, self.live)
+            if fixes:
+                self.runtime.writer.call(lambda e: record(e, fixes))
+            return fixes
+        cur = engine.fresh_reader()
+        try:
+            rows = engine.fetch_dicts(_EVENTS_SQL + " WHERE e.loaded_at >= ? AND e.loaded_at < ? ORDER BY e.received_at",
                                       [self.mark, mark], cursor=cur)
             ids = sorted({str(r["profile_id"]) for r in rows})
             traits = engine.fetch_all("SELECT profile_id, traits FROM profiles WHERE list_contains(?, profile_id)",
@@ -908,6 +975,24 @@ class Follower:
         self.mark = mark
         if changes:
             self.runtime.writer.call(lambda e: record(e, changes))
+        return changes
+
+
+    @staticmethod
+    def _reconcile(engine: Engine, live: RealtimeSegments) -> list[Change]:
+        """After warming up: the evaluator brought to now, and its members compared with the open stays
+        (a membership run or an earlier tail recorded them); the differences, as changes at now."""
+        now = datetime.now(UTC)
+        live.on_tick(now)
+        open_stays: dict[str, set[str]] = {}
+        for segment, profile_id in engine.fetch_all("SELECT segment, profile_id FROM segment_members WHERE exited_at IS NULL",
+                                                    cursor=engine.fresh_reader()):
+            open_stays.setdefault(str(segment), set()).add(str(profile_id))
+        changes: list[Change] = []
+        for seg in live.segments:
+            recorded = open_stays.get(seg.name, set())
+            changes += [Change("segment_entered", seg.name, pid, now) for pid in sorted(seg.members - recorded)]
+            changes += [Change("segment_exited", seg.name, pid, now) for pid in sorted(recorded - seg.members)]
         return changes
 
 
