@@ -20,6 +20,7 @@ ever enters as sqlglot literals.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -192,7 +193,24 @@ def _realtime(checked: Checked) -> bool:
             return False
         if isinstance(c, ast.ComputedTraitCondition) and c.aggregate.func != "count":
             return False
+        if _moves_with_time(c):
+            return False
     return all(_realtime(s) for s in checked.segments.values())
+
+
+def _moves_with_time(node: object) -> bool:
+    """Whether a `N ago` value sits in a comparison (a `where`, a step's filter, a trait or a
+    count's comparison) rather than in a window: then every stored event's or trait's answer moves
+    with the clock, which the real-time evaluator's timers do not follow."""
+    if isinstance(node, ast.Window):
+        return False  # windows with `ago` bounds are the evaluator's business
+    if isinstance(node, ast.Literal):
+        return node.type == "ago"
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return any(_moves_with_time(getattr(node, f.name)) for f in dataclasses.fields(node))
+    if isinstance(node, (tuple, list)):
+        return any(_moves_with_time(x) for x in node)
+    return False
 
 
 def _utc(moment: datetime) -> datetime:
