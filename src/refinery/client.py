@@ -515,7 +515,8 @@ class RemoteClient(Client):
                 body = r.json()
             except ValueError:
                 body = {"message": r.text}
-            err = RefineryError(body.get("message") or str(body), fix=body.get("fix"))
+            err = RefineryError(body.get("message") or str(body), fix=body.get("fix"),
+                                **({"caret": body["caret"]} if isinstance(body.get("caret"), str) else {}))
             err.http_status = r.status_code
             err.code = body.get("error", "error")
             raise err

@@ -58,6 +58,9 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, ti
 
 def fail(e: RefineryError) -> None:
     err_console.print(f"[bold red]Error:[/] {e.message}")
+    caret = e.details.get("caret") or getattr(e, "caret", None)
+    if isinstance(caret, str) and caret:  # a rule's line with a caret under the fault (segments)
+        err_console.print(caret, markup=False, highlight=False, soft_wrap=True)
     if e.fix:
         err_console.print(f"[yellow]Fix:[/] {e.fix}")
     raise typer.Exit(2)

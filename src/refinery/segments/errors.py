@@ -54,6 +54,12 @@ class SegmentError(RefineryError):
         gutter = f"{self.span.line:>3} | "
         return f"{gutter}{line}\n{' ' * (len(gutter) - 2)}| {' ' * start}{'^' * max(width, 1)}"
 
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        if self.caret:
+            body["caret"] = self.caret  # the rule's line with a caret under the fault, for any client to show
+        return body
+
     def __str__(self) -> str:
         text = self.message
         caret = getattr(self, "caret", "")
