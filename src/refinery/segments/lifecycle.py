@@ -7,17 +7,21 @@ holder, or the local user), so both edges behave alike by construction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from refinery.governance import audit
 from refinery.governance.principal import Principal
 from refinery.privacy.pii import reveal_in
 from refinery.segments import computed, explain, members, preview, store
-from refinery.segments.catalog import build_catalog
+from refinery.segments.catalog import cached_catalog
+from refinery.segments.errors import UnknownNameError
 from refinery.segments.store import SegmentLifecycleError
 from refinery.storage.engine import Engine
 from refinery.storage.writer import Writer
+
+T = TypeVar("T")
 
 
 def parse_time(text: str | None, field: str = "as_of") -> datetime | None:
@@ -59,10 +63,18 @@ def show(engine: Engine, name: str) -> dict[str, Any]:
             "versions": [v.to_dict() for v in store.versions(engine, name, cursor=cur)]}
 
 
+def _with_catalog(engine: Engine, fn: Callable[[Any], T]) -> T:
+    """`fn(catalog)` with the cached catalog (built outside the writer: it scans the events), and once
+    more with a fresh one if a name is unknown to the cached one (it may predate that name)."""
+    try:
+        return fn(cached_catalog(engine))
+    except UnknownNameError:
+        return fn(cached_catalog(engine, fresh=True))
+
+
 def create(engine: Engine, writer: Writer, actor: Principal, name: str, rule: str, description: str | None = None, *,
            run: bool = True, trigger: str = "create", rules: Any = None) -> dict[str, Any]:
-    catalog = build_catalog(engine)  # outside the writer: it scans the events
-    seg = writer.call(lambda e: store.create(e, actor, name, rule, description, catalog=catalog))
+    seg = _with_catalog(engine, lambda catalog: writer.call(lambda e: store.create(e, actor, name, rule, description, catalog=catalog)))
     out: dict[str, Any] = seg.to_dict()
     if run:
         out["run"] = members.run_segments(engine, writer, actor, [name], trigger=trigger, force=True, rules=rules).to_dict()
@@ -71,8 +83,7 @@ def create(engine: Engine, writer: Writer, actor: Principal, name: str, rule: st
 
 def update(engine: Engine, writer: Writer, actor: Principal, name: str, rule: str | None = None, description: str | None = None,
            *, run: bool = True, rules: Any = None) -> dict[str, Any]:
-    catalog = build_catalog(engine)
-    seg = writer.call(lambda e: store.update(e, actor, name, rule, description, catalog=catalog))
+    seg = _with_catalog(engine, lambda catalog: writer.call(lambda e: store.update(e, actor, name, rule, description, catalog=catalog)))
     out: dict[str, Any] = seg.to_dict()
     if run:
         out["run"] = members.run_segments(engine, writer, actor, [name], trigger="update", rules=rules).to_dict()
@@ -80,8 +91,7 @@ def update(engine: Engine, writer: Writer, actor: Principal, name: str, rule: st
 
 
 def delete(writer: Writer, actor: Principal, name: str) -> dict[str, Any]:
-    catalog = build_catalog(writer.engine)
-    result: dict[str, Any] = writer.call(lambda e: store.delete(e, actor, name, catalog=catalog))
+    result: dict[str, Any] = _with_catalog(writer.engine, lambda catalog: writer.call(lambda e: store.delete(e, actor, name, catalog=catalog)))
     return result
 
 

@@ -294,9 +294,9 @@ class _Inputs:
 
 
 def _catalog(engine: Engine) -> Any:
-    from refinery.segments.catalog import build_catalog
+    from refinery.segments.catalog import cached_catalog
 
-    return build_catalog(engine)
+    return cached_catalog(engine)
 
 
 def _run_one(engine: Engine, writer: Writer, actor: Principal, name: str, at: datetime, shared: _Inputs,

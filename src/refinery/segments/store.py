@@ -203,7 +203,7 @@ def context(engine: Engine, *, as_of: datetime | None = None, segments: Mapping[
     computed traits, and the tokeniser for literals compared with personal fields."""
     from refinery.privacy.pii import token_for
     from refinery.segments import computed
-    from refinery.segments.catalog import build_catalog
+    from refinery.segments.catalog import cached_catalog
     from refinery.segments.compile import CompileContext
 
     rules = live_rules(engine, as_of=as_of, cursor=cursor) if segments is None else dict(segments)
@@ -212,7 +212,7 @@ def context(engine: Engine, *, as_of: datetime | None = None, segments: Mapping[
         return token_for(engine, kind, normal) or normal
 
     return CompileContext(
-        catalog=catalog if catalog is not None else build_catalog(engine),
+        catalog=catalog if catalog is not None else cached_catalog(engine),
         segments=rules,
         computed_traits=computed.expressions(engine, cursor=cursor),
         engine_dialect=engine.dialect,
@@ -224,12 +224,21 @@ def compile_text(engine: Engine, rule: str, *, name: str | None = None, as_of: d
                  cursor: Any = None) -> Any:
     """Compile `rule` against this store. With `name`, the rule stands in for that segment's own
     (so `in segment` cycles through it are found before it is saved)."""
+    from refinery.segments.catalog import cached_catalog
     from refinery.segments.compile import compile_rule
+    from refinery.segments.errors import UnknownNameError
 
     rules = live_rules(engine, as_of=as_of, cursor=cursor)
     if name is not None:
         rules[name] = rule
-    return compile_rule(rule, context(engine, as_of=as_of, segments=rules, catalog=catalog, cursor=cursor), name=name)
+    try:
+        return compile_rule(rule, context(engine, as_of=as_of, segments=rules, catalog=catalog, cursor=cursor), name=name)
+    except UnknownNameError:
+        if catalog is not None:
+            raise
+        # The cached catalog may predate a name first seen in the last minute: ask once more, fresh.
+        fresh = cached_catalog(engine, fresh=True)
+        return compile_rule(rule, context(engine, as_of=as_of, segments=rules, catalog=fresh, cursor=cursor), name=name)
 
 
 def identity_policy(compiled: Any) -> dict[str, Any]:
