@@ -658,7 +658,7 @@ class RealtimeSegments:
         """Add the event to the state of every condition it matches; `dirty` None: only store it
         (warming up), else refresh those conditions at `now` and note the segments whose condition changed."""
         name = ref.event_name(ev)
-        slots, leaves, heap, owners = p.slots, self.leaves, self.heap, self.owners
+        slots, leaves = p.slots, self.leaves
         for key in ((name, None) if name is not None else (None,)):
             for match, gids in self.counts.get(key, ()):
                 if match is not None and not match(ev):
@@ -680,16 +680,8 @@ class RealtimeSegments:
                             continue  # one more event cannot change its value; its timer can only be early
                         if len(times) < leaf.flip and slot[1] == leaf.default:
                             continue  # too few events to change its value, now or later
-                    if dirty is None:
-                        continue
-                    value, nxt = leaf.refresh(slot[0], p, now)
-                    if nxt < slot[2]:
-                        slot[2] = nxt
-                        heapq.heappush(heap, (nxt, pid, gid))
-                    if value != slot[1]:
-                        slot[1] = value
-                        for i in owners[gid]:
-                            dirty.add((pid, i))
+                    if dirty is not None:
+                        self._refresh(leaf, slot, p, pid, gid, now, dirty)
             for gid in self.sequences.get(key, ()):
                 seq = cast(_Sequence, leaves[gid])
                 mask = seq.mask(ev, name)
@@ -699,16 +691,21 @@ class RealtimeSegments:
                 if slot is None:
                     slot = slots[gid] = [([], []), False, _NEVER]
                 seq.add(slot[0], t, mask)
-                if dirty is None:
-                    continue
-                value, nxt = seq.refresh(slot[0], p, now)
-                if nxt < slot[2]:
-                    slot[2] = nxt
-                    heapq.heappush(heap, (nxt, pid, gid))
-                if value != slot[1]:
-                    slot[1] = value
-                    for i in owners[gid]:
-                        dirty.add((pid, i))
+                if dirty is not None:
+                    self._refresh(seq, slot, p, pid, gid, now, dirty)
+
+    def _refresh(self, leaf: Any, slot: list[Any], p: _Profile, pid: str, gid: int, now: int,
+                 dirty: set[tuple[str, int]]) -> None:
+        """A condition's value at `now` after an event changed its state: an earlier timer if its value
+        can next change sooner, and its segments noted when the value changed."""
+        value, nxt = leaf.refresh(slot[0], p, now)
+        if nxt < slot[2]:
+            slot[2] = nxt
+            heapq.heappush(self.heap, (nxt, pid, gid))
+        if value != slot[1]:
+            slot[1] = value
+            for i in self.owners[gid]:
+                dirty.add((pid, i))
 
     def set_traits(self, profile_id: str, traits: Mapping[str, Any] | str, now: datetime | None = None) -> list[Change]:
         """A profile's traits as the `profiles` table has them (dict or JSON text)."""
