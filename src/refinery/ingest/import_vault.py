@@ -36,7 +36,7 @@ from sqlglot import exp
 
 from refinery.errors import ImportError_
 from refinery.ingest.import_pii import PiiSlot
-from refinery.privacy.normalise import clean_text
+from refinery.privacy.tokens import normal_id
 from refinery.privacy.vault import Vault
 from refinery.storage.engine import Engine
 
@@ -70,14 +70,6 @@ def file_sha256(path: Path) -> str:
 
 def raw_path(raw_dir: Path, sha: str) -> Path:
     return raw_dir / f"{sha}{RAW_SUFFIX}"
-
-
-def _subject(value: str | None) -> str | None:
-    """A user or anonymous id's subject text, as `tokens.subject_of` gives it (None when empty)."""
-    if value is None:
-        return None
-    text = value.strip(" ") if value.isascii() and value.isprintable() else clean_text(value)
-    return text or None
 
 
 class Sealer:
@@ -129,7 +121,7 @@ class ChunkPrivacy:
     def _key_of(self, value: str) -> str | None:
         key = self._keys.get(value, "")
         if key == "":
-            subject = _subject(value)
+            subject = normal_id(value)
             key = None if subject is None else self.vault.key_id(subject)
             if len(self._keys) >= _MEMO:
                 self._keys.clear()
@@ -200,7 +192,7 @@ class ChunkPrivacy:
             enc = pc.dictionary_encode(col)
             flags = []
             for v in enc.dictionary.to_pylist():
-                normal = _subject(v) if is_id else v
+                normal = normal_id(v) if is_id else v
                 flags.append(normal is not None and self._is_blocked(kind, normal))
             hit = pc.take(pa.array(flags, pa.bool_()), enc.indices)
             mask |= pc.fill_null(hit, False).to_numpy(zero_copy_only=False)

@@ -35,7 +35,6 @@ from sqlglot import exp
 from refinery.governance import lineage
 from refinery.ingest.clean import EVENT_COLUMNS, clean_select
 from refinery.ingest.protocol import Failure, Limits, check_event
-from refinery.privacy.normalise import clean_text
 from refinery.privacy.tokens import PiiValue, subject_of
 from refinery.privacy.vault import Vault
 from refinery.storage.engine import Engine, parse
@@ -263,16 +262,7 @@ def _check(runtime: Runtime, payload: str, unplanned_mode: str | None) -> Failur
 
 def _suppressed(vault: Vault, event: dict[str, Any]) -> bool:
     """Whether the event's user id, anonymous id, email or phone is on the suppression list."""
-    if not vault.suppressed:
-        return False
-    for name, kind in (("userId", "user_id"), ("anonymousId", "anonymous_id")):
-        value = event.get(name)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            text = clean_text(value if isinstance(value, str) else orjson.dumps(value).decode())
-            if text and vault.suppressed_identifier(kind, text):
-                return True
-    _, values = vault.tokens.protect_event(event)
-    return any(v.kind in ("email", "phone") and vault.suppressed_identifier(v.kind, v.value) for v in values)
+    return bool(vault.suppressed) and vault.suppressed_event(event, vault.tokens.protect_event(event)[1])
 
 
 def _clean_candidates(

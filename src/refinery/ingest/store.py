@@ -21,7 +21,6 @@ from sqlglot import exp
 from refinery.governance.ingest_consent import ConsentGate, minimise
 from refinery.ingest.clean import EVENT_COLUMNS, CleanRules, clean_select
 from refinery.ingest.protocol import Failure, StagedEvent
-from refinery.privacy.normalise import clean_text
 from refinery.privacy.tokens import PiiValue, subject_of
 from refinery.privacy.vault import Vault
 from refinery.storage.engine import ConstraintViolation, Engine, parse
@@ -392,20 +391,7 @@ def protect_item(vault: Vault, item: IngestItem, gate: ConsentGate | None = None
     denied = gate.reason(merged) if gate is not None else None
     out, values = vault.tokens.protect_event(minimise(merged, denied) if denied else merged)
     merged_json = orjson.dumps(out).decode() if out is not merged else ev.merged_json
-    return Protected(key_id, merged_json, values, bool(vault.suppressed) and _is_suppressed(vault, merged, values))
-
-
-_SUPPRESSIBLE_KINDS = frozenset({"email", "phone"})
-
-
-def _is_suppressed(vault: Vault, event: dict[str, object], values: list[PiiValue]) -> bool:
-    for field, kind in (("userId", "user_id"), ("anonymousId", "anonymous_id")):
-        value = event.get(field)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            text = clean_text(value if isinstance(value, str) else orjson.dumps(value).decode())
-            if text and vault.suppressed_identifier(kind, text):
-                return True
-    return any(v.kind in _SUPPRESSIBLE_KINDS and vault.suppressed_identifier(v.kind, v.value) for v in values)
+    return Protected(key_id, merged_json, values, vault.suppressed_event(merged, values))
 
 
 def _seal_raw(vault: Vault | None, items: Sequence[IngestItem], protected: list[Protected]) -> list[bytes | None]:

@@ -178,15 +178,21 @@ def subject_of(event: dict[str, Any]) -> str | None:
     """Whose event this is, for its data key: the user id, else the anonymous id, as text in
     the normal form identity resolution gives ids (so erasure finds the same key)."""
     for name in ("userId", "anonymousId"):
-        value = event.get(name)
-        if value is None or isinstance(value, (dict, list, bool)):
-            continue
-        if isinstance(value, str) and value and value.isascii() and value.isprintable() and value[0] != " " and value[-1] != " ":
-            return value  # printable ASCII without outer spaces is its own normal form (the common case)
-        text = clean_text(value if isinstance(value, str) else orjson.dumps(value).decode())
+        text = normal_id(event.get(name))
         if text:
             return text
     return None
+
+
+def normal_id(value: Any) -> str | None:
+    """A user or anonymous id in the normal form identity resolution gives ids (None when it is no
+    id: missing, empty, an object, a list or a boolean)."""
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None
+    if isinstance(value, str) and value and value.isascii() and value.isprintable() and value[0] != " " and value[-1] != " ":
+        return value  # printable ASCII without outer spaces is its own normal form (the common case)
+    text = clean_text(value if isinstance(value, str) else orjson.dumps(value).decode())
+    return text or None
 
 
 def truncate_ip(ip: str) -> str:

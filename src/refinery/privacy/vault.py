@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,10 +29,13 @@ from cryptography.exceptions import InvalidTag
 
 from refinery.errors import StorageError
 from refinery.privacy.keys import KeyStore, MasterKeyError, derive, load_master_key, seal, unseal
-from refinery.privacy.tokens import PiiPolicy, PiiValue, Tokeniser
+from refinery.privacy.tokens import PiiPolicy, PiiValue, Tokeniser, normal_id
 from refinery.storage.engine import Engine
 
 log = logging.getLogger(__name__)
+
+#: Identifier kinds among personal values that name a person on the suppression list.
+_SUPPRESSIBLE_KINDS = frozenset({"email", "phone"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,17 @@ class Vault:
 
     def suppressed_identifier(self, kind: str, normal: str) -> bool:
         return bool(self.suppressed) and self.suppression_hash(kind, normal) in self.suppressed
+
+    def suppressed_event(self, event: Mapping[str, Any], values: Iterable[PiiValue]) -> bool:
+        """Whether an event belongs to an erased person: its user id, anonymous id, or one of its
+        emails or phones (`values`, as `tokens.protect_event` found them) is on the suppression list."""
+        if not self.suppressed:
+            return False
+        for field, kind in (("userId", "user_id"), ("anonymousId", "anonymous_id")):
+            text = normal_id(event.get(field))
+            if text and self.suppressed_identifier(kind, text):
+                return True
+        return any(v.kind in _SUPPRESSIBLE_KINDS and self.suppressed_identifier(v.kind, v.value) for v in values)
 
     # --- sealing ----------------------------------------------------------------------------
     def seal_many(self, key_ids: Sequence[str], plaintexts: Sequence[bytes | None]) -> list[bytes | None]:
