@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from refinery.client import Client
-from refinery.demo.world import WEB_SOURCE, Person, World
+from refinery.demo.world import Person, World
 
 
 def candidates(world: World) -> list[Person]:
@@ -117,4 +117,4 @@ def _write_private(path: Path, body: Any) -> None:
     tmp.replace(path)
 
 
-__all__ = ["WEB_SOURCE", "candidates", "chosen", "erased_person", "run"]
+__all__ = ["candidates", "chosen", "erased_person", "run"]

@@ -12,6 +12,7 @@ replaced, for the vault to seal under the event's subject key.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import re
@@ -36,6 +37,7 @@ DEFAULT_PROPERTY_FIELDS: tuple[str, ...] = ("email", "phone")
 _KIND_ALIASES = {"firstName": "first_name", "lastName": "last_name", "postalCode": "postal_code"}
 
 
+@functools.lru_cache(maxsize=1024)
 def kind_of(field_name: str) -> str:
     """The token kind of a field name: `firstName` and `first_name` are one kind."""
     name = _KIND_ALIASES.get(field_name, field_name)

@@ -184,9 +184,8 @@ class Vault:
             [wanted],
         )
         out: dict[str, str] = {}
-        pending = [(t, k, s) for t, k, s in rows]
-        plain = self.unseal_many([k for _, k, _ in pending], [s for _, _, s in pending])
-        for (token, _, _), value in zip(pending, plain, strict=True):
+        plain = self.unseal_many([k for _, k, _ in rows], [s for _, _, s in rows])
+        for (token, _, _), value in zip(rows, plain, strict=True):
             if value is not None and token not in out:
                 out[token] = value.decode()
         return out
