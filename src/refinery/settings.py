@@ -105,6 +105,16 @@ class Settings(BaseSettings):
     # segments (refinery/segments/schedule.py, docs/segments.md): membership recomputed inside `refinery serve`
     segments_interval_minutes: float = Field(15.0, ge=0, description="How often `refinery serve` recomputes segment membership (segments whose inputs did not change are skipped); 0 turns the scheduled job off.")
 
+    # activation (refinery/activation/, docs/activation.md): syncs, outboxes, delivery
+    activation_workers: bool = Field(True, description="`refinery serve` runs the syncs' schedules and one delivery worker per destination (each with its own outbox, so a slow destination never holds up another); off, nothing is delivered until `refinery syncs run`.")
+    activation_batch_size: int = Field(1000, ge=1, le=100_000, description="Most records in one batch sent to a destination (a sync can set its own, lower).")
+    activation_max_attempts: int = Field(8, ge=1, description="Deliveries of one batch before it goes to the dead-letter table (`refinery syncs dead-letters`, replayable).")
+    activation_backoff_base_seconds: float = Field(1.0, gt=0, description="First retry delay of a failed batch; each further retry doubles it (full jitter), up to `activation_backoff_max_seconds`; a receiver's `Retry-After` wins.")
+    activation_backoff_max_seconds: float = Field(300.0, gt=0, description="Longest delay between two deliveries of one batch (also caps a receiver's `Retry-After`).")
+    activation_timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one delivery to a network destination (connect, read and write each).")
+    activation_poll_seconds: float = Field(0.5, gt=0, description="How often delivery workers look for due batches and real-time syncs for new `segment_entered`/`segment_exited` events.")
+    activation_allowed_networks: list[str] = Field(default_factory=list, description="Addresses (CIDR, e.g. `10.1.0.0/16`, `127.0.0.1/32`) or host names destinations may reach although they are loopback, private, link-local or cloud-metadata addresses, which are refused by default (server-side request forgery), checked after DNS resolution and on every redirect.")
+
     @property
     def master_key_path(self) -> Path:
         return self.master_key_file or (self.data_dir / "keys" / "master.key")

@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from refinery.errors import StorageError
 from refinery.privacy.keys import KeyStore, MasterKeyError, derive, load_master_key, seal, unseal
@@ -51,6 +52,7 @@ class Vault:
         self.tokens = Tokeniser(derive(master, "token"), policy)
         self._subject_mac = hmac.new(derive(master, "subject"), digestmod="sha256")
         self._suppress_mac = hmac.new(derive(master, "suppression"), digestmod="sha256")
+        self._secrets = AESGCM(derive(master, "secrets"))
         #: (token, key id) pairs known to be in `vault_values`, to skip sealing them again.
         self._stored: set[tuple[str, str]] = set()
         #: The suppression list (hashes of erased identifiers), mirrored from `suppression_list`.
@@ -115,6 +117,14 @@ class Vault:
         return any(v.kind in _SUPPRESSIBLE_KINDS and self.suppressed_identifier(v.kind, v.value) for v in values)
 
     # --- sealing ----------------------------------------------------------------------------
+    def seal_secret(self, name: str, plaintext: str) -> bytes:
+        """Seal a configuration secret (a destination's password or signing key) under a key derived
+        from the master key, bound to `name` so a sealed value cannot be moved to another place."""
+        return seal(self._secrets, plaintext.encode(), b"secret\x1f" + name.encode())
+
+    def unseal_secret(self, name: str, sealed: bytes) -> str:
+        return unseal(self._secrets, sealed, b"secret\x1f" + name.encode()).decode()
+
     def seal_many(self, key_ids: Sequence[str], plaintexts: Sequence[bytes | None]) -> list[bytes | None]:
         """Seal each plaintext under its key id (keys created as needed, committed first)."""
         keys = self.keys.get(key_ids, create=True)

@@ -1,0 +1,3 @@
+"""Imports every built-in destination module, each of which calls `register()` at import."""
+
+from __future__ import annotations
