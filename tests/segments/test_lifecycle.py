@@ -13,6 +13,7 @@ import pytest
 from refinery.errors import RefineryError
 from refinery.governance.principal import Principal
 from refinery.profiles.build import Refresh
+from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
 from refinery.segments import lifecycle, members, store
 from refinery.segments.errors import SegmentError
@@ -194,3 +195,35 @@ def test_computed_traits_are_materialised_and_replaced(shop: Runtime) -> None:
     values = dict(shop.engine.fetch_all("SELECT profile_id, CAST(value AS DOUBLE) FROM computed_trait_values WHERE name = 'lifetime_value'",
                                         cursor=shop.engine.reader()))
     assert values == {alice: 120.0, bob: 30.0}
+
+
+def test_as_of_evaluation_reads_traits_as_they_were_then(shop: Runtime) -> None:
+    """A trait condition evaluated as of a past moment sees the traits the identify calls received by
+    then gave (under the store's trait policy), not today's: the audience of that moment, reproduced."""
+    rt = shop
+    alice, bob = _profile(rt, "alice"), _profile(rt, "bob")
+    policy = TraitPolicy.from_settings(rt.settings)
+    _create(rt, "pro", "plan = 'pro'")
+    _create(rt, "pro_persons", "plan = 'pro' counted by persons above 0.9")
+    time.sleep(0.01)
+    before = datetime.now(UTC)
+    time.sleep(0.01)
+    write_events(rt, event("identify", userId="bob", traits={"plan": "pro"}),
+                 event("identify", userId="alice", traits={"plan": None}))  # an explicit null clears the trait
+    _resolve(rt)
+    members.run_segments(rt.engine, rt.writer, ACTOR)
+    for name in ("pro", "pro_persons"):
+        now = lifecycle.read_members(rt.engine, rt.writer, ACTOR, name)
+        then = lifecycle.read_members(rt.engine, rt.writer, ACTOR, name, as_of=before.isoformat(), source="evaluated",
+                                      trait_policy=policy)
+        recorded = lifecycle.read_members(rt.engine, rt.writer, ACTOR, name, as_of=before.isoformat())
+        assert _ids(now) == [bob], name
+        assert _ids(then) == _ids(recorded) == [alice], name
+        # without the policy the evaluation can only read today's traits: the difference is real
+        today = lifecycle.read_members(rt.engine, rt.writer, ACTOR, name, as_of=before.isoformat(), source="evaluated")
+        assert _ids(today) == [bob], name
+    told = lifecycle.explain_profile(rt.engine, rt.writer, ACTOR, "pro", alice, as_of=before.isoformat(), trait_policy=policy)
+    assert told["member"] is True
+    assert lifecycle.explain_profile(rt.engine, rt.writer, ACTOR, "pro", alice)["member"] is False
+    past = lifecycle.run_preview(rt.engine, rt.writer, ACTOR, "plan = 'free'", as_of=before.isoformat(), trait_policy=policy)
+    assert past["sample"] == [bob]

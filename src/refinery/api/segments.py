@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from refinery.api.auth import current_principal, require
 from refinery.governance.principal import Principal
 from refinery.identity import rules_from_settings
+from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
 from refinery.segments import lifecycle
 from refinery.segments.preview import MAX_SAMPLE
@@ -62,6 +63,8 @@ def router(runtime: Runtime) -> APIRouter:
     def rules() -> Any:
         return rules_from_settings(runtime.settings)
 
+    trait_policy = TraitPolicy.from_settings(runtime.settings)  # as-of evaluation merges traits as profiles do
+
     @r.get("/api/segments", dependencies=[read])
     def list_segments() -> dict[str, Any]:
         return {"segments": lifecycle.list_segments(engine)}
@@ -72,7 +75,8 @@ def router(runtime: Runtime) -> APIRouter:
 
     @r.post("/api/segments/preview", dependencies=[read])
     def preview(body: PreviewRequest, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.run_preview(engine, writer, actor, body.rule, sample=body.sample, as_of=body.as_of, name=body.name, rules=rules())
+        return lifecycle.run_preview(engine, writer, actor, body.rule, sample=body.sample, as_of=body.as_of, name=body.name, rules=rules(),
+                                     trait_policy=trait_policy)
 
     @r.post("/api/segments/run", dependencies=[write])
     def run(body: RunRequest, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
@@ -98,7 +102,8 @@ def router(runtime: Runtime) -> APIRouter:
         source: Literal["history", "evaluated"] = Query("history", description="history: rows open then; evaluated: the rule then in force over events received by then."),
         limit: int = Query(1000, ge=0, le=1_000_000),
     ) -> dict[str, Any]:
-        return lifecycle.read_members(engine, writer, actor, name, as_of=as_of, source=source, limit=limit, rules=rules())
+        return lifecycle.read_members(engine, writer, actor, name, as_of=as_of, source=source, limit=limit, rules=rules(),
+                                      trait_policy=trait_policy)
 
     @r.get("/api/segments/{name}/history", dependencies=[read])
     def history(name: str, limit: int = Query(50, ge=1, le=10_000)) -> dict[str, Any]:
@@ -107,7 +112,8 @@ def router(runtime: Runtime) -> APIRouter:
     @r.get("/api/segments/{name}/explain", dependencies=[read])
     def explain(name: str, profile: str = Query(..., description="A profile id, or an identifier as type:value."),
                 as_of: str | None = None, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.explain_profile(engine, writer, actor, name, profile, as_of=as_of, rules=rules())
+        return lifecycle.explain_profile(engine, writer, actor, name, profile, as_of=as_of, rules=rules(),
+                                         trait_policy=trait_policy)
 
     @r.get("/api/computed-traits", dependencies=[read])
     def list_traits() -> dict[str, Any]:

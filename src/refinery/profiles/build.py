@@ -52,31 +52,58 @@ def attribute_events(engine: Engine, rules: IdentityRules) -> None:
     engine.execute("INSERT INTO event_profiles SELECT source, message_id, profile_id, identifier_type, ts FROM _prf_attr")
 
 
+_WINNING_TRAITS = """
+    SELECT profile_id, key, value, source, message_id, ts, policy FROM (
+        SELECT a.profile_id, j.key, j.value, e.source, e.message_id, e.timestamp AS ts, __policy AS policy,
+               row_number() OVER (
+                   PARTITION BY a.profile_id, j.key
+                   ORDER BY CASE WHEN __policy = 'source_priority' THEN __srank ELSE 0 END,
+                            CASE WHEN __policy = 'first' THEN epoch_us(e.timestamp) ELSE -epoch_us(e.timestamp) END,
+                            e.source, e.message_id
+               ) AS rn
+        FROM events e
+        JOIN event_profiles a ON a.source = e.source AND a.message_id = e.message_id,
+        json_each(CASE WHEN json_type(e.traits) = 'OBJECT' THEN e.traits END) j
+        WHERE e.type = 'identify' AND __where
+    ) t WHERE rn = 1
+"""
+
+_TRAITS_OBJECT = """
+    SELECT profile_id,
+           to_json(map(list(key ORDER BY key), list(value ORDER BY key))) AS traits,
+           to_json(map(list(key ORDER BY key),
+                       list(json_object('source', source, 'message_id', message_id, 'at', ts, 'policy', policy) ORDER BY key)))
+               AS trait_sources
+    FROM __winners WHERE json_type(value) <> 'NULL'  -- a winning null clears the trait
+    GROUP BY profile_id
+"""
+
+
+def winning_traits(policy: TraitPolicy, where: exp.Expression | None = None) -> exp.Expression:
+    """SELECT profile_id, key, value, source, message_id, ts, policy: the winning value of every
+    (profile, trait) under the trait policy, over the identify calls `where` lets through
+    (columns of `events e` and `event_profiles a`; every identify call when None)."""
+    key = exp.column("key", table="j")
+    return sql.template(_WINNING_TRAITS, policy=policy.policy_expression(key),
+                        srank=policy.source_rank(exp.column("source", table="e")), where=where if where is not None else exp.true())
+
+
+def traits_objects(winners: exp.Expression) -> exp.Expression:
+    """SELECT profile_id, traits, trait_sources: one JSON object per profile from `winning_traits`
+    rows (keys sorted, so the same data always gives the same text; a winning null clears the trait)."""
+    return sql.template(_TRAITS_OBJECT, winners=exp.Subquery(this=winners, alias=exp.TableAlias(this=exp.to_identifier("w"))))
+
+
 def merge_traits(engine: Engine, policy: TraitPolicy) -> None:
     """`_prf_traits`: the winning value of every (profile, trait) under the trait policy."""
-    key = exp.column("key", table="j")
-    source = exp.column("source", table="e")
-    sql.run(engine, """
-        CREATE OR REPLACE TEMP TABLE _prf_traits AS
-        SELECT profile_id, key, value, source, message_id, ts, policy FROM (
-            SELECT a.profile_id, j.key, j.value, e.source, e.message_id, e.timestamp AS ts, __policy AS policy,
-                   row_number() OVER (
-                       PARTITION BY a.profile_id, j.key
-                       ORDER BY CASE WHEN __policy = 'source_priority' THEN __srank ELSE 0 END,
-                                CASE WHEN __policy = 'first' THEN epoch_us(e.timestamp) ELSE -epoch_us(e.timestamp) END,
-                                e.source, e.message_id
-                   ) AS rn
-            FROM events e
-            JOIN event_profiles a ON a.source = e.source AND a.message_id = e.message_id,
-            json_each(CASE WHEN json_type(e.traits) = 'OBJECT' THEN e.traits END) j
-            WHERE e.type = 'identify'
-        ) t WHERE rn = 1
-    """, policy=policy.policy_expression(key), srank=policy.source_rank(source))
+    engine.execute(exp.Create(this=exp.to_table("_prf_traits"), kind="TABLE", replace=True,
+                              properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
+                              expression=winning_traits(policy)))
 
 
 def write_profiles(engine: Engine, now: datetime) -> None:
     engine.execute("DELETE FROM profiles")
-    engine.execute("""
+    engine.execute(sql.template("""
         INSERT INTO profiles
         -- JSON objects are built with their keys sorted, so the same data always gives the same text.
         WITH ids AS (
@@ -85,14 +112,6 @@ def write_profiles(engine: Engine, now: datetime) -> None:
         ), idj AS (
             SELECT profile_id, to_json(map(list(identifier_type ORDER BY identifier_type), list(to_json(vals) ORDER BY identifier_type))) AS identifiers
             FROM ids GROUP BY profile_id
-        ), tr AS (
-            SELECT profile_id,
-                   to_json(map(list(key ORDER BY key), list(value ORDER BY key))) AS traits,
-                   to_json(map(list(key ORDER BY key),
-                               list(json_object('source', source, 'message_id', message_id, 'at', ts, 'policy', policy) ORDER BY key)))
-                       AS trait_sources
-            FROM _prf_traits WHERE json_type(value) <> 'NULL'  -- a winning null clears the trait
-            GROUP BY profile_id
         ), act AS (
             SELECT profile_id, min(timestamp) AS first_seen, max(timestamp) AS last_seen, count(*) AS n,
                    to_json(list(DISTINCT source ORDER BY source)) AS sources
@@ -100,8 +119,8 @@ def write_profiles(engine: Engine, now: datetime) -> None:
         )
         SELECT idj.profile_id, idj.identifiers, coalesce(tr.traits, '{}'), coalesce(tr.trait_sources, '{}'),
                act.first_seen, act.last_seen, coalesce(act.n, 0), coalesce(act.sources, '[]'), ?
-        FROM idj LEFT JOIN tr ON tr.profile_id = idj.profile_id LEFT JOIN act ON act.profile_id = idj.profile_id
-    """, [now])
+        FROM idj LEFT JOIN __traits tr ON tr.profile_id = idj.profile_id LEFT JOIN act ON act.profile_id = idj.profile_id
+    """, traits=exp.Subquery(this=traits_objects(exp.select("*").from_("_prf_traits")))), [now])
 
 
 def build(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, now: datetime | None = None,

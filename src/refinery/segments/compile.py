@@ -28,6 +28,7 @@ from typing import cast
 
 from sqlglot import exp
 
+from refinery.profiles.policy import TraitPolicy
 from refinery.segments import ast
 from refinery.segments.catalog import Catalog, build_catalog
 from refinery.segments.check import Checked, check, event_field, trait_parts
@@ -38,6 +39,7 @@ from refinery.storage.engine import parse as parse_sql
 #: The relation (profile_id, person_id) a rule `counted by persons` reads; the caller registers it
 #: (`persons_relation`) with the groups refinery.profiles.persons computes for the threshold.
 PERSONS_TABLE = "segment_persons"
+ASOF_TRAITS = "asof_traits"  # the CTE of traits as of the evaluated moment (CompileContext.traits_as_of)
 
 __all__ = ["PERSONS_TABLE", "CompileContext", "Compiled", "CompiledMany", "Condition", "build_catalog", "compile_many",
            "compile_rule", "time_bounds"]
@@ -51,6 +53,10 @@ class CompileContext:
     engine_dialect: str = "duckdb"
     tokenise: Callable[[str, str], str] | None = None                 # (kind, normal value) -> token
     phone_region: str | None = None   # phone literals without a country code; None: the catalog's (the store's)
+    # Set: trait conditions read each profile's traits as of the evaluated moment, merged under this
+    # policy from the identify calls received by then (an audience of the past, reproduced exactly).
+    # None: the `profiles` table's traits, which are the traits now (runs, previews and tails at now).
+    traits_as_of: TraitPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -403,6 +409,7 @@ class _Query:
         self.trait_cols: list[exp.Expr] = []       # persons: trait conditions pooled per person
         self.counter = 0
         self.explained: list[tuple[str, exp.Expr, exp.Expr]] = []  # (id, held, value)
+        self.trait_keys: list[str] = []            # traits_as_of: the top-level traits the rule reads
 
     # --- the units: profiles, or persons -----------------------------------------------------
     def _events_from(self, since: datetime | None = None, names: frozenset[str] | None = None) -> exp.Select:
@@ -495,6 +502,8 @@ class _Query:
             scan = scan.group_by(exp.column("unit"))
             self.ctes.insert(0, ("agg", scan))
             self.joins.insert(0, "agg")
+        if self.trait_keys and self.ctx.traits_as_of is not None:
+            self.ctes = [(n, self._asof_traits(self.ctx.traits_as_of) if n == ASOF_TRAITS else b) for n, b in self.ctes]
         if self.persons:
             q = select.from_(exp.to_table(PERSONS_TABLE).as_("pm"))
             unit = _col("person_id", "pm")
@@ -502,7 +511,11 @@ class _Query:
                 traits = exp.select(exp.alias_(_col("person_id", "pm"), "unit"), *self.trait_cols).from_(
                     exp.to_table("profiles").as_("p")).join(
                     exp.to_table(PERSONS_TABLE).as_("pm"),
-                    on=exp.EQ(this=_col("profile_id", "pm"), expression=_col("profile_id", "p"))).group_by(exp.column("unit"))
+                    on=exp.EQ(this=_col("profile_id", "pm"), expression=_col("profile_id", "p")))
+                if self.trait_keys:
+                    traits = traits.join(exp.to_table(ASOF_TRAITS), join_type="LEFT",
+                                         on=exp.EQ(this=_col("unit", ASOF_TRAITS), expression=_col("profile_id", "p")))
+                traits = traits.group_by(_col("person_id", "pm"))
                 self.ctes.append(("traits", traits))
                 self.joins.append("traits")
             where_unit = self._unit_filter(_col("profile_id", "pm")) if self.profile_id else None
@@ -771,7 +784,7 @@ class _Query:
     def trait(self, c: ast.TraitCondition, cid: str) -> tuple[exp.Expr, exp.Expr]:
         cmp = c.compare
         parts = trait_parts(cmp.path)
-        column = _col("traits", "p")
+        column = self._traits_column(str(parts[0]))
         raw = json_text(column, parts)
         held = self.compare(self.operand(column, parts, cmp.values), cmp.op, cmp.values,
                             cmp.field_type or "unknown", cmp.personal)
@@ -781,6 +794,35 @@ class _Query:
         self.trait_cols.append(exp.alias_(exp.func("bool_or", held), alias))
         self.trait_cols.append(exp.alias_(exp.func("string_agg", raw, exp.Literal.string(", ")), alias + "__value"))
         return exp.Coalesce(this=_col(alias, "traits"), expressions=[exp.false()]), _col(alias + "__value", "traits")
+
+
+    def _traits_column(self, key: str) -> exp.Column:
+        """The JSON traits a trait condition reads: the profile's, or (`traits_as_of`) those its
+        identify calls received by the evaluated moment give under the trait policy."""
+        policy = self.ctx.traits_as_of
+        if policy is None:
+            return _col("traits", "p")
+        if key not in self.trait_keys:
+            self.trait_keys.append(key)
+        if not any(name == ASOF_TRAITS for name, _ in self.ctes):
+            self.ctes.append((ASOF_TRAITS, exp.select("*")))  # filled in by _final, once every key is known
+            if not self.persons:
+                self.joins.append(ASOF_TRAITS)
+        return _col("traits", ASOF_TRAITS)
+
+    def _asof_traits(self, policy: TraitPolicy) -> exp.Expr:
+        from refinery.profiles.build import traits_objects, winning_traits
+
+        a = _col("profile_id", "a")
+        where: list[exp.Expr] = [
+            exp.LTE(this=_col("received_at", "e"), expression=ts_literal(self.as_of)),
+            exp.LTE(this=_col("timestamp", "e"), expression=ts_literal(self.as_of)),
+            exp.In(this=_col("key", "j"), expressions=[exp.Literal.string(k) for k in self.trait_keys])]
+        if self.profile_id is not None:
+            where.append(self._unit_filter(a))
+        objects = traits_objects(winning_traits(policy, cast(exp.Expression, _and(where))))
+        return exp.select(exp.alias_(exp.column("profile_id"), "unit"), exp.column("traits")).from_(
+            exp.Subquery(this=objects, alias=exp.TableAlias(this=exp.to_identifier("o"))))
 
 
 def event_name() -> exp.Expr:

@@ -30,14 +30,17 @@ def resolve_profile(engine: Engine, profile: str, rules: Any = None) -> str:
     return str(read.lookup(engine, profile, rules)["profile_id"])
 
 
-def explain(engine: Engine, name: str, profile: str, *, as_of: datetime | None = None, rules: Any = None) -> dict[str, Any]:
-    """Each condition of `name`'s rule (the version in force at `as_of`, default now) for one profile."""
+def explain(engine: Engine, name: str, profile: str, *, as_of: datetime | None = None, rules: Any = None,
+            trait_policy: Any = None) -> dict[str, Any]:
+    """Each condition of `name`'s rule (the version in force at `as_of`, default now) for one profile.
+    Given `as_of` and the store's `trait_policy`, traits are those of that moment too."""
     at = (as_of or datetime.now(UTC)).astimezone(UTC)
     profile_id = resolve_profile(engine, profile, rules)
     cur = engine.fresh_reader()
     try:
         version = store.version_at(engine, name, at, cursor=cur)
-        compiled = store.compile_text(engine, version.rule, name=name, as_of=at, cursor=cur)
+        compiled = store.compile_text(engine, version.rule, name=name, as_of=at, cursor=cur,
+                                      traits_as_of=trait_policy if as_of is not None else None)
         members.register_persons(engine, compiled, cur, rules)
         rows = engine.fetch_all(compiled.explain(profile_id, at), cursor=cur)
         is_member = engine.fetch_all(

@@ -102,22 +102,25 @@ def run(engine: Engine, writer: Writer, actor: Principal, name: str | None = Non
 
 
 def run_preview(engine: Engine, writer: Writer, actor: Principal, rule: str, *, sample: int = 20, as_of: str | None = None,
-                name: str | None = None, rules: Any = None) -> dict[str, Any]:
-    result = preview.preview(engine, rule, sample=sample, as_of=parse_time(as_of), name=name, rules=rules)
+                name: str | None = None, rules: Any = None, trait_policy: Any = None) -> dict[str, Any]:
+    result = preview.preview(engine, rule, sample=sample, as_of=parse_time(as_of), name=name, rules=rules,
+                             trait_policy=trait_policy)
     audit.record_now(writer, actor, "segments.preview", f"segment:{name}" if name else None,
                      {"count": result["count"], "sample": len(result["sample"])})
     return result
 
 
 def read_members(engine: Engine, writer: Writer, actor: Principal, name: str, *, as_of: str | None = None,
-                 source: str = "history", limit: int | None = 1000, rules: Any = None) -> dict[str, Any]:
+                 source: str = "history", limit: int | None = 1000, rules: Any = None, trait_policy: Any = None) -> dict[str, Any]:
     """Members now (recorded), or at a past moment: `history` (rows open then: what the runs found)
-    or `evaluated` (the rule then in force over the events received by then). Audited."""
+    or `evaluated` (the rule then in force over the events received by then, and the traits the
+    identify calls received by then gave, merged under `trait_policy`). Audited."""
     at = parse_time(as_of)
     if source not in ("history", "evaluated"):
         raise SegmentLifecycleError(f"Unknown members source {source!r}.", fix="Use history or evaluated.", field="source")
     if source == "evaluated":
-        body = members.members_evaluated(engine, name, at or datetime.now(UTC), limit=limit, rules=rules)
+        body = members.members_evaluated(engine, name, at or datetime.now(UTC), limit=limit, rules=rules,
+                                         trait_policy=trait_policy if at is not None else None)
     else:
         rows = members.members_from_history(engine, name, at)
         body = {"segment": name, "as_of": at.isoformat() if at else None, "source": "history", "count": len(rows),
@@ -132,9 +135,9 @@ def read_history(engine: Engine, name: str, limit: int = 50) -> dict[str, Any]:
 
 
 def explain_profile(engine: Engine, writer: Writer, actor: Principal, name: str, profile: str, *, as_of: str | None = None,
-                    rules: Any = None) -> dict[str, Any]:
+                    rules: Any = None, trait_policy: Any = None) -> dict[str, Any]:
     """Why `profile` is in `name` or not; values in clear only for `pii:read`. Audited like a profile read."""
-    result = explain.explain(engine, name, profile, as_of=parse_time(as_of), rules=rules)
+    result = explain.explain(engine, name, profile, as_of=parse_time(as_of), rules=rules, trait_policy=trait_policy)
     pii = actor.can("pii:read")
     audit.record_now(writer, actor, "segments.explain", f"profile:{result['profile_id']}",
                      {"segment": name, "member": result["member"], "pii": pii})

@@ -346,13 +346,15 @@ def members_from_history(engine: Engine, name: str, at: datetime | None = None, 
     return [{"profile_id": p, "entered_at": _iso(e)} for p, e in engine.fetch_all(sql, params, cursor=cur)]
 
 
-def members_evaluated(engine: Engine, name: str, at: datetime, *, limit: int | None = None, rules: Any = None) -> dict[str, Any]:
-    """Members by evaluation: the rule version in force at `at` over events received by `at`."""
+def members_evaluated(engine: Engine, name: str, at: datetime, *, limit: int | None = None, rules: Any = None,
+                      trait_policy: Any = None) -> dict[str, Any]:
+    """Members by evaluation: the rule version in force at `at` over events received by `at`, and
+    (given the store's `trait_policy`) traits as the identify calls received by `at` made them."""
     at = _utc(at)
     cur = engine.fresh_reader()
     try:
         version = store.version_at(engine, name, at, cursor=cur)
-        compiled = store.compile_text(engine, version.rule, name=name, as_of=at, cursor=cur)
+        compiled = store.compile_text(engine, version.rule, name=name, as_of=at, cursor=cur, traits_as_of=trait_policy)
     finally:
         cur.close()
     ids = sorted(str(p) for p in evaluate(engine, compiled, at, rules=rules).column(0).to_pylist() if p is not None)

@@ -24,14 +24,16 @@ MAX_SAMPLE = 1_000
 
 
 def preview(engine: Engine, rule: str, *, sample: int = 20, as_of: datetime | None = None, name: str | None = None,
-            timeout: float = 30.0, rules: Any = None) -> dict[str, Any]:
-    """Compile `rule` (as the segment `name` would be, when given) and count and sample its members as of `as_of` (now)."""
+            timeout: float = 30.0, rules: Any = None, trait_policy: Any = None) -> dict[str, Any]:
+    """Compile `rule` (as the segment `name` would be, when given) and count and sample its members as of `as_of` (now;
+    given `as_of` and the store's `trait_policy`, traits are those of that moment too)."""
     if not 0 <= sample <= MAX_SAMPLE:
         raise SegmentLifecycleError(f"A sample of {sample} profiles is outside 0..{MAX_SAMPLE}.",
                                     fix=f"Ask for at most {MAX_SAMPLE}.", field="sample")
     at = (as_of or datetime.now(UTC)).astimezone(UTC)
     started = time.perf_counter()
-    compiled = store.compile_text(engine, rule, name=name, as_of=as_of)
+    compiled = store.compile_text(engine, rule, name=name, as_of=as_of,
+                                  traits_as_of=trait_policy if as_of is not None else None)
     compiled_at = time.perf_counter()
     members = compiled.members(at).subquery("_members")
     query = (

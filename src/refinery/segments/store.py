@@ -197,10 +197,11 @@ def live_rules(engine: Engine, *, as_of: datetime | None = None, cursor: Any = N
 # --- compiling ------------------------------------------------------------------------------------
 
 def context(engine: Engine, *, as_of: datetime | None = None, segments: Mapping[str, str] | None = None, catalog: Any = None,
-            cursor: Any = None) -> Any:
+            cursor: Any = None, traits_as_of: Any = None) -> Any:
     """The compiler's context over this store: the catalog (built unless given: a run of many
     segments builds it once), the other segments' rules (in force at `as_of` when given), the
-    computed traits, and the tokeniser for literals compared with personal fields."""
+    computed traits, and the tokeniser for literals compared with personal fields.
+    `traits_as_of` (a TraitPolicy): trait conditions read traits as of the evaluated moment."""
     from refinery.privacy.pii import token_for
     from refinery.segments import computed
     from refinery.segments.catalog import cached_catalog
@@ -217,13 +218,14 @@ def context(engine: Engine, *, as_of: datetime | None = None, segments: Mapping[
         computed_traits=computed.expressions(engine, cursor=cursor),
         engine_dialect=engine.dialect,
         tokenise=tokenise,
+        traits_as_of=traits_as_of,
     )
 
 
 def compile_text(engine: Engine, rule: str, *, name: str | None = None, as_of: datetime | None = None, catalog: Any = None,
-                 cursor: Any = None) -> Any:
+                 cursor: Any = None, traits_as_of: Any = None) -> Any:
     """Compile `rule` against this store. With `name`, the rule stands in for that segment's own
-    (so `in segment` cycles through it are found before it is saved)."""
+    (so `in segment` cycles through it are found before it is saved). `traits_as_of`: see `context`."""
     from refinery.segments.catalog import cached_catalog
     from refinery.segments.compile import compile_rule
     from refinery.segments.errors import UnknownNameError
@@ -232,13 +234,13 @@ def compile_text(engine: Engine, rule: str, *, name: str | None = None, as_of: d
     if name is not None:
         rules[name] = rule
     try:
-        return compile_rule(rule, context(engine, as_of=as_of, segments=rules, catalog=catalog, cursor=cursor), name=name)
+        return compile_rule(rule, context(engine, as_of=as_of, segments=rules, catalog=catalog, cursor=cursor, traits_as_of=traits_as_of), name=name)
     except UnknownNameError:
         if catalog is not None:
             raise
         # The cached catalog may predate a name first seen in the last minute: ask once more, fresh.
         fresh = cached_catalog(engine, fresh=True)
-        return compile_rule(rule, context(engine, as_of=as_of, segments=rules, catalog=fresh, cursor=cursor), name=name)
+        return compile_rule(rule, context(engine, as_of=as_of, segments=rules, catalog=fresh, cursor=cursor, traits_as_of=traits_as_of), name=name)
 
 
 def identity_policy(compiled: Any) -> dict[str, Any]:
