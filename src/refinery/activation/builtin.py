@@ -1,3 +1,8 @@
-"""Imports every built-in destination module, each of which calls `register()` at import."""
+"""Imports every built-in destination module, each of which calls `register()` at import.
+
+The modules import their client libraries (redis, psycopg, pyarrow) only when a destination of
+their kind is built, so loading the registry stays cheap."""
 
 from __future__ import annotations
+
+from refinery.activation import webhook  # noqa: F401
