@@ -434,37 +434,42 @@ class LocalClient(Client):
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.create(self.rt.engine, self.rt.writer, local_principal(), name, rule, description, run=run, trigger="cli", rules=self._rules())
+        return lifecycle.create(self.rt.engine, self.rt.writer, local_principal(), name, rule, description, run=run, trigger="cli", rules=self._rules(),
+                                settings=self.rt.settings)
 
     def update_segment(self, name: str, rule: str | None = None, description: str | None = None, run: bool = True) -> dict[str, Any]:
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.update(self.rt.engine, self.rt.writer, local_principal(), name, rule, description, run=run, rules=self._rules())
+        return lifecycle.update(self.rt.engine, self.rt.writer, local_principal(), name, rule, description, run=run, rules=self._rules(),
+                                settings=self.rt.settings)
 
     def delete_segment(self, name: str) -> dict[str, Any]:
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.delete(self.rt.writer, local_principal(), name)
+        return lifecycle.delete(self.rt.writer, local_principal(), name, settings=self.rt.settings)
 
     def preview_segment(self, rule: str, sample: int = 20, as_of: str | None = None, name: str | None = None) -> dict[str, Any]:
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.run_preview(self.rt.engine, self.rt.writer, local_principal(), rule, sample=sample, as_of=as_of, name=name, rules=self._rules())
+        return lifecycle.run_preview(self.rt.engine, self.rt.writer, local_principal(), rule, sample=sample, as_of=as_of, name=name, rules=self._rules(),
+                                     settings=self.rt.settings)
 
     def run_segments(self, name: str | None = None, as_of: str | None = None, force: bool = False) -> dict[str, Any]:
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.run(self.rt.engine, self.rt.writer, local_principal(), name, as_of=as_of, force=force, trigger="cli", rules=self._rules())
+        return lifecycle.run(self.rt.engine, self.rt.writer, local_principal(), name, as_of=as_of, force=force, trigger="cli", rules=self._rules(),
+                             settings=self.rt.settings)
 
     def segment_members(self, name: str, as_of: str | None = None, source: str = "history", limit: int = 1000) -> dict[str, Any]:
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.read_members(self.rt.engine, self.rt.writer, local_principal(), name, as_of=as_of, source=source, limit=limit, rules=self._rules())
+        return lifecycle.read_members(self.rt.engine, self.rt.writer, local_principal(), name, as_of=as_of, source=source, limit=limit, rules=self._rules(),
+                                      settings=self.rt.settings)
 
     def segment_history(self, name: str, limit: int = 50) -> dict[str, Any]:
         from refinery.segments import lifecycle
@@ -475,7 +480,8 @@ class LocalClient(Client):
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.explain_profile(self.rt.engine, self.rt.writer, local_principal(), name, profile, as_of=as_of, rules=self._rules())
+        return lifecycle.explain_profile(self.rt.engine, self.rt.writer, local_principal(), name, profile, as_of=as_of, rules=self._rules(),
+                                         settings=self.rt.settings)
 
     def computed_traits(self) -> list[dict[str, Any]]:
         from refinery.segments import lifecycle
@@ -492,7 +498,7 @@ class LocalClient(Client):
         from refinery.governance.principal import local_principal
         from refinery.segments import lifecycle
 
-        return lifecycle.compute_trait(self.rt.engine, self.rt.writer, local_principal(), name)
+        return lifecycle.compute_trait(self.rt.engine, self.rt.writer, local_principal(), name, settings=self.rt.settings)
 
     def delete_computed_trait(self, name: str) -> dict[str, Any]:
         from refinery.governance.principal import local_principal

@@ -13,7 +13,6 @@ import pytest
 from refinery.errors import RefineryError
 from refinery.governance.principal import Principal
 from refinery.profiles.build import Refresh
-from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
 from refinery.segments import lifecycle, members, store
 from refinery.segments.errors import SegmentError
@@ -202,7 +201,6 @@ def test_as_of_evaluation_reads_traits_as_they_were_then(shop: Runtime) -> None:
     then gave (under the store's trait policy), not today's: the audience of that moment, reproduced."""
     rt = shop
     alice, bob = _profile(rt, "alice"), _profile(rt, "bob")
-    policy = TraitPolicy.from_settings(rt.settings)
     _create(rt, "pro", "plan = 'pro'")
     _create(rt, "pro_persons", "plan = 'pro' counted by persons above 0.9")
     time.sleep(0.01)
@@ -215,15 +213,51 @@ def test_as_of_evaluation_reads_traits_as_they_were_then(shop: Runtime) -> None:
     for name in ("pro", "pro_persons"):
         now = lifecycle.read_members(rt.engine, rt.writer, ACTOR, name)
         then = lifecycle.read_members(rt.engine, rt.writer, ACTOR, name, as_of=before.isoformat(), source="evaluated",
-                                      trait_policy=policy)
+                                      settings=rt.settings)
         recorded = lifecycle.read_members(rt.engine, rt.writer, ACTOR, name, as_of=before.isoformat())
         assert _ids(now) == [bob], name
         assert _ids(then) == _ids(recorded) == [alice], name
-        # without the policy the evaluation can only read today's traits: the difference is real
+        # without the settings (their trait policy) the evaluation can only read today's traits: the difference is real
         today = lifecycle.read_members(rt.engine, rt.writer, ACTOR, name, as_of=before.isoformat(), source="evaluated")
         assert _ids(today) == [bob], name
-    told = lifecycle.explain_profile(rt.engine, rt.writer, ACTOR, "pro", alice, as_of=before.isoformat(), trait_policy=policy)
+    told = lifecycle.explain_profile(rt.engine, rt.writer, ACTOR, "pro", alice, as_of=before.isoformat(), settings=rt.settings)
     assert told["member"] is True
     assert lifecycle.explain_profile(rt.engine, rt.writer, ACTOR, "pro", alice)["member"] is False
-    past = lifecycle.run_preview(rt.engine, rt.writer, ACTOR, "plan = 'free'", as_of=before.isoformat(), trait_policy=policy)
+    past = lifecycle.run_preview(rt.engine, rt.writer, ACTOR, "plan = 'free'", as_of=before.isoformat(), settings=rt.settings)
     assert past["sample"] == [bob]
+
+
+def test_segment_runs_and_computed_traits_leave_lineage(shop: Runtime) -> None:
+    """Every job that writes membership or trait values is an OpenLineage run: named runs (the API's
+    and the CLI's path), the schedule when it recomputed something (not when it skipped all), deletes."""
+    from refinery.governance.lineage import read_runs
+    from refinery.segments import schedule
+
+    rt = shop
+    path = rt.settings.lineage_path
+    lifecycle.create(rt.engine, rt.writer, ACTOR, "buyers", "performed 'Order Completed' at least 2 times", settings=rt.settings)
+    lifecycle.define_trait(rt.writer, ACTOR, "spend", "sum(total) of 'Order Completed'")
+    lifecycle.compute_trait(rt.engine, rt.writer, ACTOR, "spend", settings=rt.settings)
+    runs = {r["job"]: r for r in read_runs(path)}
+    seg = runs["segments.run"]
+    assert seg["state"] == "COMPLETE" and seg["counts"]["segment_events"] == 1
+    assert seg["details"]["segments"]["buyers"]["entered"] == 1
+    assert {"segment_members", "segment_events", "segment_runs"} <= {o.split(".")[-1] for o in seg["outputs"]}, seg["outputs"]
+    assert runs["segments.computed_traits"]["counts"]["computed_trait_values"] == 2
+
+    schedule.run_once(rt.engine, rt.writer, rt.settings)  # the trait values are new inputs: the segment runs again
+    before = len(read_runs(path))
+    schedule.run_once(rt.engine, rt.writer, rt.settings)  # nothing changed: every segment skipped, no run recorded
+    assert len(read_runs(path)) == before
+    write_events(rt, _order("bob", 45))
+    _resolve(rt)
+    schedule.run_once(rt.engine, rt.writer, rt.settings)
+    newest = read_runs(path)[: len(read_runs(path)) - before]
+    jobs = sorted(r["job"] for r in newest)
+    assert jobs == ["segments.computed_traits", "segments.run"], jobs
+    scheduled = next(r for r in newest if r["job"] == "segments.run")
+    assert scheduled["details"]["trigger"] == "scheduled" and scheduled["details"]["segments"]["buyers"]["entered"] == 1
+
+    lifecycle.delete(rt.writer, ACTOR, "buyers", settings=rt.settings)
+    last = read_runs(path)[0]
+    assert last["job"] == "segments.run" and last["details"]["trigger"] == "delete" and last["counts"]["segment_events"] == 2

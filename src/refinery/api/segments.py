@@ -16,7 +16,6 @@ from pydantic import BaseModel, Field
 from refinery.api.auth import current_principal, require
 from refinery.governance.principal import Principal
 from refinery.identity import rules_from_settings
-from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
 from refinery.segments import lifecycle
 from refinery.segments.preview import MAX_SAMPLE
@@ -63,7 +62,7 @@ def router(runtime: Runtime) -> APIRouter:
     def rules() -> Any:
         return rules_from_settings(runtime.settings)
 
-    trait_policy = TraitPolicy.from_settings(runtime.settings)  # as-of evaluation merges traits as profiles do
+    settings = runtime.settings  # lineage of the runs; the trait policy of as-of evaluation
 
     @r.get("/api/segments", dependencies=[read])
     def list_segments() -> dict[str, Any]:
@@ -71,16 +70,18 @@ def router(runtime: Runtime) -> APIRouter:
 
     @r.post("/api/segments", dependencies=[write], status_code=201)
     def create(body: SegmentCreate, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.create(engine, writer, actor, body.name, body.rule, body.description, run=body.run, trigger="api", rules=rules())
+        return lifecycle.create(engine, writer, actor, body.name, body.rule, body.description, run=body.run, trigger="api", rules=rules(),
+                                settings=settings)
 
     @r.post("/api/segments/preview", dependencies=[read])
     def preview(body: PreviewRequest, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
         return lifecycle.run_preview(engine, writer, actor, body.rule, sample=body.sample, as_of=body.as_of, name=body.name, rules=rules(),
-                                     trait_policy=trait_policy)
+                                     settings=settings)
 
     @r.post("/api/segments/run", dependencies=[write])
     def run(body: RunRequest, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.run(engine, writer, actor, body.name, as_of=body.as_of, force=body.force, trigger="api", rules=rules())
+        return lifecycle.run(engine, writer, actor, body.name, as_of=body.as_of, force=body.force, trigger="api", rules=rules(),
+                             settings=settings)
 
     @r.get("/api/segments/{name}", dependencies=[read])
     def show(name: str) -> dict[str, Any]:
@@ -88,11 +89,12 @@ def router(runtime: Runtime) -> APIRouter:
 
     @r.patch("/api/segments/{name}", dependencies=[write])
     def update(name: str, body: SegmentUpdate, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.update(engine, writer, actor, name, body.rule, body.description, run=body.run, rules=rules())
+        return lifecycle.update(engine, writer, actor, name, body.rule, body.description, run=body.run, rules=rules(),
+                                settings=settings)
 
     @r.delete("/api/segments/{name}", dependencies=[write])
     def delete(name: str, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.delete(writer, actor, name)
+        return lifecycle.delete(writer, actor, name, settings=settings)
 
     @r.get("/api/segments/{name}/members", dependencies=[read])
     def members(
@@ -103,7 +105,7 @@ def router(runtime: Runtime) -> APIRouter:
         limit: int = Query(1000, ge=0, le=1_000_000),
     ) -> dict[str, Any]:
         return lifecycle.read_members(engine, writer, actor, name, as_of=as_of, source=source, limit=limit, rules=rules(),
-                                      trait_policy=trait_policy)
+                                      settings=settings)
 
     @r.get("/api/segments/{name}/history", dependencies=[read])
     def history(name: str, limit: int = Query(50, ge=1, le=10_000)) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def router(runtime: Runtime) -> APIRouter:
     def explain(name: str, profile: str = Query(..., description="A profile id, or an identifier as type:value."),
                 as_of: str | None = None, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
         return lifecycle.explain_profile(engine, writer, actor, name, profile, as_of=as_of, rules=rules(),
-                                         trait_policy=trait_policy)
+                                         settings=settings)
 
     @r.get("/api/computed-traits", dependencies=[read])
     def list_traits() -> dict[str, Any]:
@@ -125,7 +127,7 @@ def router(runtime: Runtime) -> APIRouter:
 
     @r.post("/api/computed-traits/{name}/compute", dependencies=[write])
     def compute_trait(name: str, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
-        return lifecycle.compute_trait(engine, writer, actor, name)
+        return lifecycle.compute_trait(engine, writer, actor, name, settings=settings)
 
     @r.delete("/api/computed-traits/{name}", dependencies=[write])
     def delete_trait(name: str, actor: Principal = Depends(current_principal)) -> dict[str, Any]:

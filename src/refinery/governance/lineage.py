@@ -123,6 +123,24 @@ class LineageRun:
         self.count("consent_syncs", 1)
 
 
+    def record_segment_runs(self, report: dict[str, Any]) -> None:
+        """A segments run's report (`segments.members.RunReport.to_dict()`): each recomputed
+        segment's run id and counts; the job FAILs when a segment's rule failed (its reason stays in
+        `segment_runs.error`)."""
+        runs = report.get("runs", [])
+        self.note(as_of=report.get("as_of"), trigger=report.get("trigger"),
+                  segments={r["segment"]: {k: r.get(k) for k in ("run_id", "status", "members", "entered", "exited")} for r in runs},
+                  skipped=len(report.get("skipped", [])))
+        self.count("segment_runs", len(runs))
+        self.count("segment_events", sum((r.get("entered") or 0) + (r.get("exited") or 0) for r in runs))
+        if report.get("failed"):
+            self.failed(f"Segments {', '.join(report['failed'])} failed; their reasons are recorded in segment_runs.error.")
+
+    def record_computed_traits(self, names: list[str], rows: int | None = None) -> None:
+        self.note(computed_traits=list(names))
+        self.count("computed_trait_values", rows)
+
+
 def _new_run_id() -> uuid.UUID:
     from openlineage.client.uuid import generate_new_uuid
 
@@ -166,6 +184,32 @@ INCREMENTAL: dict[str, Any] = {
     "outputs": ["identities", "identity_edges", "identity_blocked", "profile_merges", "identity_resolutions",
                 "profiles", "event_profiles"],
 }
+
+
+#: A recomputation of segment membership (`refinery segments run`, the schedule, a create or change
+#: that runs, a delete that closes every membership).
+SEGMENTS_RUN: dict[str, Any] = {
+    "job": "segments.run",
+    "inputs": ["segments", "segment_versions", "events", "event_profiles", "profiles", "identity_links", "computed_traits"],
+    "outputs": ["segment_members", "segment_events", "segment_runs"],
+}
+#: Computed traits re-materialised (`refinery segments traits compute`, the schedule).
+COMPUTED_TRAITS: dict[str, Any] = {
+    "job": "segments.computed_traits",
+    "inputs": ["computed_traits", "events", "event_profiles"],
+    "outputs": ["computed_trait_values", "computed_traits"],
+}
+
+
+def after_the_fact(settings: Settings, spec: dict[str, Any], started_at: datetime, fill: Any,
+                   error: BaseException | None = None) -> LineageRun:
+    """A run recorded once the job is over (for a scheduled job that only sometimes does work: a
+    START and its end, dated when the job began and now). `fill(run)` adds counts and notes."""
+    current = LineageRun(spec["job"], list(spec["inputs"]), list(spec["outputs"]), quote_errors=spec.get("quote_errors", True))
+    fill(current)
+    emit(settings, current, "START", at=started_at)
+    emit(settings, current, "FAIL" if error is not None or current.failure else "COMPLETE", error=error)
+    return current
 
 
 @contextmanager

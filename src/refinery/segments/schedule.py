@@ -22,10 +22,17 @@ log = logging.getLogger(__name__)
 
 
 def run_once(engine: Engine, writer: Writer, settings: Settings) -> members.RunReport:
+    from refinery.governance import lineage
     from refinery.identity import rules_from_settings
 
-    refresh_traits(engine, writer)
+    started = datetime.now(UTC)
+    traits = refresh_traits(engine, writer)
+    if traits:
+        lineage.after_the_fact(settings, lineage.COMPUTED_TRAITS, started, lambda lr: lr.record_computed_traits(traits))
+    started = datetime.now(UTC)
     report = members.run_segments(engine, writer, members.SYSTEM, trigger="scheduled", rules=rules_from_settings(settings))
+    if report.runs:  # a run that skipped every segment did nothing worth a lineage run
+        lineage.after_the_fact(settings, lineage.SEGMENTS_RUN, started, lambda lr: lr.record_segment_runs(report.to_dict()))
     changed = [r for r in report.runs if r.status == "completed" and (r.entered or r.exited)]
     if report.runs:
         log.info("segments: %d recomputed (%d changed, %d failed), %d unchanged", len(report.runs), len(changed),
