@@ -406,7 +406,6 @@ BUILTIN: tuple[Any, ...] = (
         Part("computed_trait_values", _in("profile_id", "pids"), "name", scrub=False),
     )),
     EmptyStore("features", "feature values and the online store (the features stage registers its store)"),
-    EmptyStore("activation", "activation history and outboxes (the activation stage registers its store)"),
 )
 
 NO_PERSONAL_DATA: dict[str, str] = {
@@ -433,6 +432,10 @@ def register_builtin() -> None:
             REGISTRY.register(store)
     for table, reason in NO_PERSONAL_DATA.items():
         REGISTRY.declare_no_personal_data(table, reason)
+    # activation (refinery/activation/personal.py): which destinations hold a profile, and the outbox's records
+    from refinery.activation.personal import register as register_activation
+
+    register_activation()
 
 
 register_builtin()

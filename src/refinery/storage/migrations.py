@@ -521,6 +521,122 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        11,
+        "activation: destinations and their sealed secrets, syncs, per-sync state, runs, the per-destination outbox, dead letters",
+        (
+            # A destination: a kind (registered DestinationType), a purpose consent is asked for, and
+            # its configuration without secrets (those are sealed in destination_secrets).
+            """CREATE TABLE destinations (
+                name VARCHAR PRIMARY KEY,
+                kind VARCHAR NOT NULL,
+                purpose VARCHAR NOT NULL,              -- advertising | marketing | personalisation | analytics
+                config JSON NOT NULL,                  -- validated by the kind's model; secret fields left out
+                description VARCHAR,
+                enabled BOOLEAN NOT NULL DEFAULT TRUE,
+                created_by VARCHAR NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                updated_by VARCHAR NOT NULL,
+                updated_at TIMESTAMPTZ NOT NULL
+            )""",
+            # Secret configuration fields (SecretStr), sealed under a key derived from the master key and
+            # bound to 'destination:<name>:<field>'; never returned, never logged.
+            """CREATE TABLE destination_secrets (
+                destination VARCHAR NOT NULL,
+                field VARCHAR NOT NULL,
+                sealed BLOB NOT NULL,
+                PRIMARY KEY (destination, field)
+            )""",
+            # A sync: a segment to a destination, with a field mapping, a mode and a schedule.
+            """CREATE TABLE syncs (
+                name VARCHAR PRIMARY KEY,
+                segment VARCHAR NOT NULL,
+                destination VARCHAR NOT NULL,
+                mode VARCHAR NOT NULL,                 -- full | diff | mirror
+                mapping JSON NOT NULL,                 -- {output field: trait, computed trait or 'profile_id'}
+                schedule VARCHAR NOT NULL,             -- realtime | interval | manual
+                interval_minutes INTEGER,              -- schedule 'interval' only
+                batch_size INTEGER,                    -- NULL: activation_batch_size
+                enabled BOOLEAN NOT NULL DEFAULT TRUE,
+                event_cursor BIGINT NOT NULL DEFAULT 0, -- realtime: the last segment_events.event_id planned
+                last_planned_at TIMESTAMPTZ,
+                created_by VARCHAR NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                updated_by VARCHAR NOT NULL,
+                updated_at TIMESTAMPTZ NOT NULL
+            )""",
+            # What each sync's destination holds (or is about to, once its outbox is delivered): one row
+            # per profile sent there and not removed since, with the hash of its mapped fields (mirror).
+            """CREATE TABLE sync_state (
+                sync VARCHAR NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                fields_hash UBIGINT,
+                since TIMESTAMPTZ NOT NULL
+            )""",
+            # One row per planning of a sync, with the delivery counts its batches add up to. No personal values.
+            """CREATE TABLE sync_runs (
+                run_id VARCHAR PRIMARY KEY,
+                sync VARCHAR NOT NULL,
+                destination VARCHAR NOT NULL,
+                segment VARCHAR NOT NULL,
+                mode VARCHAR NOT NULL,
+                trigger VARCHAR NOT NULL,              -- scheduled | realtime | cli | api | replay
+                actor VARCHAR NOT NULL,
+                started_at TIMESTAMPTZ NOT NULL,
+                planned_at TIMESTAMPTZ,
+                finished_at TIMESTAMPTZ,
+                status VARCHAR NOT NULL,               -- planned | delivering | completed | completed_with_errors | failed | cancelled
+                planned BIGINT NOT NULL DEFAULT 0,     -- records put in the outbox
+                batches BIGINT NOT NULL DEFAULT 0,
+                sent BIGINT NOT NULL DEFAULT 0,
+                added BIGINT NOT NULL DEFAULT 0,
+                removed BIGINT NOT NULL DEFAULT 0,
+                failed BIGINT NOT NULL DEFAULT 0,
+                skipped_consent BIGINT NOT NULL DEFAULT 0,
+                skipped_suppressed BIGINT NOT NULL DEFAULT 0,
+                superseded BIGINT NOT NULL DEFAULT 0,  -- records a later plan made moot before delivery
+                errors JSON                            -- [{batch_id, kind, message}], no personal values
+            )""",
+            # The outbox: batches per destination (the id is the idempotency key, the same on every
+            # attempt), delivered in seq order by that destination's own worker.
+            """CREATE TABLE activation_batches (
+                batch_id VARCHAR PRIMARY KEY,
+                seq BIGINT NOT NULL,                  -- delivery order within the destination
+                destination VARCHAR NOT NULL,
+                sync VARCHAR NOT NULL,
+                segment VARCHAR NOT NULL,
+                mode VARCHAR NOT NULL,
+                run_id VARCHAR NOT NULL,
+                status VARCHAR NOT NULL,               -- pending | delivering | delivered | dead | cancelled
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at TIMESTAMPTZ NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                attempted_at TIMESTAMPTZ,
+                delivered_at TIMESTAMPTZ,
+                records INTEGER NOT NULL,
+                last_error VARCHAR                     -- no personal values
+            )""",
+            # The outbox's records: profile ids and actions only; fields are read and revealed at delivery.
+            """CREATE TABLE activation_records (
+                batch_id VARCHAR NOT NULL,
+                profile_id VARCHAR NOT NULL,
+                action VARCHAR NOT NULL                -- add | remove
+            )""",
+            # Batches that failed terminally or ran out of attempts; replaying puts the batch back (same id).
+            """CREATE TABLE activation_dead_letters (
+                batch_id VARCHAR NOT NULL,
+                destination VARCHAR NOT NULL,
+                sync VARCHAR NOT NULL,
+                run_id VARCHAR NOT NULL,
+                reason VARCHAR NOT NULL,               -- terminal | attempts_exhausted
+                error VARCHAR NOT NULL,                -- no personal values
+                attempts INTEGER NOT NULL,
+                dead_at TIMESTAMPTZ NOT NULL,
+                replayed_at TIMESTAMPTZ,
+                replayed_by VARCHAR
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
