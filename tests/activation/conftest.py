@@ -21,14 +21,17 @@ MakeBatch = Callable[..., Batch]
 
 def _make_batch(
     adds: Mapping[str, Mapping[str, Any]] | None = None,
-    removes: list[str] | None = None,
+    removes: list[str] | Mapping[str, Mapping[str, Any]] | None = None,
     *,
     segment: str = "vip",
     batch_id: str | None = None,
     attempt: int = 1,
 ) -> Batch:
     records = [Record(pid, "add", dict(fields)) for pid, fields in (adds or {}).items()]
-    records += [Record(pid, "remove") for pid in removes or []]
+    if isinstance(removes, Mapping):
+        records += [Record(pid, "remove", dict(fields)) for pid, fields in removes.items()]
+    else:
+        records += [Record(pid, "remove") for pid in removes or []]
     return Batch(
         id=batch_id or f"b{next(_batch_numbers):06d}",
         sync="vip-sync",
@@ -43,7 +46,8 @@ def _make_batch(
 
 @pytest.fixture
 def dest_batch() -> MakeBatch:
-    """`dest_batch({"p1": {"email": ...}}, ["p2"], segment="vip")`: a batch of adds and removes."""
+    """`dest_batch({"p1": {"email": ...}}, ["p2"], segment="vip")`: a batch of adds and removes
+    (removes may carry fields too: `{"p2": {"email": ...}}`)."""
     return _make_batch
 
 

@@ -5,4 +5,8 @@ their kind is built, so loading the registry stays cheap."""
 
 from __future__ import annotations
 
-from refinery.activation import webhook  # noqa: F401
+from refinery.activation import (  # noqa: F401
+    adfiles,
+    files,
+    webhook,  # noqa: F401
+)
