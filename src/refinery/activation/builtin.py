@@ -8,5 +8,6 @@ from __future__ import annotations
 from refinery.activation import (  # noqa: F401
     adfiles,
     files,
+    redis_destination,  # noqa: F401
     webhook,  # noqa: F401
 )
