@@ -8,6 +8,7 @@ from __future__ import annotations
 from refinery.activation import (  # noqa: F401
     adfiles,
     files,
+    postgres_destination,  # noqa: F401
     redis_destination,  # noqa: F401
     webhook,  # noqa: F401
 )
