@@ -7,7 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup bench lint clean
+.PHONY: demo test setup services bench lint clean
+
+# The destination tests start real servers (tests/services.py): Debian's redis-server and
+# PostgreSQL. Installed with apt-get only when missing (sudo when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Refinery needs Python 3.11 or newer"'
@@ -21,7 +26,16 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/refinery demo $(ARGS)
 
-test: $(STAMP)
+services:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing$$missing for the destination tests"; \
+		$(APT) update -qq && $(APT) install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: $(STAMP) services
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 	$(PY) -m pytest $(ARGS)
