@@ -37,7 +37,7 @@ NO_PERSONAL_DATA = {
 
 class ActivationStore:
     name = "activation"
-    tables = ("sync_state", "activation_records")
+    tables: tuple[str, ...] = ("sync_state", "activation_records")
 
     def export(self, engine: Engine, subject: Subject) -> Any:
         pids = list(subject.profile_ids)

@@ -189,4 +189,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(privacy_router(runtime))
     from refinery.api.segments import router as segments_router  # segments (docs/segments.md)
     app.include_router(segments_router(runtime))
+    from refinery.api.activation import router as activation_router  # activation (docs/activation.md)
+    app.include_router(activation_router(runtime))
     return app

@@ -74,6 +74,11 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
     if settings.identity_incremental:
         from refinery.segments.realtime import follow
         segments_live = follow(runtime)
+    # Activation (activation/service.py): a delivery worker per destination and the syncs' schedules.
+    activation = None
+    if settings.activation_workers:
+        from refinery.activation.service import start as start_activation
+        activation = start_activation(runtime)
     app = create_app(runtime)
     asgi = _batch_memory_for_identity_jobs(collector_first(app, app.router.routes), runtime)
     # Move start-up objects (imports, app, caches) out of the collector's way: otherwise every
@@ -146,6 +151,8 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
                 path.unlink()
         except (OSError, ValueError):
             pass
+        if activation is not None:  # activation: stop the workers before the writer
+            activation.stop()
         if segments_live is not None:  # real-time segments: stop the tail before the identity follower
             segments_live.stop()
         if follower is not None:  # identity_incremental: stop the follower before the writer

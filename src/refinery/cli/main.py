@@ -14,6 +14,7 @@ from rich.markup import escape
 from refinery.cli import (
     audit,
     consent,
+    destinations,
     events,
     identity,
     lineage,
@@ -23,6 +24,7 @@ from refinery.cli import (
     retention,
     segments,
     sources,
+    syncs,
     tokens,
 )
 from refinery.cli.common import (
@@ -57,6 +59,8 @@ app.add_typer(retention.app, name="retention")
 app.command("lineage")(lineage.show)
 app.add_typer(privacy.app, name="privacy")
 app.add_typer(segments.app, name="segments")
+app.add_typer(destinations.app, name="destinations")
+app.add_typer(syncs.app, name="syncs")
 
 
 @app.command()

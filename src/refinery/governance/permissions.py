@@ -150,3 +150,10 @@ register_permission("segments:write", "Create, change and delete segments and co
 grant("marketer", "segments:read", "segments:write")
 grant("analyst", "segments:read")
 grant("privacy_officer", "segments:read")
+
+# activation (refinery/activation/): destinations (secrets never shown), syncs, runs and dead letters; counts, no personal values.
+register_permission("activation:read", "List destinations (secrets shown as ***), syncs, their runs, outboxes and dead letters.")
+register_permission("activation:write", "Create, change and delete destinations and syncs, run syncs and replay dead letters.")
+grant("marketer", "activation:read", "activation:write")
+grant("analyst", "activation:read")
+grant("privacy_officer", "activation:read")
