@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import httpx
 import pytest
 
 from refinery.activation.destination import (
@@ -203,3 +207,26 @@ def test_bad_urls_are_refused_at_configuration(url: str, words: str) -> None:
     with pytest.raises(ValueError, match=None) as err:
         WebhookConfig(url=url, secret=SECRET)
     assert words in str(err.value)
+
+
+def test_the_receiver_runs_as_a_process(dest_context, dest_batch) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "refinery.activation.receiver", "--secret", SECRET],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        started = json.loads(proc.stdout.readline())
+        base = started["url"].rsplit("/", 1)[0]
+        httpx.post(f"{base}/_receiver/faults", json=[{"kind": "status", "status": 503, "retry_after": "2"}]).raise_for_status()
+        dest = WebhookDestination(WebhookConfig(url=started["url"], secret=SECRET), dest_context(LOOPBACK))
+        batch = dest_batch({"p1": {"plan": "gold"}})
+        with pytest.raises(TransientDeliveryError) as err:
+            dest.deliver(batch)
+        assert err.value.retry_after == 2.0
+        dest.deliver(batch)
+        dest.close()
+        state = httpx.get(started["state"]).json()
+        assert state["members"] == {"vip": {"p1": {"plan": "gold"}}}
+        assert state["stats"]["batches"] == 1 and state["stats"]["faults"] == 1
+    finally:
+        proc.kill()
+        proc.wait(10)
