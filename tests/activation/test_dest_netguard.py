@@ -154,7 +154,7 @@ def test_a_redirect_that_would_drop_the_body_is_terminal(rx: Receiver, dest_cont
 def test_endless_redirects_stop(rx: Receiver, dest_context, dest_batch) -> None:
     rx.inject(*[Fault.redirect(rx.url)] * 10)
     dest = _hook(rx.url, dest_context(("127.0.0.1/32",)))
-    with pytest.raises(ConfigurationError, match="redirected more than"):
+    with pytest.raises(TerminalDeliveryError, match="redirected more than"):
         dest.deliver(dest_batch({"p1": {}}))
     dest.close()
 

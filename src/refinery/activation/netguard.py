@@ -39,6 +39,7 @@ Resolver = Callable[[str, int], Sequence[str]]
 
 SETTING = "activation_allowed_networks"
 MAX_REDIRECTS = 3
+MAX_ANSWER_BYTES = 64 * 1024  # of a receiver's answer body that is read
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 #: Instance metadata services: AWS (IPv4, IPv6, ECS task credentials), GCP, Azure and OpenStack
@@ -310,14 +311,15 @@ def guarded_client(guard: NetworkGuard, timeout_seconds: float, **kw: Any) -> ht
 def send(client: httpx.Client, guard: NetworkGuard, request: httpx.Request) -> httpx.Response:
     """Send `request`, following up to MAX_REDIRECTS method-preserving redirects (307, 308), each
     target checked by the guard before and at connection. A 301/302/303, which would turn the
-    request into a GET without its body, is returned as it is for the caller to refuse."""
+    request into a GET without its body, is returned as it is for the caller to refuse. The
+    answer comes back closed: status and headers only, its body read (up to 64 KiB) and dropped."""
     guard.check_url(request.url)
     for _ in range(MAX_REDIRECTS + 1):
-        response = client.send(request)
+        response = client.send(request, stream=True)
+        _read_some(response)
         if response.status_code not in (307, 308):
             return response
         location = response.headers.get("location")
-        response.close()
         if not location:
             return response
         target = guard.check_url(request.url.join(location))
@@ -327,6 +329,19 @@ def send(client: httpx.Client, guard: NetworkGuard, request: httpx.Request) -> h
         field=guard.field,
         fix="Set the destination's URL to the final address.",
     )
+
+
+def _read_some(response: httpx.Response, limit: int = MAX_ANSWER_BYTES) -> None:
+    """Read at most `limit` bytes of the answer and drop them (only status and headers count;
+    a receiver cannot fill our memory), then close it."""
+    seen = 0
+    try:
+        for chunk in response.iter_raw():
+            seen += len(chunk)
+            if seen >= limit:
+                break
+    finally:
+        response.close()
 
 
 def _same_headers(request: httpx.Request, target: httpx.URL) -> httpx.Headers:

@@ -42,7 +42,7 @@ from refinery.activation.destination import (
     TransientDeliveryError,
     register,
 )
-from refinery.activation.netguard import AddressRefused, NetworkGuard, guarded_client, redact_url, send
+from refinery.activation.netguard import NetworkGuard, guarded_client, redact_url, send
 from refinery.errors import ConfigurationError
 
 SIGNATURE_HEADER = "X-Refinery-Signature"
@@ -146,7 +146,7 @@ class WebhookDestination:
         where = f"batch {batch.id} to {self._shown_url}"
         try:
             response = send(self._client, self._guard, request)
-        except AddressRefused as exc:
+        except ConfigurationError as exc:  # a refused address, a bad redirect target, too many redirects
             raise TerminalDeliveryError(exc.message, field=exc.field, fix=exc.fix) from None
         except httpx.TimeoutException as exc:
             raise TransientDeliveryError(f"Timed out delivering {where} ({type(exc).__name__}).") from None
