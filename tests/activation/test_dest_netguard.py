@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from refinery.activation.destination import DestinationContext, TerminalDeliveryError
+from refinery.activation.destination import DestinationContext, TerminalDeliveryError, TransientDeliveryError
 from refinery.activation.netguard import AddressRefused, NetworkGuard, guarded_client, refusal_reason, send
 from refinery.activation.receiver import Fault, Receiver
 from refinery.activation.webhook import WebhookConfig, WebhookDestination
@@ -188,3 +188,10 @@ def test_environment_proxies_are_not_used(rx: Receiver, monkeypatch: pytest.Monk
         response = send(client, guard, client.build_request("POST", rx.url, content=b"{}"))
     assert response.status_code == 401
 
+
+
+def test_a_name_that_does_not_resolve_is_transient(dest_context, dest_batch) -> None:
+    dest = _hook("http://no-such-host.invalid/hook", dest_context())
+    with pytest.raises(TransientDeliveryError, match="no-such-host.invalid"):
+        dest.deliver(dest_batch({"p1": {}}))
+    dest.close()

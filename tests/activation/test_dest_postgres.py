@@ -128,3 +128,9 @@ def test_config_needs_host_or_dsn() -> None:
     with pytest.raises(ValueError, match="either host"):
         PostgresConfig()
     assert get_type("postgresql").config_model is PostgresConfig
+
+
+def test_a_host_that_does_not_resolve_is_transient(dest_context, dest_batch) -> None:
+    config = PostgresConfig(host="no-such-host.invalid", password="x", table=_table())  # type: ignore[arg-type]
+    with pytest.raises(TransientDeliveryError, match="Cannot resolve"):
+        PostgresDestination(config, dest_context()).deliver(dest_batch({"p1": {}}))

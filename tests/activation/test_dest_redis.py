@@ -111,3 +111,9 @@ def test_registered_and_secret_hidden(redis_server: RedisServer, dest_context) -
     config = dtype.config_model.model_validate({"host": "127.0.0.1", "password": REDIS_PASSWORD})
     assert REDIS_PASSWORD not in repr(config)
     assert isinstance(dtype.factory(config, dest_context(LOOPBACK)), RedisDestination)
+
+
+def test_a_host_that_does_not_resolve_is_transient(dest_context, dest_batch) -> None:
+    dest = RedisDestination(RedisConfig(host="no-such-host.invalid"), dest_context())
+    with pytest.raises(TransientDeliveryError, match="Cannot resolve"):
+        dest.deliver(dest_batch({"p1": {}}))

@@ -54,6 +54,10 @@ METADATA_HOSTS = frozenset(
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
+class UnresolvableHost(OSError):
+    """The host name did not resolve (now): a transient failure, unlike a refusal."""
+
+
 class AddressRefused(ConfigurationError):
     """A destination's address is one the SSRF guard does not let the server reach."""
 
@@ -202,14 +206,14 @@ class NetworkGuard:
             try:
                 answers = self.resolver(_host_key(host), port)
             except (OSError, UnicodeError) as exc:
-                raise httpcore.ConnectError(f"Cannot resolve {host!r}: {exc}") from exc
+                raise UnresolvableHost(f"Cannot resolve {host!r}: {exc}") from exc
             addresses = []
             for answer in answers:
                 ip = _unmapped(ipaddress.ip_address(answer))
                 if ip not in addresses:
                     addresses.append(ip)
             if not addresses:
-                raise httpcore.ConnectError(f"Cannot resolve {host!r}: no address.")
+                raise UnresolvableHost(f"Cannot resolve {host!r}: no address.")
         for ip in addresses:
             reason = refusal_reason(ip)
             if reason is not None and not self._allows(host, ip):
@@ -258,7 +262,11 @@ class GuardedBackend(httpcore.NetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
         last: Exception | None = None
-        for ip in self._guard.resolve(host, port):
+        try:
+            addresses = self._guard.resolve(host, port)
+        except UnresolvableHost as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        for ip in addresses:
             try:
                 return self._inner.connect_tcp(
                     str(ip), port, timeout=timeout, local_address=local_address, socket_options=socket_options

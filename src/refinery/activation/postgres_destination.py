@@ -36,7 +36,7 @@ from refinery.activation.destination import (
     TransientDeliveryError,
     register,
 )
-from refinery.activation.netguard import AddressRefused, NetworkGuard
+from refinery.activation.netguard import AddressRefused, NetworkGuard, UnresolvableHost
 
 if TYPE_CHECKING:
     import psycopg
@@ -226,6 +226,8 @@ class PostgresDestination:
                 self._apply(conn, batch)
             except AddressRefused as exc:
                 raise TerminalDeliveryError(exc.message, field=exc.field, fix=exc.fix) from None
+            except UnresolvableHost as exc:
+                raise TransientDeliveryError(f"PostgreSQL unavailable for {where}: {exc}") from None
             except psycopg.Error as exc:
                 self._classify(exc, where, connecting)
 
