@@ -138,12 +138,32 @@ def suppressed_profiles(engine: Engine, profile_ids: list[str], *, cursor: Any =
         [profile_ids], cursor=cursor if cursor is not None else engine.reader(),
     )
     tokens = [str(v) for _, _, v in rows if isinstance(v, str) and is_token(v)]
-    clear = vault.reveal(engine, tokens) if tokens else {}
+    clear = reveal_on(engine, tokens, cursor=cursor) if tokens else {}
     out = set()
     for pid, kind, value in rows:
         normal = clear.get(value) if is_token(str(value)) else value
         if normal and vault.suppressed_identifier(str(kind), str(normal)):
             out.add(str(pid))
+    return out
+
+
+def reveal_on(engine: Engine, tokens: list[str] | set[str], *, cursor: Any = None) -> dict[str, str]:
+    """`Vault.reveal` on the caller's read cursor (delivery threads must not touch the writer's
+    connection): the values behind tokens whose keys still exist; erased people's are absent."""
+    from refinery.privacy.pii import vault_of
+
+    vault = vault_of(engine)
+    wanted = sorted(set(tokens))
+    if vault is None or not wanted:
+        return {}
+    rows = engine.fetch_all(
+        "SELECT token, key_id, sealed FROM vault_values WHERE token IN (SELECT unnest(CAST(? AS VARCHAR[]))) ORDER BY token, first_seen DESC",
+        [wanted], cursor=cursor if cursor is not None else engine.reader())
+    plain = vault.unseal_many([k for _, k, _ in rows], [s for _, _, s in rows])
+    out: dict[str, str] = {}
+    for (token, _, _), value in zip(rows, plain, strict=True):
+        if value is not None and token not in out:
+            out[str(token)] = value.decode()
     return out
 
 

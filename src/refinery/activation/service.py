@@ -114,10 +114,11 @@ class ActivationService:
                 self.workers[name] = w
                 w.start()
 
-    def tick(self, now: datetime | None = None) -> list[Plan]:
-        """One round of the scheduler (also callable directly, e.g. by tests)."""
+    def tick(self, now: datetime | None = None, *, workers: bool = True) -> list[Plan]:
+        """One round of the scheduler (also callable directly; `workers=False` plans without starting workers)."""
         at = now or datetime.now(UTC)
-        self._reconcile_workers()
+        if workers:
+            self._reconcile_workers()
         plans = []
         for sync in list_syncs(self.runtime.engine):
             how = due_sync(sync, at)

@@ -11,7 +11,7 @@ For each batch, at delivery time (not at planning time, which may be long ago):
    forbidden add is never sent: it becomes a `remove` (profile id only; the destination may hold
    it from before) and leaves the state, counted `skipped_consent` / `skipped_suppressed`.
 3. **Fields.** The sync's mapped fields are read now and personal tokens revealed
-   (`refinery.privacy.pii.reveal`); clear values exist only in this call.
+   (from the vault, on the worker's own read cursor); clear values exist only in this call.
 4. `Destination.deliver(batch)`. Success: delivered. `TransientDeliveryError` (or any unexpected
    error): retried after `min(max, base * 2**(n-1))` seconds with full jitter, or after the
    receiver's `Retry-After` (capped by the maximum). `TerminalDeliveryError`, or the last of
@@ -45,7 +45,7 @@ from refinery.activation.destination import (
     TransientDeliveryError,
     get_type,
 )
-from refinery.activation.plan import suppressed_profiles
+from refinery.activation.plan import reveal_on, suppressed_profiles
 from refinery.activation.store import (
     PROFILE_ID,
     DestinationDef,
@@ -57,7 +57,7 @@ from refinery.activation.store import (
 from refinery.governance.consent import ConsentService
 from refinery.governance.purposes import ConsentPolicy, policy_from_settings
 from refinery.identity import sql
-from refinery.privacy.pii import redact_text, reveal
+from refinery.privacy.pii import redact_text
 from refinery.privacy.tokens import is_token
 from refinery.settings import Settings
 from refinery.storage.engine import Engine
@@ -195,7 +195,7 @@ def gate(engine: Engine, sync: SyncDef, dest: DestinationDef, records: list[tupl
     tokens: set[str] = set()
     for f in raw.values():
         _tokens_in(f, tokens)
-    clear = reveal(engine, tokens) if tokens else {}
+    clear = reveal_on(engine, tokens, cursor=cursor) if tokens else {}
     withheld: list[str] = []
     for p in adds:
         if p in merged:  # merged into another profile: the segment's next run moves the membership
