@@ -101,7 +101,17 @@ def merge_traits(engine: Engine, policy: TraitPolicy) -> None:
                               expression=winning_traits(policy)))
 
 
+_CONTENT_COLUMNS = ("identifiers", "traits", "trait_sources", "first_seen", "last_seen", "event_count", "sources")
+
+
+def _content(table: str = "") -> str:
+    return "hash(" + ", ".join(f"{table}{c}" for c in _CONTENT_COLUMNS) + ")"
+
+
 def write_profiles(engine: Engine, now: datetime) -> None:
+    """Rewrite `profiles`; a row whose content did not change keeps its `updated_at`, so readers that
+    follow changes (segment runs: which profiles changed since the last run) see only real ones."""
+    engine.execute(f"CREATE OR REPLACE TEMP TABLE _prf_old AS SELECT profile_id, updated_at, {_content()} AS h FROM profiles")  # noqa: S608 - constant
     engine.execute("DELETE FROM profiles")
     engine.execute(sql.template("""
         INSERT INTO profiles
@@ -121,6 +131,9 @@ def write_profiles(engine: Engine, now: datetime) -> None:
                act.first_seen, act.last_seen, coalesce(act.n, 0), coalesce(act.sources, '[]'), ?
         FROM idj LEFT JOIN __traits tr ON tr.profile_id = idj.profile_id LEFT JOIN act ON act.profile_id = idj.profile_id
     """, traits=exp.Subquery(this=traits_objects(exp.select("*").from_("_prf_traits")))), [now])
+    engine.execute(f"UPDATE profiles SET updated_at = o.updated_at FROM _prf_old o "  # noqa: S608 - constant
+                   f"WHERE o.profile_id = profiles.profile_id AND o.h = {_content('profiles.')}")
+    engine.execute("DROP TABLE IF EXISTS _prf_old")
 
 
 def build(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, now: datetime | None = None,

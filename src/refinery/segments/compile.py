@@ -86,9 +86,13 @@ class Compiled:
         p = self.rule.policy
         return p.threshold if p is not None and p.mode == "persons" else None
 
-    def members(self, as_of: datetime) -> exp.Select:
-        """SELECT profile_id of every member as of `as_of` (one column, one row per profile)."""
-        return _Query(self, _utc(as_of)).members()
+    def members(self, as_of: datetime, *, among: str | None = None) -> exp.Select:
+        """SELECT profile_id of every member as of `as_of` (one column, one row per profile).
+        `among`: a table (or registered relation) of profile ids; only those are evaluated (an
+        incremental run over the profiles whose inputs changed; not for rules counted by persons)."""
+        if among is not None and self.persons_threshold is not None:
+            raise ValueError("a rule counted by persons is evaluated for every person, never among some profiles")
+        return _Query(self, _utc(as_of), among=among).members()
 
     def explain(self, profile_id: str, as_of: datetime) -> exp.Select:
         """Rows (condition_id, held BOOLEAN, value VARCHAR) for one profile, in condition order."""
@@ -393,7 +397,8 @@ def _col(name: str, table: str) -> exp.Column:
 class _Query:
     """Builds the members / explain SELECT of one compiled rule at one moment."""
 
-    def __init__(self, compiled: Compiled, as_of: datetime, profile_id: str | None = None):
+    def __init__(self, compiled: Compiled, as_of: datetime, profile_id: str | None = None, among: str | None = None):
+        self.among = among
         self.compiled = compiled
         self.ctx = compiled.ctx
         self.as_of = as_of
@@ -440,7 +445,13 @@ class _Query:
                 expression=exp.Is(this=event.copy(), expression=exp.Null()))))
         if self.profile_id is not None:
             where.append(self._unit_filter(_col("profile_id", "ep")))
+        if self.among is not None:
+            where.append(self._among(_col("profile_id", "ep")))
         return q.where(_and(where))
+
+    def _among(self, column: exp.Expr) -> exp.Expr:
+        assert self.among is not None
+        return exp.In(this=column, query=exp.Subquery(this=exp.select("profile_id").from_(exp.to_table(self.among))))
 
     def _unit(self) -> exp.Expr:
         return _col("person_id", "pm") if self.persons else _col("profile_id", "ep")
@@ -527,6 +538,8 @@ class _Query:
             unit = _col("profile_id", "p")
             where_unit = (exp.EQ(this=_col("profile_id", "p"), expression=exp.Literal.string(self.profile_id))
                           if self.profile_id is not None else None)
+            if self.among is not None:
+                where_unit = self._among(_col("profile_id", "p"))
         for name in self.joins:
             q = q.join(exp.to_table(name), on=exp.EQ(this=_col("unit", name), expression=unit.copy()), join_type="LEFT")
         conditions = [_positive(held)] if not (isinstance(held, exp.Boolean) and held.this is True) else []

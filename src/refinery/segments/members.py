@@ -48,11 +48,12 @@ SYSTEM = Principal("system", "system:segments", "admin")
 
 #: Summaries of the tables a rule can read; equal summaries mean nothing a rule reads has changed.
 _INPUTS: dict[str, str] = {
-    "events": "SELECT count(*), max(received_at)::VARCHAR, bit_xor(hash(source, message_id)) FROM events",
+    "events": "SELECT count(*), max(received_at)::VARCHAR, bit_xor(hash(source, message_id)), max(loaded_at)::VARCHAR FROM events",
     "event_profiles": "SELECT count(*), bit_xor(hash(source, message_id, profile_id)) FROM event_profiles",
     "profiles": "SELECT count(*), max(updated_at)::VARCHAR, bit_xor(hash(profile_id, updated_at)) FROM profiles",
     "profile_merges": "SELECT count(*), bit_xor(hash(merged_profile_id, surviving_profile_id, undone_at)) FROM profile_merges",
     "identity_links": "SELECT count(*), bit_xor(hash(link_id, removed_at)) FROM identity_links",
+    "identity_overrides": "SELECT count(*), bit_xor(hash(override_id, revoked_at)) FROM identity_overrides",
     "computed_trait_values": "SELECT count(*), max(computed_at)::VARCHAR, bit_xor(hash(profile_id, name, computed_at)) FROM computed_trait_values",
 }
 
@@ -84,6 +85,8 @@ class SegmentRun:
     exited: int | None = None
     status: str = "completed"
     error: str | None = None
+    #: An incremental run: how many profiles it evaluated (those whose inputs changed); None: every profile.
+    incremental: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,15 +187,81 @@ def register_persons(engine: Engine, compiled: Any, cursor: Any, rules: Any) -> 
     engine.register(PERSONS_TABLE, groups.to_arrow(), cursor=cursor)
 
 
-def evaluate(engine: Engine, compiled: Any, as_of: datetime, *, rules: Any = None) -> pa.Table:
-    """The member set of a compiled rule as of `as_of`: one `profile_id` column, distinct, on a fresh reader."""
+def evaluate(engine: Engine, compiled: Any, as_of: datetime, *, rules: Any = None, among: pa.Table | None = None) -> pa.Table:
+    """The member set of a compiled rule as of `as_of`: one `profile_id` column, distinct, on a fresh
+    reader; `among` (a table of profile ids): only those profiles are evaluated."""
     cursor = engine.fresh_reader()
     try:
         register_persons(engine, compiled, cursor, rules)
-        table = engine.fetch_arrow(compiled.members(as_of), cursor=cursor)
+        if among is not None:
+            engine.register(_AMONG, among, cursor=cursor)
+        table = engine.fetch_arrow(compiled.members(as_of, among=_AMONG if among is not None else None), cursor=cursor)
     finally:
         cursor.close()
     return table.select([0]).rename_columns(["profile_id"])
+
+
+_AMONG = "_segment_among"
+
+
+def _xor(a: Any, b: Any) -> int:
+    return int(a or 0) ^ int(b or 0)
+
+
+def changed_profiles(engine: Engine, compiled: Any, last: dict[str, Any] | None, current: dict[str, Any], *,
+                     cursor: Any) -> pa.Table | None:
+    """The profiles whose inputs changed since the last completed run, when the rule allows an
+    incremental run; None when every profile must be evaluated.
+
+    A rule allows it when each profile's answer depends on that profile's own events and traits
+    only, and on nothing that moves by itself: not counted by persons, no window relative to now,
+    the same version (and the same versions of the segments it includes). The store allows it when
+    since the last run events were only added (the counts and order-free hashes of `events` and
+    `event_profiles` then equal the last ones plus those of the rows loaded since: nothing deleted,
+    no old event attributed elsewhere) and no merge, split, link or override changed. Then the
+    changed profiles are those the new events belong to and those whose `profiles` row was
+    rewritten (a trait changed); every other profile's answer is the one recorded."""
+    if last is None or compiled.persons_threshold is not None or time_dependent(compiled):
+        return None
+    before = last.get("inputs") or {}
+    if before.get("version") != current["version"] or before.get("segments") != current["segments"]:
+        return None
+    was, now = before.get("tables") or {}, current["tables"]
+    if any(was.get(t) != now.get(t) for t in ("profile_merges", "identity_links", "identity_overrides")):
+        return None
+    try:
+        events_was, ep_was, profiles_was = was["events"], was["event_profiles"], was["profiles"]
+        watermark = events_was[3]
+    except (KeyError, IndexError, TypeError):
+        return None  # a run recorded before these summaries existed
+    if watermark is None:
+        return None
+    new_events = engine.fetch_all("SELECT count(*), bit_xor(hash(source, message_id)) FROM events WHERE loaded_at > ?::TIMESTAMPTZ",
+                                  [watermark], cursor=cursor)[0]
+    new_ep = engine.fetch_all(
+        "SELECT count(*), bit_xor(hash(ep.source, ep.message_id, ep.profile_id)) FROM event_profiles ep "
+        "JOIN events e ON e.source = ep.source AND e.message_id = ep.message_id WHERE e.loaded_at > ?::TIMESTAMPTZ",
+        [watermark], cursor=cursor)[0]
+    if (int(events_was[0]) + int(new_events[0]) != int(now["events"][0]) or _xor(events_was[2], new_events[1]) != int(now["events"][2] or 0)
+            or int(ep_was[0]) + int(new_ep[0]) != int(now["event_profiles"][0])
+            or _xor(ep_was[1], new_ep[1]) != int(now["event_profiles"][1] or 0)):
+        return None
+    touched = engine.fetch_arrow(
+        "SELECT DISTINCT ep.profile_id FROM event_profiles ep JOIN events e ON e.source = ep.source AND e.message_id = ep.message_id "
+        "WHERE e.loaded_at > ?::TIMESTAMPTZ UNION SELECT profile_id FROM profiles WHERE updated_at > coalesce(?::TIMESTAMPTZ, '-infinity')",
+        [watermark, profiles_was[1]], cursor=cursor)
+    return touched.select([0]).rename_columns(["profile_id"])
+
+
+def _carried_over(engine: Engine, name: str, touched: pa.Table, evaluated: pa.Table) -> pa.Table:
+    """Inside the writer: an incremental run's member set: the open members it did not evaluate, and
+    those it found among the profiles it did."""
+    import pyarrow.compute as pc
+
+    open_ids = engine.fetch_arrow("SELECT profile_id FROM segment_members WHERE segment = ? AND exited_at IS NULL", [name]).column(0)
+    kept = pc.filter(open_ids, pc.invert(pc.is_in(open_ids, value_set=touched.column(0))))
+    return pa.table({"profile_id": pa.concat_arrays([kept.combine_chunks().cast(pa.string()),
+                                                     evaluated.column(0).combine_chunks().cast(pa.string())])})
 
 
 def _apply(engine: Engine, run: SegmentRun, new_members: pa.Table, as_of: datetime, inputs: dict[str, Any], actor: Principal) -> SegmentRun:
@@ -317,13 +386,18 @@ def _run_one(engine: Engine, writer: Writer, actor: Principal, name: str, at: da
         inputs = fingerprint(engine, name, version.version, compiled, shared.tables, at, cursor=cur)
         if not force and last is not None and (last["inputs"] or {}).get("digest") == inputs["digest"]:
             return None
-        new_members = evaluate(engine, compiled, at, rules=shared.rules)
+        touched = None if force else changed_profiles(engine, compiled, last, inputs, cursor=cur)
+        new_members = evaluate(engine, compiled, at, rules=shared.rules, among=touched)
     except RefineryError as e:
         run.status, run.error = "failed", f"{type(e).__name__}: {e.message}"
         log.warning("segment run %s failed: %s", run.run_id, type(e).__name__)
         writer.call(lambda eng: _record_run(eng, run, at, datetime.now(UTC), None))
         return run
-    return writer.call(lambda eng: _apply(eng, run, new_members, at, inputs, actor))
+    if touched is None:
+        return writer.call(lambda eng: _apply(eng, run, new_members, at, inputs, actor))
+    run.incremental = inputs["incremental"] = touched.num_rows
+    changed = touched
+    return writer.call(lambda eng: _apply(eng, run, _carried_over(eng, name, changed, new_members), at, inputs, actor))
 
 
 # --- reads ----------------------------------------------------------------------------------------
