@@ -69,3 +69,18 @@ def ledger_destination(rt: Runtime, name: str, folder: Path, *, purpose: str = "
 
     return operations.create_destination(rt, ACTOR, name, "ledger", purpose,
                                          {"folder": str(folder), "token": "s3cret-token", "delay_seconds": delay})
+
+
+def plugin_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a `refinery` process that loads the ledger destination as a plug-in package
+    would be loaded: a distribution on the path declaring it in the `refinery.destinations` entry points."""
+    import os
+
+    site = tmp_path / "plugins"
+    dist = site / "refinery_test_ledger-0.1.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: refinery-test-ledger\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[refinery.destinations]\nledger = ledger_destination:LEDGER\n")
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(site), str(here), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {"PYTHONPATH": path}
