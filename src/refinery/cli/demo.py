@@ -104,6 +104,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         _print_identity(s["identity"])
     if s.get("segments"):
         _print_segments(s["segments"])
+    if s.get("activation"):
+        _print_activation(s["activation"])
     if s.get("privacy"):
         _print_privacy(s["privacy"])
     console.print("[bold]Try next:[/]")
@@ -154,6 +156,27 @@ def _print_privacy(p: dict[str, Any]) -> None:
         f"An event sent for the erased person afterwards: {after['suppressed']} of {after['sent']} suppressed (not stored).",
     ]
     console.print(Panel("\n".join(lines), title="Privacy", title_align="left"))
+
+
+def _print_activation(a: dict[str, Any]) -> None:
+    wh, fl = a["webhook"], a["files"]
+
+    def run_line(run: dict[str, Any] | None) -> str:
+        if not run:
+            return "nothing to send"
+        return (f"run {run['run_id']} {run['status']}: {run.get('sent', 0)} sent ({run.get('added', 0)} added, "
+                f"{run.get('removed', 0)} removed), {run.get('skipped_consent', 0)} skipped for consent, "
+                f"{run.get('failed', 0)} failed")
+
+    lines = [
+        f"Segment [bold]{escape(a['segment'])}[/] ({a['members']} members), destinations for purpose {a['purpose']}:",
+        f"Webhook {escape(wh['url'])}: {run_line(wh['run'])}.",
+        f"  The receiver verified the signatures and holds [bold]{wh['received']}[/] members ({wh['with_email']} with an email) "
+        f"from {wh['batches']} batches, {wh['duplicates']} repeats ignored; {wh['not_sent']} members not sent "
+        f"(no marketing consent), {wh['outside_segment']} outside the segment.",
+        f"Files {escape(fl['folder'])}: {run_line(fl['run'])}; {len(fl['files'])} files.",
+    ]
+    console.print(Panel("\n".join(lines), title="Activation", title_align="left"))
 
 
 def _print_segments(seg: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from refinery.api.auth import admin_token
 from refinery.client import Client, RemoteClient
+from refinery.demo import activation as demo_activation
 from refinery.demo import crm, groundtruth
 from refinery.demo import identity as demo_identity
 from refinery.demo import privacy as demo_privacy
@@ -106,6 +107,7 @@ class DemoSummary:
     ground_truth: dict[str, Any]
     identity: dict[str, Any] = field(default_factory=dict)
     segments: dict[str, Any] = field(default_factory=dict)
+    activation: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     next_commands: list[str] = field(default_factory=list)
 
@@ -113,7 +115,7 @@ class DemoSummary:
         return {
             "data_dir": self.data_dir, "seed": self.seed, "people": self.people, "rerun": self.rerun, "server": self.server,
             "events": self.events, "zones": self.zones, "crm": self.crm, "ground_truth": self.ground_truth,
-            "identity": self.identity, "segments": self.segments, "privacy": self.privacy,
+            "identity": self.identity, "segments": self.segments, "activation": self.activation, "privacy": self.privacy,
             "next_commands": self.next_commands,
         }
 
@@ -167,6 +169,8 @@ def run_demo(settings: Settings, *, people: int = DEFAULT_PEOPLE, seed: int = DE
         example = _explain_example(api) or _sample_user(world)
         report.stage("Segments: defining a few audiences, computing their members and explaining one")
         segments = define_demo_segments(api)
+        report.stage(f"Activation: delivering the {demo_activation.SEGMENT!r} segment to a webhook receiver on loopback and to files")
+        activation = demo_activation.run(api, server.url, admin_token(settings), paths.folder)
         report.stage("Privacy: exporting one person's data, erasing another with a receipt, then sending an event for the erased person")
         privacy = demo_privacy.run(api, world, paths.folder, server.url, keys[WEB_SOURCE])
         zones = _zone_counts(api)
@@ -175,6 +179,7 @@ def run_demo(settings: Settings, *, people: int = DEFAULT_PEOPLE, seed: int = DE
     summary.identity = identity
     summary.segments = segments
     summary.privacy = privacy
+    summary.activation = activation
     return summary
 
 

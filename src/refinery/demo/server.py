@@ -7,6 +7,7 @@ starts `python -m refinery serve` on a free loopback port with the same data dir
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,6 +42,11 @@ def demo_server(settings: Settings, log_path: Path, *, timeout: float = 60.0) ->
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "REFINERY_DATA_DIR": str(settings.data_dir.resolve())}
+    # The demo's activation step delivers to a webhook receiver it runs on loopback, which
+    # destinations may not reach by default (server-side request forgery): allow it for this server.
+    allowed = list(settings.activation_allowed_networks)
+    if "127.0.0.1/32" not in allowed:
+        env["REFINERY_ACTIVATION_ALLOWED_NETWORKS"] = json.dumps([*allowed, "127.0.0.1/32"])
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "refinery", "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(settings.data_dir.resolve())],
