@@ -19,12 +19,16 @@ from test_reference import RESET, T0, events_strategy, rows_of, rules_strategy, 
 
 from refinery.identity import IdentityRules
 from refinery.identity.incremental import run_batch
+from refinery.identity.working_set import WorkingSet
 from refinery.profiles.build import resolve_and_build
 from refinery.profiles.policy import TraitPolicy
 from refinery.runtime import Runtime
 from refinery.settings import Settings
 
 POLICY = TraitPolicy()
+#: The follower's working set, kept across batches and examples as the follower keeps it (a reset of
+#: the tables between examples, a full resolution in between: it must notice and start again).
+KEPT = WorkingSet()
 TABLES = {
     "identities": "SELECT * FROM identities",
     "identity_edges": "SELECT * FROM identity_edges",
@@ -70,24 +74,26 @@ def reset(*rts: Runtime) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(events=events_strategy, rules=rules_strategy, seed=st.integers(0, 2**16), cuts=st.integers(1, 5),
-       full_between=st.booleans())
+       full_between=st.booleans(), keep=st.booleans())
 def test_incremental_equals_full(runtimes: tuple[Runtime, Runtime, Runtime], events: list[dict[str, Any]], rules: IdentityRules,
-                                 seed: int, cuts: int, full_between: bool) -> None:
+                                 seed: int, cuts: int, full_between: bool, keep: bool) -> None:
+    """`keep`: with the working set kept between batches (the follower's way), else read from the tables."""
     inc, each, once = runtimes
+    ws = KEPT if keep else None
     reset(inc, each, once)
     shuffled = events[:]
     rnd = random.Random(seed)
     rnd.shuffle(shuffled)
     bounds = sorted({0, len(shuffled), *(rnd.randrange(len(shuffled) + 1) for _ in range(cuts))})
     batches = [shuffled[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-    inc.writer.call(lambda e: run_batch(e, rules, POLICY))  # nothing resolved yet: a full resolution of nothing
+    inc.writer.call(lambda e: run_batch(e, rules, POLICY, working_set=ws))  # nothing resolved yet: a full resolution of nothing
     modes = []
     for k, batch in enumerate(batches):
         send(inc, batch)
         send(each, batch)
         if full_between and k == len(batches) // 2:  # a full resolution in between, then incremental again
             inc.writer.call(lambda e: resolve_and_build(e, rules, POLICY))
-        modes.append(inc.writer.call(lambda e: run_batch(e, rules, POLICY)).mode)
+        modes.append(inc.writer.call(lambda e: run_batch(e, rules, POLICY, working_set=ws)).mode)
         each.writer.call(lambda e: resolve_and_build(e, rules, POLICY))
         got, want = snapshot(inc, {**TABLES, "merges": MERGES}), snapshot(each, {**TABLES, "merges": MERGES})
         for name in want:

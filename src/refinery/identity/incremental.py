@@ -56,8 +56,11 @@ from refinery.identity import reference as ref
 from refinery.identity import sql
 from refinery.identity.extract import extract
 from refinery.identity.reference import Ident
-from refinery.identity.rules import _TYPE_NAME, IdentityRules
+from refinery.identity.rules import _TYPE_NAME, PII_TYPES, IdentityRules
+from refinery.identity.working_set import WorkingSet
 from refinery.privacy.normalise import normalise
+from refinery.privacy.pii import reveal, token_for
+from refinery.privacy.tokens import is_token
 from refinery.storage.engine import Engine
 
 if TYPE_CHECKING:
@@ -98,24 +101,53 @@ class BatchReport:
 
 # --- state ---------------------------------------------------------------------------------
 
-def _watermark(engine: Engine, rules: IdentityRules) -> tuple[datetime | None, str | None]:
-    """(the watermark, why a full resolution is needed instead or None)."""
-    rows = engine.fetch_all("""
-        SELECT CASE WHEN resolution_id = 'incremental' THEN finished_at ELSE started_at END AS covered, rules
-        FROM identity_resolutions WHERE mode IN ('full', 'incremental') ORDER BY covered DESC NULLS LAST LIMIT 1
-    """)
-    if not rows or rows[0][0] is None:
-        return None, "nothing resolved yet"
-    covered, stored = rows[0]
-    if json.loads(stored) != json.loads(json.dumps(rules.to_dict())):
-        return covered, "the identity rules changed"
-    # A user's removals and splits (identity_overrides, when the store has them) are not applied
-    # locally yet: while one is in force, or one changed since the watermark, resolve in full.
-    has_overrides = engine.fetch_all("SELECT count(*) FROM information_schema.tables WHERE table_name = 'identity_overrides'")[0][0]
-    if has_overrides and engine.fetch_all(
-            "SELECT count(*) FROM identity_overrides WHERE revoked_at IS NULL OR revoked_at >= ?", [covered])[0][0]:
-        return covered, "identity overrides are in force"
-    return covered, None
+_STATE = """
+    SELECT now() AS now, (SELECT count(*) FROM privacy_requests) AS requests,
+           (SELECT max(coalesce(finished_at, started_at)) FROM privacy_requests) AS requests_at, t.*
+    FROM (SELECT 1) one LEFT JOIN (
+        SELECT covered, rules, resolution_id = 'incremental' AS mine,
+               (SELECT count(*) FROM identity_overrides WHERE revoked_at IS NULL OR revoked_at >= covered) AS overrides
+        FROM (SELECT CASE WHEN resolution_id = 'incremental' THEN finished_at ELSE started_at END AS covered, rules, resolution_id
+              FROM identity_resolutions WHERE mode IN ('full', 'incremental') ORDER BY covered DESC NULLS LAST LIMIT 1) s
+    ) t ON TRUE
+"""
+_RULES_SEEN: dict[tuple[str, str], bool] = {}  # (stored rules, these rules) -> equal
+
+
+def _watermark(engine: Engine, rules: IdentityRules) -> tuple[datetime, datetime | None, str | None, tuple[Any, ...]]:
+    """(the transaction's time, the watermark, why a full resolution is needed instead or None, the
+    fingerprint of what last wrote the identity tables: the working set is valid while it is the one
+    its last commit left), in one statement."""
+    now, requests, requests_at, covered, stored, mine, overrides = engine.fetch_all(_STATE)[0]
+    fingerprint = _fingerprint(covered, mine, requests, requests_at)
+    if covered is None:
+        return now, None, "nothing resolved yet", fingerprint
+    ours = json.dumps(rules.to_dict(), sort_keys=True)
+    same = _RULES_SEEN.get((stored, ours))
+    if same is None:
+        same = json.loads(stored) == json.loads(ours)
+        if len(_RULES_SEEN) > 64:
+            _RULES_SEEN.clear()
+        _RULES_SEEN[(stored, ours)] = same
+    if not same:
+        return now, covered, "the identity rules changed", fingerprint
+    # A user's removals and splits (identity_overrides) are not applied locally yet: while one is
+    # in force, or one changed since the watermark, resolve in full.
+    if overrides:
+        return now, covered, "identity overrides are in force", fingerprint
+    return now, covered, None, fingerprint
+
+
+def _fingerprint(covered: datetime | None, mine: bool | None, requests: int, requests_at: datetime | None) -> tuple[Any, ...]:
+    return covered, bool(mine), int(requests), requests_at
+
+
+def _fingerprint_after(engine: Engine, ws: WorkingSet, now: datetime, before: tuple[Any, ...],
+                       identities: Sequence[dict[str, Any]] = (), edges: Sequence[dict[str, Any]] = ()) -> None:
+    """Once the batch's transaction commits: its rows into the working set, with the fingerprint
+    the tables then have (the batch's own watermark row on top)."""
+    after = _fingerprint(now, True, before[2], before[3])
+    engine.after_commit(lambda: ws.install(identities, edges, after))
 
 
 def _save_state(engine: Engine, rules: IdentityRules, watermark: datetime, report: BatchReport) -> None:
@@ -210,7 +242,9 @@ def _occurrences(engine: Engine, rules: IdentityRules, events: exp.Expression, k
     return rows
 
 
-_SIMPLE_COLUMNS = "source, message_id, timestamp, type, import_id, user_id, anonymous_id, previous_id, device_id, advertising_id, traits, context"
+#: The batch: the events committed since the watermark (at most the second parameter of them).
+_BATCH = ("SELECT source, message_id, timestamp, type, import_id, user_id, anonymous_id, previous_id, device_id, advertising_id, "
+          "traits, context FROM events WHERE loaded_at >= ? LIMIT ?")
 _PRINTABLE = re.compile(r"[ -~]*")
 
 
@@ -236,16 +270,16 @@ def _block_reason(kind: str, value: str, rules: IdentityRules) -> str | None:
     return None
 
 
-def _python_occurrences(engine: Engine, rules: IdentityRules, watermark: datetime,
+def _python_occurrences(engine: Engine, rules: IdentityRules, rows: list[tuple[Any, ...]],
                         with_traits: set[tuple[str, str]]) -> list[dict[str, Any]] | None:
     """The batch's `_idr_occ` rows computed in Python, for batches of plain events (identifiers only in
-    the built-in columns and traits, as strings; no external ids, no declared identifiers, no
-    identifier tokenisation): the same rows `identity.extract` gives (the property tests compare
+    the built-in columns and traits, as strings; no external ids, no declared identifiers; emails and
+    phones tokenised as `extract` does when the store pseudonymises): the same rows `identity.extract` gives (the property tests compare
     the two through the whole path), without its dozen SQL statements. None: use the SQL.
     `with_traits` receives the identify calls that carry traits (they change a profile's traits)."""
-    if rules.declared or not _protection_is_identity(engine):
+    if rules.declared:
         return None
-    rows = engine.fetch_all(f"SELECT {_SIMPLE_COLUMNS} FROM events WHERE loaded_at >= ?", [watermark])  # noqa: S608 - constant text
+    protect = not _protection_is_identity(engine)
     raw: list[tuple[str, str, datetime, str, str, str, str | None]] = []  # source, message_id, ts, rule, kind, raw, region
     for source, mid, ts, typ, import_id, user_id, anon, prev, device, adid, traits_j, context_j in rows:
         traits = json.loads(traits_j) if traits_j else None
@@ -276,25 +310,42 @@ def _python_occurrences(engine: Engine, rules: IdentityRules, watermark: datetim
             if not isinstance(value, str):
                 return None
             raw.append((source, mid, ts, rule, kind, value, region))
-    norm: list[tuple[str, str, datetime, str, str, str, str, str | None]] = []
+    # Personal types, when pseudonymising, as `extract` treats them: the clean zone holds their tokens;
+    # the clear value (from the vault) is only normalised and checked, the token is the stored form.
+    clear: dict[str, str] = {}
+    if protect:
+        wanted = {text for _, _, _, _, kind, text, _ in raw if kind in PII_TYPES and is_token(text)}
+        clear = reveal(engine, wanted) if wanted else {}
+    norm: list[tuple[str, str, datetime, str, str, str, str, str | None, str | None]] = []
     for source, mid, ts, rule, kind, text, region in raw:
-        if kind == "phone" or not _PRINTABLE.fullmatch(text):
+        stored: str | None = None
+        if protect and kind in PII_TYPES:
+            token = text if is_token(text) else None
+            if token is not None and token not in clear:
+                value, pre = token, None  # its person was erased (or the vault does not know it)
+            else:
+                n = normalise(kind, clear.get(text, text), region, rules.phone_region)
+                value, pre = n.value, n.reason
+            stored = token or token_for(engine, kind, value)
+        elif kind == "phone" or not _PRINTABLE.fullmatch(text):
             n = normalise(kind, text, region, rules.phone_region)
             value, pre = n.value, n.reason
         else:
             value, pre = (text.strip(" ").lower() if kind == "email" else text.strip(" ")), None
-        norm.append((source, mid, ts, rule, kind, text, value, pre))
+        norm.append((source, mid, ts, rule, kind, text, value, pre, stored))
     users = {r[6] for r in norm if r[4] == "user_id"}
     prev_values = sorted({r[6] for r in norm if r[4] == "previous_id"} - users)
     if prev_values:
         users |= {r[0] for r in engine.fetch_all(
             "SELECT value FROM identities WHERE identifier_type = 'user_id' AND list_contains(?, value)", [prev_values])}
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for source, mid, ts, rule, kind, _text, value, pre in norm:
+    for source, mid, ts, rule, kind, _text, value, pre, stored in norm:
         if kind == "previous_id":
             kind = "user_id" if value in users else "anonymous_id"
         reason = pre or _block_reason(kind, value, rules)
-        if len(value) > rules.max_value_length:
+        if stored is not None:
+            shown = stored
+        elif len(value) > rules.max_value_length:
             shown = value[:64] + "...#" + hashlib.md5(value.encode()).hexdigest()  # noqa: S324 - the SQL's md5
         else:
             shown = value
@@ -345,8 +396,8 @@ class _State:
 
 
 def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, consent_categories: Mapping[str, str] | None = None,
-              max_events: int = MAX_BATCH_EVENTS,
-              max_full_events: int | None = None) -> BatchReport:
+              max_events: int = MAX_BATCH_EVENTS, max_full_events: int | None = None,
+              working_set: WorkingSet | None = None) -> BatchReport:
     """Bring the identity and profile tables up to date with the events committed since the watermark
     (call inside the writer: `writer.call(lambda e: run_batch(e, rules, policy))`).
 
@@ -355,24 +406,36 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, cons
     than `max_full_events` events (None: no limit): the writer would stall ingest for as long as it
     takes. Then a needed one is left to `refinery identity resolve` (mode `skipped`, nothing
     written), and a large batch is resolved incrementally.
+
+    `working_set`: the follower's, kept between batches (the graph around the batch is read from it
+    and, for what it lacks, from the tables); None reads everything from the tables.
     """
     clock = time.perf_counter()
-    now: datetime = engine.fetch_all("SELECT now()")[0][0]
-    watermark, why_full = _watermark(engine, rules)
-    total = int(engine.fetch_all("SELECT count(*) FROM events")[0][0]) if max_full_events is not None else 0
-    too_big = max_full_events is not None and total > max_full_events
+    ws = working_set if working_set is not None else WorkingSet()
+    now, watermark, why_full, fingerprint = _watermark(engine, rules)
+    ws.validate(fingerprint)
+    total = 0
+
+    def too_big() -> bool:
+        nonlocal total
+        if max_full_events is None:
+            return False
+        total = int(engine.fetch_all("SELECT count(*) FROM events")[0][0])
+        return total > max_full_events
+
     report: BatchReport | None = None
     if why_full is None and watermark is not None:
-        n = int(engine.fetch_all("SELECT count(*) FROM events WHERE loaded_at >= ?", [watermark])[0][0])
-        if n == 0:
+        rows = engine.fetch_all(_BATCH, [watermark, max_events + 1])
+        if not rows:
             return BatchReport("none", seconds=time.perf_counter() - clock)
-        if n > max_events and not too_big:
-            why_full = f"{n} new events (more than {max_events})"
+        if len(rows) > max_events and not too_big():
+            why_full = f"more than {max_events} new events"
         else:
-            report = _incremental(engine, rules, policy, watermark, now)
+            report = _incremental(engine, rules, policy, watermark, now, rows, ws, fingerprint)
             why_full = None if report is not None else "a new user id equals a known anonymous id (an older alias's previousId)"
     if report is None:
-        if too_big:
+        ws.clear()
+        if too_big():
             return BatchReport("skipped", reason=f"{why_full}; the store holds {total} events: run `refinery identity resolve`",
                                seconds=time.perf_counter() - clock)
         from refinery.profiles.build import resolve_and_build
@@ -382,6 +445,8 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, cons
                              identifiers=int(result["identity"]["identifiers"]), merges=int(result["identity"]["merges"]),
                              unmerges=int(result["identity"]["unmerges"]), reason=why_full)
     _save_state(engine, rules, now, report)
+    if report.mode == "full":
+        _fingerprint_after(engine, ws, now, fingerprint)
     report.seconds = time.perf_counter() - clock
     return report
 
@@ -399,19 +464,19 @@ def _tally(table: dict[Any, dict[str, Any]], key: Any, o: dict[str, Any], label:
         t["first"], t[label] = first, o[label]
 
 
-def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, watermark: datetime, now: datetime) -> BatchReport | None:
-    """The local path; None when the batch needs a full resolution."""
+def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, watermark: datetime, now: datetime,
+                 rows: list[tuple[Any, ...]], ws: WorkingSet, fingerprint: tuple[Any, ...]) -> BatchReport | None:
+    """The local path over the batch's events `rows` (`_BATCH`); None when the batch needs a full resolution."""
     batch = sql.template("SELECT * FROM __events WHERE loaded_at >= __w", events=_main(engine, "events"), w=_ts(watermark))
     with_traits: set[tuple[str, str]] = set()
-    occ = _python_occurrences(engine, rules, watermark, with_traits)
+    occ = _python_occurrences(engine, rules, rows, with_traits)
     exact_traits = occ is not None  # else every profile of the batch is rebuilt in full
     if occ is None:
         aliases = engine.fetch_all("SELECT previous_id FROM events WHERE loaded_at >= ? AND type = 'alias' AND previous_id IS NOT NULL",
                                    [watermark])
         known = [normalise("user_id", r[0]).value for r in aliases]
         occ = _occurrences(engine, rules, batch, known)
-    n_events = int(engine.fetch_all("SELECT count(*) FROM events WHERE loaded_at >= ?", [watermark])[0][0])
-    report = BatchReport("attach", events=n_events)
+    report = BatchReport("attach", events=len(rows))
     st = _State()
 
     # Identifier statistics of the batch.
@@ -420,7 +485,7 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
         _tally(add, (o["kind"], o["value"]), o, "reason")
     report.identifiers = len(add)
     new_users = [v for (kind, v) in add if kind == "user_id"]
-    stored = _fetch_identities(engine, [*add, *(("anonymous_id", v) for v in new_users)])
+    stored = ws.identities(engine, [*add, *(("anonymous_id", v) for v in new_users)])
     for v in new_users:
         if ("user_id", v) not in stored and ("anonymous_id", v) in stored:
             return None
@@ -455,7 +520,7 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
         for o in lst[1:]:
             _tally(eadd, (a, (o["kind"], o["value"])), o, "rule")
     ends = {end for key in eadd for end in key}
-    for r in _fetch_edges(engine, touched | ends):
+    for r in ws.edges_of(engine, touched | ends):
         st.add_edge_row(r)
     st.fetched |= touched | ends
     for key, e in eadd.items():
@@ -481,7 +546,7 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
     region: set[Ident] = set()
     if touched:
         report.mode = "region"
-        region = _region(engine, st, touched, rules)
+        region = _region(engine, ws, st, touched, rules)
         res = _resolve_region(st, region, touched, rules)
         report.region = len(region)
 
@@ -506,13 +571,15 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
     for i in region:
         edge_keys |= st.incident.get(i, set())
     missing = {end for key in edge_keys for end in key if end not in st.ids and end not in st.old}
-    st.old.update(_fetch_identities(engine, missing))
+    st.old.update(ws.identities(engine, missing))
     for key in edge_keys:
         a, b = key
         info_a, info_b = st.ids.get(a) or st.old[a], st.ids.get(b) or st.old[b]
         row = st.edges[key]
         row["status"], row["reason"] = ref.edge_status(a, b, pid(a), pid(b), info_a["reason"], info_b["reason"])
-    _write_edges(engine, [st.edges[k] for k in edge_keys])
+    written_edges = [st.edges[k] for k in edge_keys]
+    _write_edges(engine, written_edges)
+    _fingerprint_after(engine, ws, now, fingerprint, list(st.ids.values()), written_edges)
 
     _write_refusals(engine, st, res, region, add, rules)
     if res is not None:
@@ -520,8 +587,19 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
 
     # event_profiles: the batch's events, and older events of profiles the region changed.
     affected: set[str] = set()
+    in_place: dict[str, bool] = {}  # profile -> whether its row exists: only its identifiers changed
     if res is not None:
-        affected |= _reattribute(engine, rules, st, res, region)
+        involved, moves = _reattribute(engine, rules, st, res, region)
+        into: dict[str, set[str]] = {}
+        for q, targets in moves.items():
+            for t in targets:
+                into.setdefault(t, set()).add(q)
+        for t in involved:
+            # Neither merged with another profile nor split: its events and traits stay as they were.
+            if exact_traits and into.get(t, {t}) == {t} and moves.get(t, {t}) == {t}:
+                in_place[t] = t in moves
+            else:
+                affected.add(t)
     new_rows = []
     counted: dict[str, list[Any]] = {}  # profile -> [events, first, last, sources] of the batch
     for (source, mid), lst in by_event.items():
@@ -545,8 +623,59 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
         finally:
             engine.unregister("_inc_ep")
     _rebuild_profiles(engine, policy, affected, now)
-    _count_events(engine, {p: d for p, d in counted.items() if p not in affected}, now)
+    assert res is not None or not in_place
+    if res is not None:
+        _write_identifier_lists(engine, st, res, region, {p: e for p, e in in_place.items() if p not in affected}, counted, now)
+    _count_events(engine, {p: d for p, d in counted.items() if p not in affected and in_place.get(p, True)}, now)
     return report
+
+
+_UPDATE_IDENTIFIERS = """
+    UPDATE profiles SET identifiers = to_json(map(n.types, list_transform(n.vals, lambda x: to_json(x)))), updated_at = ?
+    FROM (SELECT unnest(CAST(? AS VARCHAR[])) AS profile_id, unnest(CAST(? AS VARCHAR[][])) AS types,
+                 unnest(CAST(? AS VARCHAR[][][])) AS vals) n
+    WHERE profiles.profile_id = n.profile_id
+"""
+_INSERT_PROFILES = """
+    INSERT INTO profiles
+    SELECT profile_id, to_json(map(types, list_transform(vals, lambda x: to_json(x)))), '{}', '{}', first_seen, last_seen, n,
+           to_json(sources), ?
+    FROM (SELECT unnest(CAST(? AS VARCHAR[])) AS profile_id, unnest(CAST(? AS VARCHAR[][])) AS types,
+                 unnest(CAST(? AS VARCHAR[][][])) AS vals, unnest(CAST(? AS TIMESTAMPTZ[])) AS first_seen,
+                 unnest(CAST(? AS TIMESTAMPTZ[])) AS last_seen, unnest(CAST(? AS BIGINT[])) AS n,
+                 unnest(CAST(? AS VARCHAR[][])) AS sources)
+"""
+
+
+def _write_identifier_lists(engine: Engine, st: _State, res: ref.Resolution, region: set[Ident], profiles: dict[str, bool],
+                            counted: dict[str, list[Any]], now: datetime) -> None:
+    """`profiles.identifiers` of region profiles that were neither merged nor split (`profiles`:
+    profile -> whether its row exists), as `write_profiles` builds it: per type, sorted, the values
+    oldest first. A whole profile lies in the region (R is closed), so its identifiers are all here.
+    New profiles get their row, with the batch's events (`counted`) and no traits."""
+    if not profiles:
+        return
+    members: dict[str, dict[str, list[tuple[Any, str]]]] = {p: {} for p in profiles}
+    for i in region:
+        p = res.profile_id(i)
+        if p in members:
+            members[p].setdefault(i[0], []).append((_info(st, i)["first_seen"], i[1]))
+
+    def lists(p: str) -> tuple[list[str], list[list[str]]]:
+        types = sorted(members[p])
+        return types, [[v for _, v in sorted(members[p][t])] for t in types]
+
+    old = sorted(p for p, exists in profiles.items() if exists)
+    if old:
+        ls = [lists(p) for p in old]
+        engine.execute(_UPDATE_IDENTIFIERS, [now, old, [t for t, _ in ls], [v for _, v in ls]])
+    new = sorted(p for p, exists in profiles.items() if not exists)
+    if new:
+        ls = [lists(p) for p in new]
+        c = [counted.get(p) for p in new]
+        engine.execute(_INSERT_PROFILES, [now, new, [t for t, _ in ls], [v for _, v in ls], [d[1] if d else None for d in c],
+                                          [d[2] if d else None for d in c], [d[0] if d else 0 for d in c],
+                                          [sorted(d[3]) if d else [] for d in c]])
 
 
 def _count_events(engine: Engine, counted: dict[str, list[Any]], now: datetime) -> None:
@@ -572,7 +701,7 @@ def _count_events(engine: Engine, counted: dict[str, list[Any]], now: datetime) 
         engine.unregister("_inc_counts")
 
 
-def _region(engine: Engine, st: _State, touched: set[Ident], rules: IdentityRules) -> set[Ident]:
+def _region(engine: Engine, ws: WorkingSet, st: _State, touched: set[Ident], rules: IdentityRules) -> set[Ident]:
     """R: everything reachable from `touched` over edges usable before or usable now."""
     exclusive = set(rules.exclusive_types)
     adjacency = {n: {b if a == n else a for a, b in st.incident.get(n, set())} for n in touched}
@@ -599,11 +728,11 @@ def _region(engine: Engine, st: _State, touched: set[Ident], rules: IdentityRule
     while frontier:
         need = frontier - st.fetched
         if need:
-            for r in _fetch_edges(engine, need):
+            for r in ws.edges_of(engine, need):
                 st.add_edge_row(r)
             st.fetched |= need
         others = {e for n in frontier for key in st.incident.get(n, set()) for e in key if e not in st.old and e not in st.ids}
-        st.old.update(_fetch_identities(engine, others))
+        st.old.update(ws.identities(engine, others))
         nxt: set[Ident] = set()
         for n in frontier:
             for key in st.incident.get(n, set()):
@@ -613,7 +742,7 @@ def _region(engine: Engine, st: _State, touched: set[Ident], rules: IdentityRule
                     nxt.add(other)
         frontier = nxt
     # Every identifier of the region needs its stored row (statistics, previous result).
-    st.old.update(_fetch_identities(engine, {n for n in region if n not in st.old and n not in st.ids}))
+    st.old.update(ws.identities(engine, {n for n in region if n not in st.old and n not in st.ids}))
     return region
 
 
@@ -819,8 +948,10 @@ def _write_merges(engine: Engine, st: _State, res: ref.Resolution, region: set[I
     return len(rows), unmerges
 
 
-def _reattribute(engine: Engine, rules: IdentityRules, st: _State, res: ref.Resolution, region: set[Ident]) -> set[str]:
-    """Move the stored events of profiles the region changed; returns every profile id involved."""
+def _reattribute(engine: Engine, rules: IdentityRules, st: _State, res: ref.Resolution,
+                 region: set[Ident]) -> tuple[set[str], dict[str, set[str]]]:
+    """Move the stored events of profiles the region changed; returns every profile id involved,
+    and for each previous profile of the region, the profiles its identifiers are in now."""
     moves: dict[str, set[str]] = {}
     for i in region:
         old = st.old.get(i)
@@ -853,7 +984,7 @@ def _reattribute(engine: Engine, rules: IdentityRules, st: _State, res: ref.Reso
                                "WHERE event_profiles.source = m.source AND event_profiles.message_id = m.message_id")
             finally:
                 engine.unregister("_inc_emap")
-    return involved
+    return involved, moves
 
 
 def _rebuild_profiles(engine: Engine, policy: TraitPolicy, affected: set[str], now: datetime) -> None:
@@ -917,6 +1048,7 @@ class Follower:
 
             self.window = RunWindow(lineage, INCREMENTAL, lineage_seconds)
         self._warned = False
+        self.working_set = WorkingSet()  # the graph around recent batches, kept between them
         self.batches = 0
         self.last: BatchReport | None = None
         self.failures = 0
@@ -951,8 +1083,9 @@ class Follower:
             try:
                 report = self.writer.submit(
                     lambda e: run_batch(e, self.rules, self.policy, consent_categories=self.consent_categories,
-                                        max_full_events=self.max_full_events)).result()
+                                        max_full_events=self.max_full_events, working_set=self.working_set)).result()
             except Exception as e:  # the follower must not die; the next commit retries
+                self.working_set.clear()
                 self.failures += 1
                 log.warning("identity follower: batch failed (%s); retrying after the next commit", type(e).__name__, exc_info=True)
                 if self.window is not None:

@@ -1,0 +1,111 @@
+"""The incremental follower's working set: the `identities` rows and `identity_edges` rows it has
+read or written, kept in memory between batches so that a batch reads the graph around its
+identifiers from here instead of from the tables (docs/decisions/0023-incremental-identity-working-set.md).
+
+It only ever holds what is committed: rows read inside a batch's transaction before the batch
+writes (the writer is serial, so they are what the last commit left), and a batch's own rows once
+its transaction has committed (`Engine.after_commit`). It is dropped whenever something else may
+have written the identity tables since the follower's last batch: the batch compares a
+fingerprint of `identity_resolutions` and `privacy_requests` (a full resolution, an override, an
+erasure each leave a row there) with the one its last commit left. Without a working set (a
+fresh one per batch) a batch reads everything from the tables, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from refinery.identity.reference import Ident
+from refinery.storage.engine import Engine
+
+EdgeKey = tuple[Ident, Ident]
+#: Identifiers kept at most; past this the working set starts again empty (the next batches read
+#: the graph around them from the tables, as a cold start does).
+MAX_IDENTIFIERS = 500_000
+
+_IDENTITIES_BY_KEYS = ("SELECT i.* FROM identities i JOIN (SELECT unnest(CAST(? AS VARCHAR[])) AS kind, "
+                       "unnest(CAST(? AS VARCHAR[])) AS value) k ON k.kind = i.identifier_type AND k.value = i.value")
+_EDGES_BY_ENDS = """
+    WITH k AS (SELECT unnest(CAST(? AS VARCHAR[])) AS kind, unnest(CAST(? AS VARCHAR[])) AS value)
+    SELECT e.* FROM identity_edges e WHERE EXISTS (SELECT 1 FROM k WHERE k.kind = e.a_type AND k.value = e.a_value)
+    UNION ALL
+    SELECT e.* FROM identity_edges e WHERE EXISTS (SELECT 1 FROM k WHERE k.kind = e.b_type AND k.value = e.b_value)
+      AND NOT EXISTS (SELECT 1 FROM k WHERE k.kind = e.a_type AND k.value = e.a_value)
+"""
+
+
+def edge_key(r: dict[str, Any]) -> EdgeKey:
+    return (r["a_type"], r["a_value"]), (r["b_type"], r["b_value"])
+
+
+class WorkingSet:
+    """identifier -> its `identities` row (None: not in the table), edge -> its `identity_edges`
+    row, identifier -> its edges, for the identifiers whose edges are all here (`complete`)."""
+
+    def __init__(self, max_identifiers: int = MAX_IDENTIFIERS):
+        self.max_identifiers = max_identifiers
+        self.fingerprint: tuple[Any, ...] | None = None
+        self.reads = 0  # statements run to fill it (a measure for tests and the benchmark)
+        self.clear()
+
+    def clear(self) -> None:
+        self.ids: dict[Ident, dict[str, Any] | None] = {}
+        self.edges: dict[EdgeKey, dict[str, Any]] = {}
+        self.incident: dict[Ident, set[EdgeKey]] = {}
+        self.complete: set[Ident] = set()
+
+    def validate(self, fingerprint: tuple[Any, ...]) -> None:
+        """Drop everything unless the tables are as this working set's last commit left them."""
+        if fingerprint != self.fingerprint:
+            self.clear()
+            self.fingerprint = None
+
+    # --- reads: copies, so that a batch may change its rows freely ------------------------------
+
+    def identities(self, engine: Engine, idents: Iterable[Ident]) -> dict[Ident, dict[str, Any]]:
+        """The stored rows of `idents` that exist."""
+        want = set(idents)
+        missing = sorted(i for i in want if i not in self.ids)
+        if missing:
+            self.reads += 1
+            found = {(r["identifier_type"], r["value"]): r for r in engine.fetch_dicts(
+                _IDENTITIES_BY_KEYS, [[k for k, _ in missing], [v for _, v in missing]])}
+            for i in missing:
+                self.ids[i] = found.get(i)
+        out = {}
+        for i in want:
+            row = self.ids[i]
+            if row is not None:
+                out[i] = dict(row)
+        return out
+
+    def edges_of(self, engine: Engine, idents: Iterable[Ident]) -> list[dict[str, Any]]:
+        """Every stored edge with an end among `idents`."""
+        want = set(idents)
+        missing = sorted(want - self.complete)
+        if missing:
+            self.reads += 1
+            for r in engine.fetch_dicts(_EDGES_BY_ENDS, [[k for k, _ in missing], [v for _, v in missing]]):
+                self._put_edge(r)
+            self.complete.update(missing)
+        keys = {k for i in want for k in self.incident.get(i, ())}
+        return [dict(self.edges[k]) for k in keys]
+
+    # --- what a batch committed ---------------------------------------------------------------
+
+    def _put_edge(self, row: dict[str, Any]) -> None:
+        key = edge_key(row)
+        self.edges[key] = row
+        for end in key:
+            self.incident.setdefault(end, set()).add(key)
+
+    def install(self, identities: Iterable[dict[str, Any]], edges: Iterable[dict[str, Any]], fingerprint: tuple[Any, ...]) -> None:
+        """Rows a batch wrote, after its commit; `fingerprint` is what the tables say now."""
+        for r in identities:
+            self.ids[(r["identifier_type"], r["value"])] = dict(r)
+        for r in edges:
+            self._put_edge(dict(r))
+        self.fingerprint = fingerprint
+        if len(self.ids) > self.max_identifiers:
+            self.clear()
