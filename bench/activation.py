@@ -160,7 +160,15 @@ def main() -> None:
 
             deliverer = Deliverer(rt.engine, rt.writer, settings, "hook", rt.vault)
             t = time.perf_counter()
-            seen = deliverer.drain()
+            if os.environ.get("BENCH_PROFILE"):
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                seen = prof.runcall(deliverer.drain)
+                pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+            else:
+                seen = deliverer.drain()
             deliver_s = time.perf_counter() - t
             state = httpx.get(state_url, timeout=30).json()
             held = len(state.get("pro", []))

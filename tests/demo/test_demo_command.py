@@ -132,6 +132,19 @@ def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
     for row in open_members:  # (the erasure below may take one member away)
         assert seg["sizes"][row["segment"]] - row["n"] in (0, 1)
 
+    # Activation: the segment reached the demo's webhook receiver (signatures verified, each batch
+    # applied once) and a folder of files, members without marketing consent held back.
+    act = first["activation"]
+    wh, files = act["webhook"], act["files"]
+    assert wh["run"]["status"] == "completed" and wh["run"]["failed"] == 0 and wh["received"] > 0
+    assert wh["outside_segment"] == 0 and wh["received"] + wh["not_sent"] == act["members"]
+    assert wh["run"]["skipped_consent"] == wh["not_sent"] and wh["run"]["added"] == wh["received"]
+    lines = [json.loads(line) for f in Path(files["folder"]).glob("*.jsonl") for line in f.read_text().splitlines()]
+    added = {r["profile_id"] for r in lines if r.get("action") == "add"}
+    assert files["run"]["status"] == "completed" and len(added) == wh["received"]
+    held = json.loads(refinery("syncs", "show", "repeat_buyers_to_files", "--json", "--data-dir", str(data_dir)).stdout)["held"]
+    assert wh["received"] - held in (0, 1)  # (the demo's erasure, after this step, may take one person out)
+
     # Privacy: one person exported (with their consent), another erased with a receipt; an event
     # sent for the erased person afterwards is suppressed.
     priv = first["privacy"]
@@ -152,6 +165,9 @@ def test_demo_generates_sends_imports_and_reruns(tmp_path: Path) -> None:
     assert again["events"]["sent"] == theirs and again["events"]["already_stored"] == len(world.events) - theirs
     assert again["privacy"]["erasure"]["request_id"] == priv["erasure"]["request_id"]
     assert again["crm"]["rows_loaded"] == 0
+    # the new receiver gets the whole audience again (mode full); the files only what changed (diff)
+    assert again["activation"]["webhook"]["received"] + again["activation"]["webhook"]["not_sent"] == again["activation"]["members"]
+    assert again["activation"]["webhook"]["outside_segment"] == 0
     check_zones(data_dir, world)  # nothing doubled
 
     other = refinery("demo", "--people", str(PEOPLE + 1), "--data-dir", str(data_dir), check=False)
