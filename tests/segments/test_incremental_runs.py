@@ -106,3 +106,28 @@ def test_a_merge_or_a_deletion_falls_back_to_a_full_run(runtime: Runtime) -> Non
     after = members.run_segments(rt.engine, rt.writer, ACTOR).runs[0]
     assert after.incremental is None
     assert _recorded(rt, "buyers") == _full(rt, "buyers")
+
+
+def test_full_runs_of_many_segments_are_evaluated_together_with_the_same_members(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of several segments in full evaluates those counted by profiles in one query over the
+    events (compile_many); each gets the members its own evaluation gives."""
+    rt, rng = runtime, random.Random(7)
+    _round(rt, rng, [f"u{i}" for i in range(15)])
+    _round(rt, rng, [f"u{i}" for i in range(15)])
+    for name, rule in RULES.items():
+        lifecycle.create(rt.engine, rt.writer, ACTOR, name, rule, run=False)
+    lifecycle.create(rt.engine, rt.writer, ACTOR, "pro_persons", "plan = 'pro' counted by persons above 0.9", run=False)
+    together: list[list[str]] = []
+    real = members._evaluate_together
+
+    def spy(engine: object, ready: list[members._Ready], at: datetime) -> object:
+        out = real(engine, ready, at)  # type: ignore[arg-type]
+        together.append(sorted(out) if out else [])
+        return out
+
+    monkeypatch.setattr(members, "_evaluate_together", spy)
+    report = members.run_segments(rt.engine, rt.writer, ACTOR, force=True)
+    assert together == [sorted(RULES)]  # every rule counted by profiles, in one query; the persons rule alone
+    assert {r.segment for r in report.runs} == {*RULES, "pro_persons"} and not report.failed
+    for name in [*RULES, "pro_persons"]:
+        assert _recorded(rt, name) == _full(rt, name), name

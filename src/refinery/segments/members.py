@@ -27,9 +27,10 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -340,14 +341,22 @@ def run_segments(engine: Engine, writer: Writer, actor: Principal, names: Iterab
         report = RunReport(_iso(at), trigger)
         tables = table_inputs(engine, cursor=cur)
         catalog = _catalog(engine) if wanted else None
+        shared = _Inputs(tables, catalog, rules)
+        ready: list[_Ready] = []
         for name in wanted:
-            run = _run_one(engine, writer, actor, name, at, _Inputs(tables, catalog, rules), trigger, force, explicit_as_of, cur)
-            if run is None:
+            prepared = _prepare(engine, writer, actor, name, at, shared, trigger, force, explicit_as_of, cur)
+            if prepared is None:
                 report.skipped.append(name)
-                continue
-            report.runs.append(run)
+            elif isinstance(prepared, SegmentRun):  # its rule failed; recorded already
+                report.runs.append(prepared)
+                if on_progress:
+                    on_progress(prepared)
+            else:
+                ready.append(prepared)
+        for done in _evaluate_and_apply(engine, writer, actor, ready, at, shared):
+            report.runs.append(done)
             if on_progress:
-                on_progress(run)
+                on_progress(done)
     finally:
         cur.close()
     return report
@@ -368,8 +377,21 @@ def _catalog(engine: Engine) -> Any:
     return cached_catalog(engine)
 
 
-def _run_one(engine: Engine, writer: Writer, actor: Principal, name: str, at: datetime, shared: _Inputs,
-             trigger: str, force: bool, explicit_as_of: bool, cur: Any) -> SegmentRun | None:
+@dataclass
+class _Ready:
+    """A segment whose run will happen: its compiled rule, input fingerprint, and (incremental
+    runs) the profiles to evaluate."""
+
+    run: SegmentRun
+    compiled: Any
+    inputs: dict[str, Any]
+    touched: pa.Table | None
+
+
+def _prepare(engine: Engine, writer: Writer, actor: Principal, name: str, at: datetime, shared: _Inputs,
+             trigger: str, force: bool, explicit_as_of: bool, cur: Any) -> _Ready | SegmentRun | None:
+    """Compile `name`'s rule in force at `at` and decide: skip (None), failed (the recorded run), or
+    run, in full or among the profiles whose inputs changed."""
     started = datetime.now(UTC)
     last = last_completed(engine, name, cursor=cur)
     if explicit_as_of and last is not None and _utc(last["as_of"]) > at:
@@ -387,17 +409,67 @@ def _run_one(engine: Engine, writer: Writer, actor: Principal, name: str, at: da
         if not force and last is not None and (last["inputs"] or {}).get("digest") == inputs["digest"]:
             return None
         touched = None if force else changed_profiles(engine, compiled, last, inputs, cursor=cur)
-        new_members = evaluate(engine, compiled, at, rules=shared.rules, among=touched)
     except RefineryError as e:
-        run.status, run.error = "failed", f"{type(e).__name__}: {e.message}"
-        log.warning("segment run %s failed: %s", run.run_id, type(e).__name__)
-        writer.call(lambda eng: _record_run(eng, run, at, datetime.now(UTC), None))
-        return run
-    if touched is None:
-        return writer.call(lambda eng: _apply(eng, run, new_members, at, inputs, actor))
-    run.incremental = inputs["incremental"] = touched.num_rows
-    changed = touched
-    return writer.call(lambda eng: _apply(eng, run, _carried_over(eng, name, changed, new_members), at, inputs, actor))
+        return _failed(writer, run, at, e)
+    return _Ready(run, compiled, inputs, touched)
+
+
+def _failed(writer: Writer, run: SegmentRun, at: datetime, e: RefineryError) -> SegmentRun:
+    run.status, run.error = "failed", f"{type(e).__name__}: {e.message}"
+    log.warning("segment run %s failed: %s", run.run_id, type(e).__name__)
+    writer.call(lambda eng: _record_run(eng, run, at, datetime.now(UTC), None))
+    return run
+
+
+def _evaluate_together(engine: Engine, ready: list[_Ready], at: datetime) -> dict[str, pa.Table] | None:
+    """The member sets of full runs counted by profiles, from one query over the events for all of
+    them (`compile_many`); None when fewer than two, or when the query fails (then each runs alone,
+    so a failure is the failing segment's)."""
+    from refinery.segments.compile import CompiledMany
+
+    batched = [r for r in ready if r.touched is None and r.compiled.persons_threshold is None]
+    if len(batched) < 2:
+        return None
+    many = CompiledMany({r.run.segment: r.compiled for r in batched}, tuple(r.run.segment for r in batched), ())
+    query = many.members(at)
+    assert query is not None
+    cursor = engine.fresh_reader()
+    try:
+        table = engine.fetch_arrow(query, cursor=cursor)
+    except RefineryError as e:
+        log.warning("segments evaluated together failed (%s); evaluating each alone", type(e).__name__)
+        return None
+    finally:
+        cursor.close()
+    import pyarrow.compute as pc
+
+    segment = table.column(0)
+    return {r.run.segment: table.filter(pc.equal(segment, r.run.segment)).select([1]).rename_columns(["profile_id"])
+            for r in batched}
+
+
+def _evaluate_and_apply(engine: Engine, writer: Writer, actor: Principal, ready: list[_Ready], at: datetime,
+                        shared: _Inputs) -> Iterator[SegmentRun]:
+    together = _evaluate_together(engine, ready, at) or {}
+    for r in ready:
+        name = r.run.segment
+        try:
+            new_members = together.pop(name, None)
+            if new_members is None:
+                new_members = evaluate(engine, r.compiled, at, rules=shared.rules, among=r.touched)
+        except RefineryError as e:
+            yield _failed(writer, r.run, at, e)
+            continue
+        yield writer.call(partial(_apply_ready, ready=r, found=new_members, at=at, actor=actor))
+
+
+def _apply_ready(engine: Engine, *, ready: _Ready, found: pa.Table, at: datetime, actor: Principal) -> SegmentRun:
+    """Inside the writer: a full run's members are those found; an incremental run's are carried over
+    for the profiles it did not evaluate."""
+    if ready.touched is None:
+        return _apply(engine, ready.run, found, at, ready.inputs, actor)
+    ready.run.incremental = ready.inputs["incremental"] = ready.touched.num_rows
+    return _apply(engine, ready.run, _carried_over(engine, ready.run.segment, ready.touched, found), at, ready.inputs, actor)
 
 
 # --- reads ----------------------------------------------------------------------------------------
