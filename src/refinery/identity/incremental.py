@@ -188,37 +188,6 @@ def _keys_table(idents: Iterable[Ident]) -> pa.Table:
     return pa.table({"kind": pa.array([k for k, _ in ks], pa.string()), "value": pa.array([v for _, v in ks], pa.string())})
 
 
-def _fetch_identities(engine: Engine, idents: Iterable[Ident]) -> dict[Ident, dict[str, Any]]:
-    keys = _keys_table(idents)
-    if not keys.num_rows:
-        return {}
-    engine.register("_inc_keys", keys)
-    try:
-        found = engine.fetch_dicts("""
-            SELECT i.* FROM identities i JOIN _inc_keys k ON k.kind = i.identifier_type AND k.value = i.value
-        """)
-    finally:
-        engine.unregister("_inc_keys")
-    return {(r["identifier_type"], r["value"]): r for r in found}
-
-
-def _fetch_edges(engine: Engine, idents: Iterable[Ident]) -> list[dict[str, Any]]:
-    """Every stored edge with an end among `idents`."""
-    keys = _keys_table(idents)
-    if not keys.num_rows:
-        return []
-    engine.register("_inc_keys", keys)
-    try:
-        return engine.fetch_dicts("""
-            SELECT e.* FROM identity_edges e WHERE EXISTS (SELECT 1 FROM _inc_keys k WHERE k.kind = e.a_type AND k.value = e.a_value)
-            UNION ALL
-            SELECT e.* FROM identity_edges e WHERE EXISTS (SELECT 1 FROM _inc_keys k WHERE k.kind = e.b_type AND k.value = e.b_value)
-              AND NOT EXISTS (SELECT 1 FROM _inc_keys k WHERE k.kind = e.a_type AND k.value = e.a_value)
-        """)
-    finally:
-        engine.unregister("_inc_keys")
-
-
 def _occurrences(engine: Engine, rules: IdentityRules, events: exp.Expression, known_user_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
     """`identity.extract` over the events `events` selects (it reads a temporary view `events` that
     stands in for the table). `known_user_ids`: stored user ids an alias's previousId may name."""
