@@ -179,15 +179,11 @@ class AdFilesDestination:
         pass
 
 
-def _factory(config: Any, context: DestinationContext) -> AdFilesDestination:
-    return AdFilesDestination(config, context)
-
-
 ADFILES = register(
     DestinationType(
         kind="adfiles",
         config_model=AdFilesConfig,
-        factory=_factory,
+        factory=AdFilesDestination,
         description="Ad-platform customer lists: SHA-256 of normalised emails and phones, as add and remove CSV files per batch.",
         needs_fields=("email", "phone"),
     )

@@ -207,15 +207,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _factory(config: Any, context: DestinationContext) -> FilesDestination:
-    return FilesDestination(config, context)
-
-
 FILES = register(
     DestinationType(
         kind="files",
         config_model=FilesConfig,
-        factory=_factory,
+        factory=FilesDestination,
         description="Write each batch as one CSV, JSON lines or Parquet file named by its batch id (atomic).",
     )
 )

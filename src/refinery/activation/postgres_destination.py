@@ -272,15 +272,11 @@ class PostgresDestination:
             self._reset()
 
 
-def _factory(config: Any, context: DestinationContext) -> PostgresDestination:
-    return PostgresDestination(config, context)
-
-
 POSTGRES = register(
     DestinationType(
         kind="postgresql",
         config_model=PostgresConfig,
-        factory=_factory,
+        factory=PostgresDestination,
         description="A PostgreSQL table of members (profile_id, segment, fields jsonb), upserted and deleted per batch in one transaction.",
     )
 )

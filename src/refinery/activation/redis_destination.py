@@ -181,15 +181,11 @@ class RedisDestination:
             self._reset()
 
 
-def _factory(config: Any, context: DestinationContext) -> RedisDestination:
-    return RedisDestination(config, context)
-
-
 REDIS = register(
     DestinationType(
         kind="redis",
         config_model=RedisConfig,
-        factory=_factory,
+        factory=RedisDestination,
         description="A Redis set of members per segment and a hash of mapped fields per profile (MULTI per batch).",
     )
 )

@@ -28,7 +28,6 @@ import hmac
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 import httpx
 import orjson
@@ -185,15 +184,11 @@ class WebhookDestination:
         self._client.close()
 
 
-def _factory(config: Any, context: DestinationContext) -> WebhookDestination:
-    return WebhookDestination(config, context)
-
-
 WEBHOOK = register(
     DestinationType(
         kind="webhook",
         config_model=WebhookConfig,
-        factory=_factory,
+        factory=WebhookDestination,
         description="POST each batch as signed JSON (HMAC-SHA256, Idempotency-Key) to an HTTP(S) endpoint.",
     )
 )
