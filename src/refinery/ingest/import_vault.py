@@ -47,7 +47,7 @@ RAW_SCHEMA = pa.schema([
     ("sealed", pa.binary()),  # AES-GCM under key_id's data key: a JSON array of the rows' texts as read
 ])
 _GROUPS_PER_SLICE = 4_096  # subjects sealed and written at a time
-_BUFFER_BYTES = 32 << 20  # rows buffered before they are sealed: one record per subject per buffer
+_BUFFER_BYTES = 32 << 20  # compressed rows buffered before they are sealed: one record per subject per buffer
 #: Ciphertext does not compress: only the key ids and row numbers are.
 _COMPRESSION = {"key_id": "zstd", "row_numbers.list.element": "zstd", "sealed": "none"}
 VAULT_SCHEMA = pa.schema([("token", pa.string()), ("key_id", pa.string()), ("kind", pa.string()), ("sealed", pa.binary())])
@@ -82,12 +82,17 @@ class Sealer:
         self.vault = vault
 
     def seal_many(self, key_ids: Sequence[str], plaintexts: Sequence[bytes]) -> list[bytes]:
-        aead = self.vault.keys.get(dict.fromkeys(key_ids), create=True)
-        nonces = os.urandom(_NONCE * len(key_ids))
-        return [
-            nonces[i * _NONCE:(i + 1) * _NONCE] + aead[k].encrypt(nonces[i * _NONCE:(i + 1) * _NONCE], p, k.encode())
-            for i, (k, p) in enumerate(zip(key_ids, plaintexts, strict=True))
-        ]
+        out: list[bytes] = []
+        for lo in range(0, len(key_ids), _SEAL_BATCH):  # at most _SEAL_BATCH cipher objects alive at once
+            ids, texts = key_ids[lo:lo + _SEAL_BATCH], plaintexts[lo:lo + _SEAL_BATCH]
+            aead = self.vault.keys.get(dict.fromkeys(ids), create=True)
+            nonces = os.urandom(_NONCE * len(ids))
+            out.extend(
+                nonces[i * _NONCE:(i + 1) * _NONCE] + aead[k].encrypt(nonces[i * _NONCE:(i + 1) * _NONCE], p, k.encode())
+                for i, (k, p) in enumerate(zip(ids, texts, strict=True))
+            )
+            del aead
+        return out
 
 
 @dataclass
@@ -246,29 +251,91 @@ class ChunkPrivacy:
     def _vault_rows(self, rows: pa.Table, loads: np.ndarray) -> pa.Table:
         if not self.slots or not loads.any():
             return VAULT_SCHEMA.empty_table()
-        distinct = self.pairs(self.engine, rows, loads, cursor=self.engine.reader())
-        # Pairs this import sealed already are found in Arrow; only new ones reach Python.
-        combined = pc.binary_join_element_wise(distinct.column("token"), distinct.column("key_id"), "\x1f").combine_chunks()
-        if len(self._sealed_pairs):
-            distinct = distinct.filter(pc.invert(pc.is_in(combined, value_set=self._sealed_pairs)))
-            combined = pc.binary_join_element_wise(distinct.column("token"), distinct.column("key_id"), "\x1f").combine_chunks()
-        if distinct.num_rows == 0:
+        # All in Arrow: each (token, key id) pair of the rows in `loads` as one string; pairs this
+        # import sealed already are dropped before anything reaches Python, then the rest made distinct.
+        mask = pa.array(loads)
+        keys = pc.filter(rows.column("_key_id"), mask)
+        parts: dict[str, list[pa.Array]] = {"pair": [], "token": [], "key_id": [], "kind": [], "normal": []}
+        for j, slot in enumerate(self.slots):
+            token = pc.filter(rows.column(f"_pt{j}"), mask)
+            if token.null_count == len(token):
+                continue
+            present = token.is_valid()
+            token, key, normal = pc.filter(token, present), pc.filter(keys, present), pc.filter(pc.filter(rows.column(f"_pn{j}"), mask), present)
+            pair = pc.binary_join_element_wise(token, key, "\x1f")
+            if len(self._sealed_pairs):
+                new = pc.invert(pc.is_in(pair, value_set=self._sealed_pairs))
+                token, key, normal, pair = (pc.filter(c, new) for c in (token, key, normal, pair))
+            if len(pair):
+                for name, col in (("pair", pair), ("token", token), ("key_id", key), ("normal", normal)):
+                    parts[name].append(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+                parts["kind"].append(pa.array([slot.kind] * len(pair), pa.string()))
+        if not parts["pair"]:
             return VAULT_SCHEMA.empty_table()
-        key_ids = distinct.column("key_id").to_pylist()
+        pair = pa.concat_arrays(parts["pair"])
+        first = pc.index_in(pc.unique(pair), value_set=pair)  # the first row of each distinct pair
+        cols = {name: pc.take(pa.concat_arrays(parts[name]), first) for name in ("token", "key_id", "kind", "normal")}
         assert self.sealer is not None
-        sealed = self.sealer.seal_many(key_ids, [n.encode() for n in distinct.column("normal").to_pylist()])
+        sealed = self.sealer.seal_many(cols["key_id"].to_pylist(), [n.encode() for n in cols["normal"].to_pylist()])
         if len(self._sealed_pairs) > _MEMO * 10:
             self._sealed_pairs = pa.array([], pa.string())
-        self._sealed_pairs = pa.concat_arrays([self._sealed_pairs, combined])
-        return pa.table({"token": distinct.column("token"), "key_id": distinct.column("key_id"),
-                         "kind": distinct.column("kind"), "sealed": pa.array(sealed, pa.binary())}, schema=VAULT_SCHEMA)
+        self._sealed_pairs = pa.concat_arrays([self._sealed_pairs, pc.take(pair, first)])
+        return pa.table({"token": cols["token"], "key_id": cols["key_id"], "kind": cols["kind"],
+                         "sealed": pa.array(sealed, pa.binary())}, schema=VAULT_SCHEMA)
 
 
 # --- the sealed raw zone -------------------------------------------------------------------------
 
+_BUFFER_SCHEMA = pa.schema([("key_id", pa.string()), ("row_number", pa.int64()), ("orig", pa.string())])
+_BUCKETS = 16
+_HEX = "0123456789abcdef"
+
+
+def _bucket(head: str | None) -> int:
+    """The part a key id's rows wait in: from two hex digits of its MAC (any other text still lands somewhere)."""
+    text = head or ""
+    if len(text) == 2 and text[0] in _HEX and text[1] in _HEX:
+        return int(text, 16) % _BUCKETS
+    return sum(map(ord, text)) % _BUCKETS
+
+
+class _Part:
+    """One part of the raw zone's buffer: Arrow IPC batches compressed with zstd, in memory."""
+
+    _OPTIONS = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=1), use_threads=False)
+
+    def __init__(self) -> None:
+        self._sink: pa.BufferOutputStream | None = None
+        self._writer: Any = None
+
+    def write(self, rows: pa.Table) -> None:
+        if self._writer is None:
+            self._sink = pa.BufferOutputStream()
+            self._writer = pa.ipc.new_stream(self._sink, _BUFFER_SCHEMA, options=self._OPTIONS)
+        self._writer.write_table(rows)
+
+    def size(self) -> int:
+        return 0 if self._sink is None else int(self._sink.tell())
+
+    def read(self) -> pa.Table | None:
+        """The part's rows (and the part is emptied)."""
+        if self._writer is None or self._sink is None:
+            return None
+        self._writer.close()
+        buf = self._sink.getvalue()
+        self._sink = self._writer = None
+        return pa.ipc.open_stream(buf, options=pa.ipc.IpcReadOptions(use_threads=False)).read_all()
+
+
 class SealedRawWriter:
     """Writes one import's rows, sealed per subject, to a temporary file; `commit` moves it to its
-    content-addressed place (read-only), `abort` removes it."""
+    content-addressed place (read-only), `abort` removes it.
+
+    Rows wait in memory until they are sealed, compressed (zstd, ~10x on rows as JSON) and split
+    into `_BUCKETS` parts by their key id, so a buffer of `_BUFFER_BYTES` holds ten times the rows
+    (a subject spread through the file gets ten times fewer records and seals) and is sealed one
+    part at a time (what is clear and uncompressed at once is a part, not the buffer). Nothing
+    of it reaches the disk before it is sealed."""
 
     def __init__(self, vault: Vault, final: Path, sealer: Sealer | None = None):
         self.vault = vault
@@ -278,32 +345,52 @@ class SealedRawWriter:
         self.tmp = final.parent / f".incoming-{uuid.uuid4().hex}{RAW_SUFFIX}"
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
-        self._pending: list[pa.Table] = []
-        self._pending_bytes = 0
+        self._parts: list[_Part] = []
+        self._buffered = 0
+        self.flushes = 0
 
     def add(self, rows: pa.Table) -> None:
-        """Buffer the chunk's rows (`row_number`, `_key_id`, `_orig`); sealed per subject when the buffer
-        is full (fewer, larger records: one per subject per buffer) and at `commit`."""
+        """Buffer the chunk's rows (`row_number`, `_key_id`, `_orig`), compressed, by part; sealed
+        per subject when the buffer is full (one record per subject per buffer) and at `commit`."""
         if rows.num_rows == 0:
             return
-        part = rows.select(["_key_id", "row_number", "_orig"])
-        self._pending.append(part)
-        self._pending_bytes += part.nbytes
-        if self._pending_bytes >= _BUFFER_BYTES:
+        part = pa.table([rows.column(c).cast(t.type) for c, t in zip(("_key_id", "row_number", "_orig"), _BUFFER_SCHEMA, strict=True)],
+                        schema=_BUFFER_SCHEMA)
+        keys = part.column("key_id").combine_chunks()
+        head = pc.dictionary_encode(pc.utf8_slice_codeunits(keys, 3, 5))  # two hex digits of the key id's MAC
+        bucket_of = pa.array([_bucket(h) for h in head.dictionary.to_pylist()], pa.int32())
+        buckets = pc.take(bucket_of, head.indices).to_numpy(zero_copy_only=False)
+        order = np.argsort(buckets, kind="stable")
+        bounds = np.searchsorted(buckets[order], np.arange(_BUCKETS + 1))
+        part = part.take(pa.array(order))
+        if not self._parts:
+            self._parts = [_Part() for _ in range(_BUCKETS)]
+        for b in range(_BUCKETS):
+            lo, hi = int(bounds[b]), int(bounds[b + 1])
+            if hi > lo:
+                self._parts[b].write(part.slice(lo, hi - lo))
+        self._buffered = sum(p.size() for p in self._parts)
+        if self._buffered >= _BUFFER_BYTES:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        rows = pa.concat_tables(self._pending)
-        self._pending, self._pending_bytes = [], 0
+        parts, self._parts, self._buffered = self._parts, [], 0
+        if parts:
+            self.flushes += 1
+        for part in parts:
+            rows = part.read()
+            if rows is not None:
+                self._seal_and_write(rows)
+
+    def _seal_and_write(self, rows: pa.Table) -> None:
         # One record per subject: sort by (key id, row number), cut where the key changes, and join
         # each run of rows into a JSON array, all in Arrow; Python only seals.
-        enc = pc.dictionary_encode(rows.column("_key_id").combine_chunks())
+        enc = pc.dictionary_encode(rows.column("key_id").combine_chunks())
         order = pa.array(np.lexsort((rows.column("row_number").to_numpy(), enc.indices.to_numpy(zero_copy_only=False))))
-        keys = pc.take(rows.column("_key_id"), order).combine_chunks()
+        keys = pc.take(rows.column("key_id"), order).combine_chunks()
         numbers = pc.take(rows.column("row_number"), order).combine_chunks()
-        texts = pc.take(rows.column("_orig"), order).combine_chunks()
+        texts = pc.take(rows.column("orig"), order).combine_chunks()
+        del rows, enc, order
         changed = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(zero_copy_only=False)
         starts = np.concatenate(([0], np.flatnonzero(changed) + 1)).astype(np.int32)
         # In slices of whole groups, so the plaintexts in memory at once stay small.
@@ -322,7 +409,7 @@ class SealedRawWriter:
             if self._writer is None:
                 self._writer = pq.ParquetWriter(str(self.tmp), RAW_SCHEMA, compression=_COMPRESSION, write_statistics=["key_id"])
             self._writer.write_table(table)
-        self.rows += rows.num_rows
+        self.rows += len(keys)
 
     def commit(self) -> Path:
         self._flush()
@@ -343,7 +430,7 @@ class SealedRawWriter:
         return self.final
 
     def abort(self) -> None:
-        self._pending = []
+        self._parts, self._buffered = [], 0
         if self._writer is not None:
             try:
                 self._writer.close()

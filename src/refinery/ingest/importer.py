@@ -27,6 +27,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -603,6 +604,7 @@ def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | No
     producer.start()
     seen = SeenIds()
     prefill(engine, seen, job.source)
+    writing = _Pipeline(runtime, progress, job)
     try:
         while True:
             item = chunks.get()
@@ -610,6 +612,7 @@ def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | No
                 kind, value = item
                 if kind == "error":
                     raise value
+                writing.drain()
                 if value is not None and value.num_rows:
                     runtime.writer.call(functools.partial(_write_rejects, job=job, plan=plan, rejected=value, shift=not known_rejects,
                                                           vault=runtime.vault))
@@ -637,12 +640,50 @@ def _stream(runtime: Runtime, plan: _Plan, stored: Path, progress: Progress | No
                 prepared.rows = prepared.rows.drop_columns(["_orig"])  # sealed now: not held while the writer works
             chunk = _Chunk(prepared.rows, in_chunk, candidates, prepared.vault_rows, privacy, int(blocked.sum()))
             seen.add(h[valid])
-            runtime.writer.call(functools.partial(_write_chunk, job=job, chunk=chunk))
-            if progress:
-                progress(job.to_dict())
+            writing.submit(functools.partial(_write_chunk, job=job, chunk=chunk))
+            del chunk, prepared
+        writing.drain()
     finally:
         stop.set()
+        writing.abandon()
         producer.join(30)
+
+
+class _Pipeline:
+    """At most one chunk in the writer while the next is prepared (sealing, key ids) here: the
+    writer's transaction (DuckDB, which lets go of the GIL) overlaps this thread's Python work
+    instead of alternating with it. Chunks are written in order (the writer is one FIFO thread), so
+    each chunk's duplicate check sees every earlier chunk."""
+
+    def __init__(self, runtime: Runtime, progress: Progress | None, job: ImportJob):
+        self.runtime, self.progress, self.job = runtime, progress, job
+        self.pending: Future[None] | None = None
+
+    def submit(self, fn: Callable[[Engine], None]) -> None:
+        self.drain()
+        if not self.runtime.writer.running:  # no writer thread (tests): inline, in its own transaction
+            self.runtime.writer.call(fn)
+            self._progressed()
+            return
+        self.pending = self.runtime.writer.submit(fn)
+
+    def drain(self) -> None:
+        """Wait for the chunk in the writer; its error is raised here."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+            self._progressed()
+
+    def abandon(self) -> None:
+        """After a failure: let the chunk in the writer finish (its error, if any, is not the one that matters)."""
+        if self.pending is not None:
+            with suppress(Exception):
+                self.pending.result()
+            self.pending = None
+
+    def _progressed(self) -> None:
+        if self.progress:
+            self.progress(self.job.to_dict())
 
 
 def _rejects_sql(table: str) -> Any:
