@@ -4,7 +4,7 @@ The file is recorded in `imports` with its SHA-256. DuckDB then streams it (read
 line becomes a failed row instead of stopping the scan) through one SELECT built by
 `import_clean.import_select`, which yields rows ready for `events` (cleaned from the typed
 columns, no JSON round trip) with a deterministic message id and, for rows that cannot be
-loaded, a reason. A reader thread pulls Arrow batches of about 200k rows (and runs tracking
+loaded, a reason. A reader thread pulls Arrow batches of 61,440 rows (and runs tracking
 plans over track rows when a plan applies); the writer takes each batch in one transaction:
 drops duplicates, quarantines failed rows (with file and row number) and appends the rest.
 Personal fields become the collector's tokens inside the SELECT (`import_pii`); before the writer
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 2 * 122_880  # whole DuckDB row groups: written straight to the file, not the WAL
+CHUNK_ROWS = 61_440  # half a DuckDB row group: bounded memory with one chunk read, one prepared, one in the writer (decision 0016)
 _EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
                ".parquet": "parquet", ".pq": "parquet"}
 #: Imports running in this process (the only one that can write the store): any other import
