@@ -637,6 +637,46 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        12,
+        "features: definitions (expression or SQL) with every version kept",
+        (
+            # The live definition of each feature (deleted ones keep their row, deleted_at set).
+            """CREATE TABLE features (
+                name VARCHAR PRIMARY KEY,
+                version INTEGER NOT NULL,              -- the version in feature_versions now in force
+                entity VARCHAR NOT NULL,               -- profile
+                kind VARCHAR NOT NULL,                 -- expression | sql
+                definition VARCHAR NOT NULL,           -- the aggregate expression, or the SELECT
+                time_window VARCHAR,                   -- e.g. '90 days' (expression features), or NULL
+                ttl_seconds BIGINT,                    -- how long a materialised value may be served
+                value_type VARCHAR,                    -- number | string | boolean | timestamp | unknown
+                owner VARCHAR NOT NULL,
+                description VARCHAR,
+                created_by VARCHAR NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                updated_by VARCHAR NOT NULL,
+                updated_at TIMESTAMPTZ NOT NULL,
+                deleted_at TIMESTAMPTZ
+            )""",
+            # Every definition ever saved: a training set can name `feature@version`.
+            """CREATE TABLE feature_versions (
+                name VARCHAR NOT NULL,
+                version INTEGER NOT NULL,
+                entity VARCHAR NOT NULL,
+                kind VARCHAR NOT NULL,
+                definition VARCHAR NOT NULL,
+                time_window VARCHAR,
+                ttl_seconds BIGINT,
+                value_type VARCHAR,
+                owner VARCHAR NOT NULL,
+                description VARCHAR,
+                created_by VARCHAR NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (name, version)
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
