@@ -84,8 +84,13 @@ _GRAPH_REFUSALS = ("shared_identifier", "limit_exceeded", "profile_too_large")
 
 @dataclass
 class BatchReport:
-    mode: str                 # none | attach | region | full
-    events: int = 0
+    #: none | attach (attributed from known identifiers) | region (a region resolved) | settle (statistics only)
+    #: | full | skipped; `phase` says which transaction: attach (event_profiles and the attach watermark
+    #: only), settle (statistics of attached events), both (attach and settle in one)
+    mode: str
+    events: int = 0           # events attributed
+    settled: int = 0          # events whose statistics were folded in
+    phase: str = "both"
     identifiers: int = 0      # distinct identifiers in the batch
     touched: int = 0          # |T|
     region: int = 0           # |R|
@@ -103,7 +108,9 @@ class BatchReport:
 
 _STATE = """
     SELECT now() AS now, (SELECT count(*) FROM privacy_requests) AS requests,
-           (SELECT max(coalesce(finished_at, started_at)) FROM privacy_requests) AS requests_at, t.*
+           (SELECT max(coalesce(finished_at, started_at)) FROM privacy_requests) AS requests_at,
+           (SELECT finished_at FROM identity_resolutions WHERE resolution_id = 'incremental_settled') AS settled,
+           (SELECT max(started_at) FROM identity_resolutions WHERE mode = 'full') AS full_at, t.*
     FROM (SELECT 1) one LEFT JOIN (
         SELECT covered, rules, resolution_id = 'incremental' AS mine,
                (SELECT count(*) FROM identity_overrides WHERE revoked_at IS NULL OR revoked_at >= covered) AS overrides
@@ -114,14 +121,35 @@ _STATE = """
 _RULES_SEEN: dict[tuple[str, str], bool] = {}  # (stored rules, these rules) -> equal
 
 
-def _watermark(engine: Engine, rules: IdentityRules) -> tuple[datetime, datetime | None, str | None, tuple[Any, ...]]:
-    """(the transaction's time, the watermark, why a full resolution is needed instead or None, the
-    fingerprint of what last wrote the identity tables: the working set is valid while it is the one
-    its last commit left), in one statement."""
-    now, requests, requests_at, covered, stored, mine, overrides = engine.fetch_all(_STATE)[0]
+@dataclass(frozen=True)
+class _Marks:
+    """What a batch's first statement learns: the transaction's time, the two watermarks (events
+    loaded before `attached` have their `event_profiles`; before `settled`, their statistics too),
+    why a full resolution is needed instead (or None), and the fingerprint of what last wrote the
+    identity tables (the working set is valid while it is the one its last commit left)."""
+
+    now: datetime
+    attached: datetime | None
+    settled: datetime | None
+    why_full: str | None
+    fingerprint: tuple[Any, ...]
+
+
+def _watermark(engine: Engine, rules: IdentityRules) -> _Marks:
+    """The batch's `_Marks`, in one statement.
+
+    `attached` is the top row of `identity_resolutions` (the follower's `finished_at`, or a full
+    resolution's `started_at`: it saw every event committed before it), the watermark real-time
+    segments read. `settled` is the `incremental_settled` row, or a later full resolution; a store
+    without that row (written before the split) has nothing unsettled."""
+    now, requests, requests_at, settled, full_at, covered, stored, mine, overrides = engine.fetch_all(_STATE)[0]
     fingerprint = _fingerprint(covered, mine, requests, requests_at)
+    if settled is None:
+        settled = covered
+    elif full_at is not None and full_at > settled:
+        settled = full_at
     if covered is None:
-        return now, None, "nothing resolved yet", fingerprint
+        return _Marks(now, None, None, "nothing resolved yet", fingerprint)
     ours = json.dumps(rules.to_dict(), sort_keys=True)
     same = _RULES_SEEN.get((stored, ours))
     if same is None:
@@ -130,36 +158,51 @@ def _watermark(engine: Engine, rules: IdentityRules) -> tuple[datetime, datetime
             _RULES_SEEN.clear()
         _RULES_SEEN[(stored, ours)] = same
     if not same:
-        return now, covered, "the identity rules changed", fingerprint
+        return _Marks(now, covered, settled, "the identity rules changed", fingerprint)
     # A user's removals and splits (identity_overrides) are not applied locally yet: while one is
     # in force, or one changed since the watermark, resolve in full.
     if overrides:
-        return now, covered, "identity overrides are in force", fingerprint
-    return now, covered, None, fingerprint
+        return _Marks(now, covered, settled, "identity overrides are in force", fingerprint)
+    return _Marks(now, covered, settled, None, fingerprint)
 
 
 def _fingerprint(covered: datetime | None, mine: bool | None, requests: int, requests_at: datetime | None) -> tuple[Any, ...]:
     return covered, bool(mine), int(requests), requests_at
 
 
-def _fingerprint_after(engine: Engine, ws: WorkingSet, now: datetime, before: tuple[Any, ...],
+def _fingerprint_after(engine: Engine, ws: WorkingSet, covered: datetime, before: tuple[Any, ...],
                        identities: Sequence[dict[str, Any]] = (), edges: Sequence[dict[str, Any]] = ()) -> None:
     """Once the batch's transaction commits: its rows into the working set, with the fingerprint
-    the tables then have (the batch's own watermark row on top)."""
-    after = _fingerprint(now, True, before[2], before[3])
+    the tables then have (`covered`: the follower's attach watermark on top)."""
+    after = _fingerprint(covered, True, before[2], before[3])
     engine.after_commit(lambda: ws.install(identities, edges, after))
 
 
-def _save_state(engine: Engine, rules: IdentityRules, watermark: datetime, report: BatchReport) -> None:
-    # One row: started_at = the first batch, finished_at = the watermark; the counts add up over batches
-    # (identifiers seen, merges, unmerges, identifiers whose result changed in `blocked`, batches in `iterations`).
-    engine.execute("""
-        INSERT INTO identity_resolutions VALUES ('incremental', 'incremental', ?, ?, ?, ?, NULL, NULL, ?, ?, ?, 1)
-        ON CONFLICT (resolution_id) DO UPDATE SET rules = excluded.rules, finished_at = excluded.finished_at,
-            identifiers = identity_resolutions.identifiers + excluded.identifiers,
-            merges = identity_resolutions.merges + excluded.merges, unmerges = identity_resolutions.unmerges + excluded.unmerges,
-            blocked = identity_resolutions.blocked + excluded.blocked, iterations = identity_resolutions.iterations + 1
-    """, [json.dumps(rules.to_dict()), watermark, watermark, report.identifiers, report.merges, report.unmerges, report.changed])
+_SAVE_ATTACHED = """
+    INSERT INTO identity_resolutions VALUES ('incremental', 'incremental', ?, ?, ?, ?, NULL, NULL, ?, ?, ?, 1)
+    ON CONFLICT (resolution_id) DO UPDATE SET rules = excluded.rules, finished_at = excluded.finished_at,
+        identifiers = identity_resolutions.identifiers + excluded.identifiers,
+        merges = identity_resolutions.merges + excluded.merges, unmerges = identity_resolutions.unmerges + excluded.unmerges,
+        blocked = identity_resolutions.blocked + excluded.blocked, iterations = identity_resolutions.iterations + 1
+"""
+_SAVE_SETTLED = """
+    INSERT INTO identity_resolutions VALUES ('incremental_settled', 'incremental_settled', ?, ?, ?, ?, NULL, NULL, 0, 0, 0, 1)
+    ON CONFLICT (resolution_id) DO UPDATE SET rules = excluded.rules, finished_at = excluded.finished_at,
+        identifiers = identity_resolutions.identifiers + excluded.identifiers, iterations = identity_resolutions.iterations + 1
+"""
+
+
+def _save_state(engine: Engine, rules: IdentityRules, report: BatchReport, *, attached: datetime | None = None,
+                settled: datetime | None = None) -> None:
+    """Move the watermarks. `incremental`: started_at = the first batch, finished_at = the attach
+    watermark; the counts add up over batches (identifiers seen, merges, unmerges, identifiers whose
+    result changed in `blocked`, batches in `iterations`). `incremental_settled`: finished_at = the
+    settle watermark (events settled in `identifiers`, settles in `iterations`)."""
+    text = json.dumps(rules.to_dict())
+    if attached is not None:
+        engine.execute(_SAVE_ATTACHED, [text, attached, attached, report.identifiers, report.merges, report.unmerges, report.changed])
+    if settled is not None:
+        engine.execute(_SAVE_SETTLED, [text, settled, settled, report.settled])
 
 
 # --- small SQL helpers ---------------------------------------------------------------------
@@ -211,9 +254,14 @@ def _occurrences(engine: Engine, rules: IdentityRules, events: exp.Expression, k
     return rows
 
 
-#: The batch: the events committed since the watermark (at most the second parameter of them).
-_BATCH = ("SELECT source, message_id, timestamp, type, import_id, user_id, anonymous_id, previous_id, device_id, advertising_id, "
-          "traits, context FROM events WHERE loaded_at >= ? LIMIT ?")
+#: The batch: the events committed since a watermark (at most the last parameter of them); `_BETWEEN`:
+#: those between the settle and the attach watermark (attached, not settled).
+_COLUMNS = ("SELECT source, message_id, timestamp, type, import_id, user_id, anonymous_id, previous_id, device_id, advertising_id, "
+            "traits, context, loaded_at FROM events ")
+_BATCH = _COLUMNS + "WHERE loaded_at >= ? LIMIT ?"
+_BETWEEN = _COLUMNS + "WHERE loaded_at >= ? AND loaded_at < ? LIMIT ?"
+_ALIASES = "SELECT previous_id FROM events WHERE loaded_at >= ? AND type = 'alias' AND previous_id IS NOT NULL"
+_ALIASES_BETWEEN = "SELECT previous_id FROM events WHERE loaded_at >= ? AND loaded_at < ? AND type = 'alias' AND previous_id IS NOT NULL"
 _PRINTABLE = re.compile(r"[ -~]*")
 
 
@@ -250,7 +298,7 @@ def _python_occurrences(engine: Engine, rules: IdentityRules, rows: list[tuple[A
         return None
     protect = not _protection_is_identity(engine)
     raw: list[tuple[str, str, datetime, str, str, str, str | None]] = []  # source, message_id, ts, rule, kind, raw, region
-    for source, mid, ts, typ, import_id, user_id, anon, prev, device, adid, traits_j, context_j in rows:
+    for source, mid, ts, typ, import_id, user_id, anon, prev, device, adid, traits_j, context_j, *_ in rows:
         traits = json.loads(traits_j) if traits_j else None
         context = json.loads(context_j) if context_j else None
         if (traits is not None and not isinstance(traits, dict)) or (context is not None and not isinstance(context, dict)):
@@ -366,9 +414,18 @@ class _State:
 
 def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, consent_categories: Mapping[str, str] | None = None,
               max_events: int = MAX_BATCH_EVENTS, max_full_events: int | None = None,
-              working_set: WorkingSet | None = None) -> BatchReport:
+              working_set: WorkingSet | None = None, phase: str = "both") -> BatchReport:
     """Bring the identity and profile tables up to date with the events committed since the watermark
     (call inside the writer: `writer.call(lambda e: run_batch(e, rules, policy))`).
+
+    `phase` (docs/decisions/0024-incremental-identity-attach-and-settle.md):
+    * `attach`: when every usable identifier of the new events is known (none seen earlier than
+      stored), every edge they make is known and no identify call carries traits, only their
+      `event_profiles` rows are written and the attach watermark moved (what real-time segments
+      read); otherwise as `both`;
+    * `settle`: the statistics of the attached events (identities, edges, refusals, profile counts)
+      and the settle watermark; redone from the tables after a restart;
+    * `both`: everything unsettled and everything new, in one transaction (the region path).
 
     A full resolution runs when one is needed (nothing resolved yet, the rules changed, an alias
     retyped) and when a batch holds more than `max_events` events - but never over a store of more
@@ -379,10 +436,13 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, cons
     `working_set`: the follower's, kept between batches (the graph around the batch is read from it
     and, for what it lacks, from the tables); None reads everything from the tables.
     """
+    if phase not in ("attach", "settle", "both"):
+        raise ValueError(f"phase must be attach, settle or both, not {phase!r}")
     clock = time.perf_counter()
     ws = working_set if working_set is not None else WorkingSet()
-    now, watermark, why_full, fingerprint = _watermark(engine, rules)
-    ws.validate(fingerprint)
+    m = _watermark(engine, rules)
+    ws.validate(m.fingerprint)
+    now, why_full = m.now, m.why_full
     total = 0
 
     def too_big() -> bool:
@@ -392,32 +452,106 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, cons
         total = int(engine.fetch_all("SELECT count(*) FROM events")[0][0])
         return total > max_full_events
 
+    def done(report: BatchReport) -> BatchReport:
+        report.seconds = time.perf_counter() - clock
+        return report
+
     report: BatchReport | None = None
-    if why_full is None and watermark is not None:
-        rows = engine.fetch_all(_BATCH, [watermark, max_events + 1])
-        if not rows:
-            return BatchReport("none", seconds=time.perf_counter() - clock)
-        if len(rows) > max_events and not too_big():
-            why_full = f"more than {max_events} new events"
+    if why_full is None and m.attached is not None:
+        assert m.settled is not None
+        if phase == "settle":
+            if m.settled >= m.attached:
+                return done(BatchReport("none", phase="settle"))
+            rows = engine.fetch_all(_BETWEEN, [m.settled, m.attached, 2**62])
+            report = _incremental(engine, rules, policy, rows, ws, m, upto=m.attached, covered=m.attached)
+            if report is not None:
+                report.phase, report.events = "settle", 0
+                _save_state(engine, rules, report, settled=m.attached)
+                return done(report)
+            why_full = "a new user id equals a known anonymous id (an older alias's previousId)"
         else:
-            report = _incremental(engine, rules, policy, watermark, now, rows, ws, fingerprint)
-            why_full = None if report is not None else "a new user id equals a known anonymous id (an older alias's previousId)"
+            rows = engine.fetch_all(_BATCH, [m.attached if phase == "attach" else m.settled, max_events + 1])
+            if not rows:
+                return done(BatchReport("none", phase=phase))
+            if phase == "attach" and len(rows) <= max_events:
+                attached = _attach(engine, rules, rows, ws)
+                if attached is not None:
+                    report = BatchReport("attach", events=len(attached[0]), identifiers=attached[1], phase="attach")
+                    _insert_event_profiles(engine, attached[0])
+                    _save_state(engine, rules, report, attached=now)
+                    _fingerprint_after(engine, ws, now, m.fingerprint)
+                    return done(report)
+            if phase == "attach" and m.settled < m.attached:  # the unsettled events too
+                rows = engine.fetch_all(_BATCH, [m.settled, max_events + 1])
+            if len(rows) > max_events and not too_big():
+                why_full = f"more than {max_events} new events"
+            else:
+                if len(rows) > max_events:  # too many for a full resolution in the writer: all of them, locally
+                    rows = engine.fetch_all(_BATCH, [m.settled, 2**62])
+                report = _incremental(engine, rules, policy, rows, ws, m, upto=None, covered=now)
+                why_full = None if report is not None else "a new user id equals a known anonymous id (an older alias's previousId)"
     if report is None:
         ws.clear()
         if too_big():
-            return BatchReport("skipped", reason=f"{why_full}; the store holds {total} events: run `refinery identity resolve`",
-                               seconds=time.perf_counter() - clock)
+            return done(BatchReport("skipped", reason=f"{why_full}; the store holds {total} events: run `refinery identity resolve`"))
         from refinery.profiles.build import resolve_and_build
 
         result = resolve_and_build(engine, rules, policy, consent_categories=consent_categories)
-        report = BatchReport("full", events=int(result["profiles"]["events_attributed"]) + int(result["profiles"]["events_unattributed"]),
+        events = int(result["profiles"]["events_attributed"]) + int(result["profiles"]["events_unattributed"])
+        report = BatchReport("full", events=events, settled=events,
                              identifiers=int(result["identity"]["identifiers"]), merges=int(result["identity"]["merges"]),
                              unmerges=int(result["identity"]["unmerges"]), reason=why_full)
-    _save_state(engine, rules, now, report)
-    if report.mode == "full":
-        _fingerprint_after(engine, ws, now, fingerprint)
-    report.seconds = time.perf_counter() - clock
-    return report
+        _fingerprint_after(engine, ws, now, m.fingerprint)
+    _save_state(engine, rules, report, attached=now, settled=now)
+    return done(report)
+
+
+def _attach(engine: Engine, rules: IdentityRules, rows: list[tuple[Any, ...]],
+            ws: WorkingSet) -> tuple[list[tuple[str, str, str, str, datetime]], int] | None:
+    """The fast path: each event's `event_profiles` row (source, message id, profile, identifier type,
+    time) from the working set, and the number of distinct identifiers; None when the batch needs the
+    region path: an identifier not stored yet (a new node, or a new refusal), one seen earlier than
+    stored (the order inside its component may change), an edge not stored yet (a merge or a new
+    member), an identify call with traits (its profile's traits change), or identifiers only the
+    SQL extraction finds. Nothing else can change a result (identity/incremental.py's docstring), so
+    each event goes to the profile its centre identifier has, as the region path would send it."""
+    with_traits: set[tuple[str, str]] = set()
+    occ = _python_occurrences(engine, rules, rows, with_traits)
+    if occ is None or with_traits:
+        return None
+    earliest: dict[Ident, datetime] = {}
+    for o in occ:
+        i = (o["kind"], o["value"])
+        t = earliest.get(i)
+        if t is None or o["ts"] < t:
+            earliest[i] = o["ts"]
+    stored = ws.peek(engine, earliest)
+    for i, t in earliest.items():
+        old = stored.get(i)
+        if old is None or (t < old["first_seen"] and old["status"] != "blocked"):
+            return None
+    by_event = _centres(occ, rules)
+    keys = {((lst[0]["kind"], lst[0]["value"]), (o["kind"], o["value"])) for lst in by_event.values() for o in lst[1:]}
+    if keys and not ws.has_edges(engine, keys):
+        return None
+    out = []
+    for (source, mid), lst in by_event.items():
+        c = lst[0]
+        p = stored[(c["kind"], c["value"])]["profile_id"]
+        if p is not None:
+            out.append((source, mid, p, c["kind"], c["ts"]))
+    return out, len(earliest)
+
+
+_INSERT_EVENT_PROFILES = """
+    INSERT INTO event_profiles SELECT unnest(CAST(? AS VARCHAR[])), unnest(CAST(? AS VARCHAR[])), unnest(CAST(? AS VARCHAR[])),
+           unnest(CAST(? AS VARCHAR[])), unnest(CAST(? AS TIMESTAMPTZ[]))
+"""
+
+
+def _insert_event_profiles(engine: Engine, rows: Sequence[tuple[str, str, str, str, datetime]]) -> None:
+    if rows:
+        engine.execute(_INSERT_EVENT_PROFILES, [list(col) for col in zip(*rows, strict=True)])
 
 
 def _tally(table: dict[Any, dict[str, Any]], key: Any, o: dict[str, Any], label: str) -> None:
@@ -433,19 +567,30 @@ def _tally(table: dict[Any, dict[str, Any]], key: Any, o: dict[str, Any], label:
         t["first"], t[label] = first, o[label]
 
 
-def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, watermark: datetime, now: datetime,
-                 rows: list[tuple[Any, ...]], ws: WorkingSet, fingerprint: tuple[Any, ...]) -> BatchReport | None:
-    """The local path over the batch's events `rows` (`_BATCH`); None when the batch needs a full resolution."""
-    batch = sql.template("SELECT * FROM __events WHERE loaded_at >= __w", events=_main(engine, "events"), w=_ts(watermark))
+def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, rows: list[tuple[Any, ...]], ws: WorkingSet,
+                 m: _Marks, *, upto: datetime | None, covered: datetime) -> BatchReport | None:
+    """The local path over the batch's events `rows` (`_BATCH`: loaded since the settle watermark, and
+    before `upto`); None when the batch needs a full resolution. Events loaded before the attach
+    watermark have their `event_profiles` rows already (a region the batch changes moves them like
+    any older event); the statistics of all of them are folded in. `covered`: the attach watermark
+    once this commits."""
+    assert m.settled is not None and m.attached is not None
+    now, watermark = m.now, m.settled
+    bounds: list[Any] = [watermark] if upto is None else [watermark, upto]
+    if upto is None:
+        batch = sql.template("SELECT * FROM __events WHERE loaded_at >= __w", events=_main(engine, "events"), w=_ts(watermark))
+    else:
+        batch = sql.template("SELECT * FROM __events WHERE loaded_at >= __w AND loaded_at < __u", events=_main(engine, "events"),
+                             w=_ts(watermark), u=_ts(upto))
+    attached = {(r[0], r[1]) for r in rows if r[12] < m.attached}
     with_traits: set[tuple[str, str]] = set()
     occ = _python_occurrences(engine, rules, rows, with_traits)
     exact_traits = occ is not None  # else every profile of the batch is rebuilt in full
     if occ is None:
-        aliases = engine.fetch_all("SELECT previous_id FROM events WHERE loaded_at >= ? AND type = 'alias' AND previous_id IS NOT NULL",
-                                   [watermark])
+        aliases = engine.fetch_all(_ALIASES if upto is None else _ALIASES_BETWEEN, bounds)
         known = [normalise("user_id", r[0]).value for r in aliases]
         occ = _occurrences(engine, rules, batch, known)
-    report = BatchReport("attach", events=len(rows))
+    report = BatchReport("attach" if len(attached) < len(rows) else "settle", events=len(rows) - len(attached), settled=len(rows))
     st = _State()
 
     # Identifier statistics of the batch.
@@ -548,7 +693,7 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
         row["status"], row["reason"] = ref.edge_status(a, b, pid(a), pid(b), info_a["reason"], info_b["reason"])
     written_edges = [st.edges[k] for k in edge_keys]
     _write_edges(engine, written_edges)
-    _fingerprint_after(engine, ws, now, fingerprint, list(st.ids.values()), written_edges)
+    _fingerprint_after(engine, ws, covered, m.fingerprint, list(st.ids.values()), written_edges)
 
     _write_refusals(engine, st, res, region, add, rules)
     if res is not None:
@@ -575,22 +720,15 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, wate
         c = lst[0]
         p = pid((c["kind"], c["value"]))
         if p is not None:
-            new_rows.append((source, mid, p, c["kind"], c["ts"]))
+            if (source, mid) not in attached:
+                new_rows.append((source, mid, p, c["kind"], c["ts"]))
             if not exact_traits or (source, mid) in with_traits:
                 affected.add(p)
             else:
                 d = counted.setdefault(p, [0, c["ts"], c["ts"], set()])
                 d[0], d[1], d[2] = d[0] + 1, min(d[1], c["ts"]), max(d[2], c["ts"])
                 d[3].add(source)
-    if new_rows:
-        engine.register("_inc_ep", pa.table({
-            "source": pa.array([r[0] for r in new_rows], pa.string()), "message_id": pa.array([r[1] for r in new_rows], pa.string()),
-            "profile_id": pa.array([r[2] for r in new_rows], pa.string()), "identifier_type": pa.array([r[3] for r in new_rows], pa.string()),
-            "timestamp": pa.array([r[4] for r in new_rows], _TS)}))
-        try:
-            engine.execute("INSERT INTO event_profiles SELECT source, message_id, profile_id, identifier_type, timestamp FROM _inc_ep")
-        finally:
-            engine.unregister("_inc_ep")
+    _insert_event_profiles(engine, new_rows)
     _rebuild_profiles(engine, policy, affected, now)
     assert res is not None or not in_place
     if res is not None:
@@ -994,23 +1132,37 @@ def _lineage_counts(report: BatchReport) -> tuple[dict[str, int], dict[str, int]
     counts = {"event_profiles": report.events, "identities": report.identifiers if report.mode == "full" else report.changed,
               "profile_merges": report.merges + report.unmerges, "identity_resolutions": 1}
     totals = {"events": report.events, "identifiers": report.identifiers, "changed": report.changed, "merges": report.merges,
-              "unmerges": report.unmerges, "full_resolutions": int(report.mode == "full")}
+              "unmerges": report.unmerges, "full_resolutions": int(report.mode == "full"), "settled": report.settled}
     return counts, totals
+
+
+#: Settle once this long after the first unsettled attach, when the writer has nothing queued...
+SETTLE_AFTER_SECONDS = 0.02
+#: ...and at the latest this long after it, queued work or not (how far `profiles` may lag behind).
+SETTLE_WITHIN_SECONDS = 0.5
 
 
 class Follower:
     """Runs `run_batch` in the writer whenever the writer has committed something else since the
     last batch, so profiles follow events within a few milliseconds of their commit.
 
+    Each batch first runs the attach phase alone (`event_profiles` and the attach watermark, in a
+    few milliseconds; the region path when the batch needs it). The statistics of attached events
+    are settled later, in a transaction of their own that covers every batch attached meanwhile:
+    `settle_after` seconds after the first unsettled attach when the writer has nothing queued
+    (the collector's group commits go first), at the latest `settle_within` seconds after it.
+
     With `lineage` settings, the batches that changed something are reported as one OpenLineage run
     (`identity.incremental`) per `lineage_seconds`, emitted from this thread, never from the writer."""
 
     def __init__(self, writer: Writer, rules: IdentityRules, policy: TraitPolicy, *, poll_seconds: float = 0.001,
                  max_full_events: int | None = FOLLOWER_MAX_FULL_EVENTS, consent_categories: Mapping[str, str] | None = None,
-                 lineage: Settings | None = None, lineage_seconds: float = LINEAGE_WINDOW_SECONDS):
+                 lineage: Settings | None = None, lineage_seconds: float = LINEAGE_WINDOW_SECONDS,
+                 settle_after: float = SETTLE_AFTER_SECONDS, settle_within: float = SETTLE_WITHIN_SECONDS):
         self.writer, self.rules, self.policy, self.poll = writer, rules, policy, poll_seconds
         self.consent_categories = consent_categories
         self.max_full_events = max_full_events
+        self.settle_after, self.settle_within = settle_after, settle_within
         self.window: RunWindow | None = None
         if lineage is not None:
             from refinery.governance.lineage import INCREMENTAL, RunWindow
@@ -1019,8 +1171,12 @@ class Follower:
         self._warned = False
         self.working_set = WorkingSet()  # the graph around recent batches, kept between them
         self.batches = 0
+        self.settles = 0
         self.last: BatchReport | None = None
         self.failures = 0
+        #: monotonic time of the first attach not settled yet; None: nothing to settle (as far as this
+        #: follower knows: at start it settles once, which also finishes what a previous run left)
+        self.unsettled_since: float | None = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -1037,41 +1193,65 @@ class Follower:
         if self.window is not None:
             self.window.close()  # the last window's COMPLETE (its thread has ended)
 
+    def _settle_due(self) -> bool:
+        if self.unsettled_since is None:
+            return False
+        age = time.monotonic() - self.unsettled_since
+        return age >= self.settle_within or (age >= self.settle_after and self.writer.pending() == 0)
+
+    def _batch(self, phase: str) -> BatchReport | None:
+        started = datetime.now(UTC)
+        try:
+            report = self.writer.submit(
+                lambda e: run_batch(e, self.rules, self.policy, consent_categories=self.consent_categories,
+                                    max_full_events=self.max_full_events, working_set=self.working_set, phase=phase)).result()
+        except Exception as e:  # the follower must not die; the next commit retries
+            self.working_set.clear()
+            self.failures += 1
+            log.warning("identity follower: %s batch failed (%s); retrying after the next commit", phase, type(e).__name__,
+                        exc_info=True)
+            if self.window is not None:
+                self.window.fail(started, e)
+            self._stop.wait(1.0)
+            return None
+        self.batches += 1
+        self.last = report
+        if report.phase != "attach" or report.mode == "skipped":
+            self.unsettled_since = None  # settled, or attached and settled in one transaction (or nothing to do till a resolve)
+        elif report.mode == "attach" and self.unsettled_since is None:
+            self.unsettled_since = time.monotonic()
+        if report.phase == "settle" and report.mode != "none":
+            self.settles += 1
+        if self.window is not None and report.mode in ("attach", "region", "settle", "full"):
+            self.window.add(started, *_lineage_counts(report))
+            if report.mode == "full" and self.window.current is not None:  # a full resolution syncs consent too
+                for table in ("consent_log", "consent_conflicts", "consent_syncs"):
+                    self.window.current.add_output(table)
+        if report.mode == "skipped" and not self._warned:
+            self._warned = True
+            log.warning("identity follower: profiles are not following events: %s", report.reason)
+        return report
+
     def _run(self) -> None:
         seen = -1
         while not self._stop.is_set():
             if self.window is not None:
                 self.window.tick()
             commits = self.writer.commits
-            if commits == seen:
+            if commits != seen:
+                # Commits after this read but before the batch's transaction are in the batch; any
+                # other than the batch's own makes the counter pass commits + 1 and triggers one more.
+                if self._batch("attach") is None:
+                    continue
+                seen = commits + 1  # the batch's own commit
+            elif self._settle_due():
+                if self._batch("settle") is None:
+                    continue
+                seen = commits + 1
+            else:
                 self._stop.wait(self.poll)
-                continue
-            # Commits after this read but before the batch's transaction are in the batch; any
-            # other than the batch's own makes the counter pass commits + 1 and triggers one more.
-            started = datetime.now(UTC)
-            try:
-                report = self.writer.submit(
-                    lambda e: run_batch(e, self.rules, self.policy, consent_categories=self.consent_categories,
-                                        max_full_events=self.max_full_events, working_set=self.working_set)).result()
-            except Exception as e:  # the follower must not die; the next commit retries
-                self.working_set.clear()
-                self.failures += 1
-                log.warning("identity follower: batch failed (%s); retrying after the next commit", type(e).__name__, exc_info=True)
-                if self.window is not None:
-                    self.window.fail(started, e)
-                self._stop.wait(1.0)
-                continue
-            self.batches += 1
-            self.last = report
-            if self.window is not None and report.mode in ("attach", "region", "full"):
-                self.window.add(started, *_lineage_counts(report))
-                if report.mode == "full" and self.window.current is not None:  # a full resolution syncs consent too
-                    for table in ("consent_log", "consent_conflicts", "consent_syncs"):
-                        self.window.current.add_output(table)
-            if report.mode == "skipped" and not self._warned:
-                self._warned = True
-                log.warning("identity follower: profiles are not following events: %s", report.reason)
-            seen = commits + 1  # the batch's own commit
+        if self.unsettled_since is not None and self.writer.running:
+            self._batch("settle")  # leave nothing unsettled behind (a restart would redo it anyway)
 
 
 def start_follower(runtime: Any) -> Follower | None:

@@ -66,13 +66,7 @@ class WorkingSet:
     def identities(self, engine: Engine, idents: Iterable[Ident]) -> dict[Ident, dict[str, Any]]:
         """The stored rows of `idents` that exist."""
         want = set(idents)
-        missing = sorted(i for i in want if i not in self.ids)
-        if missing:
-            self.reads += 1
-            found = {(r["identifier_type"], r["value"]): r for r in engine.fetch_dicts(
-                _IDENTITIES_BY_KEYS, [[k for k, _ in missing], [v for _, v in missing]])}
-            for i in missing:
-                self.ids[i] = found.get(i)
+        self._fill(engine, want)
         out = {}
         for i in want:
             row = self.ids[i]
@@ -80,15 +74,43 @@ class WorkingSet:
                 out[i] = dict(row)
         return out
 
+    def peek(self, engine: Engine, idents: Iterable[Ident]) -> dict[Ident, dict[str, Any]]:
+        """`identities`, without copies: the attach path only reads them."""
+        want = set(idents)
+        if not want <= self.ids.keys():
+            self._fill(engine, want)
+        return {i: row for i in want if (row := self.ids[i]) is not None}
+
+    def has_edges(self, engine: Engine, keys: Iterable[EdgeKey]) -> bool:
+        """Whether every edge in `keys` is stored (as `identity_edges` keys them: centre first)."""
+        keys = set(keys)
+        ends = {end for key in keys for end in key}
+        missing = sorted(ends - self.complete)
+        if missing:
+            self._fill_edges(engine, missing)
+        return all(key in self.edges for key in keys)
+
+    def _fill(self, engine: Engine, want: set[Ident]) -> None:
+        missing = sorted(i for i in want if i not in self.ids)
+        if missing:
+            self.reads += 1
+            found = {(r["identifier_type"], r["value"]): r for r in engine.fetch_dicts(
+                _IDENTITIES_BY_KEYS, [[k for k, _ in missing], [v for _, v in missing]])}
+            for i in missing:
+                self.ids[i] = found.get(i)
+
+    def _fill_edges(self, engine: Engine, missing: list[Ident]) -> None:
+        self.reads += 1
+        for r in engine.fetch_dicts(_EDGES_BY_ENDS, [[k for k, _ in missing], [v for _, v in missing]]):
+            self._put_edge(r)
+        self.complete.update(missing)
+
     def edges_of(self, engine: Engine, idents: Iterable[Ident]) -> list[dict[str, Any]]:
         """Every stored edge with an end among `idents`."""
         want = set(idents)
         missing = sorted(want - self.complete)
         if missing:
-            self.reads += 1
-            for r in engine.fetch_dicts(_EDGES_BY_ENDS, [[k for k, _ in missing], [v for _, v in missing]]):
-                self._put_edge(r)
-            self.complete.update(missing)
+            self._fill_edges(engine, missing)
         keys = {k for i in want for k in self.incident.get(i, ())}
         return [dict(self.edges[k]) for k in keys]
 
