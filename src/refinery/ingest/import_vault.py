@@ -11,7 +11,7 @@ Each chunk of rows the import's SELECT yields goes through `ChunkPrivacy` before
   `vault_values`.
 
 The raw zone of an import (docs/decisions/0016-sealed-import-raw-zone.md) is a Parquet file per
-imported file, `<raw_dir>/<sha256>.sealed.parquet`: one record per subject and chunk, holding the
+imported file, `<raw_dir>/<sha256>.sealed.parquet`: one record per subject and buffer, holding the
 row numbers (clear) and the rows as read from the file (a JSON array of their texts), sealed with
 AES-GCM under that subject's data key. Destroying a subject's key makes their rows unreadable and
 leaves everyone else's readable.
