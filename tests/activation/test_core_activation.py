@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from activation_core_support import ACTOR, define_segment, ledger_destination, membership, person, set_consent
 from ledger_destination import calls, faults, members
+from pydantic import BaseModel
 
 from refinery.activation import operations as ops
 from refinery.activation import outbox, service
+from refinery.activation.destination import Batch, DestinationType, register
 from refinery.activation.errors import ActivationError, UnknownMappingSource
 from refinery.activation.worker import Deliverer, backoff
 from refinery.runtime import Runtime
@@ -342,3 +345,100 @@ def test_destination_secrets_are_sealed_and_never_shown(runtime: Runtime, tmp_pa
         ops.create_destination(runtime, ACTOR, "bad", "ledger", "gossip", {"folder": "x"})
     with pytest.raises(Exception, match="used by sync"):
         ops.delete_destination(runtime, ACTOR, "crm")
+
+
+# --- a group of batches checked together (worker.gate_many) ----------------------------------------------
+
+class _HookConfig(BaseModel):
+    name: str
+
+
+_SEEN: dict[str, list[Batch]] = {}
+_HOOKS: dict[str, Callable[[Batch], None]] = {}
+
+
+class _Hooked:
+    """Keeps every batch it is given and runs the test's hook on it (before answering)."""
+
+    def __init__(self, config: _HookConfig, ctx: object):
+        self.name = config.name
+
+    def deliver(self, batch: Batch) -> None:
+        _SEEN.setdefault(self.name, []).append(batch)
+        hook = _HOOKS.get(self.name)
+        if hook is not None:
+            hook(batch)
+
+    def close(self) -> None:
+        return None
+
+
+register(DestinationType("hooked", _HookConfig, lambda config, ctx: _Hooked(config, ctx), "Test: keeps batches, runs a hook."))
+
+
+def _hooked_world(rt: Runtime, name: str, n: int, *, mode: str = "diff", batch_size: int = 2) -> None:
+    for i in range(n):
+        person(rt, f"p{i}", email=f"person.{i}@example.com")
+    define_segment(rt, "vip")
+    ops.create_destination(rt, ACTOR, "hook", "hooked", "marketing", {"name": name})
+    ops.create_sync(rt, ACTOR, "vip-hook", "vip", "hook", {"email": "email"}, mode=mode, batch_size=batch_size)
+
+
+def _plan(rt: Runtime) -> None:
+    from refinery.activation.store import get_sync
+
+    service.plan(rt, get_sync(rt.engine, "vip-hook"), trigger="cli")
+
+
+def _sent(name: str) -> list[tuple[str, str, str]]:
+    return [(b.id, r.action, r.profile_id) for b in _SEEN.get(name, []) for r in b.records]
+
+
+def test_consent_withdrawn_while_a_group_is_delivered_is_seen_before_the_next_batch(runtime: Runtime, tmp_path: Path) -> None:
+    name = f"g{tmp_path.name}"
+    _hooked_world(runtime, name, 6)
+    membership(runtime, "vip", [f"p{i}" for i in range(6)])
+    _plan(runtime)  # three batches of two, checked together in one group
+    last = runtime.engine.fetch_all("SELECT max(profile_id) FROM activation_records WHERE batch_id = "
+                                    "(SELECT batch_id FROM activation_batches ORDER BY seq DESC LIMIT 1)")[0][0]
+    _HOOKS[name] = lambda b: set_consent(runtime, last, "denied") if len(_SEEN[name]) == 1 else None
+    d = Deliverer(runtime.engine, runtime.writer, runtime.settings, "hook", runtime.vault)
+    assert d.drain() == {"delivered": 3}
+    sent = _sent(name)
+    assert ("add", last) not in [(a, p) for _, a, p in sent]  # withdrawn after the group's checks: never sent
+    assert ("remove", last) in [(a, p) for _, a, p in sent]
+    fields = {r.profile_id: r.fields for b in _SEEN[name] for r in b.records if r.action == "add"}
+    assert fields == {f"p{i}": {"email": f"person.{i}@example.com"} for i in range(6) if f"p{i}" != last}
+    run = ops.list_runs(runtime, "vip-hook")[0]
+    assert (run["added"], run["removed"], run["skipped_consent"], run["status"]) == (5, 1, 1, "completed")
+
+
+def test_batches_of_one_group_are_decided_as_if_delivered_one_after_another(runtime: Runtime, tmp_path: Path) -> None:
+    name = f"s{tmp_path.name}"
+    _hooked_world(runtime, name, 2, mode="full")
+    membership(runtime, "vip", ["p0", "p1"])
+    _plan(runtime)
+    _plan(runtime)  # full: both added again by a second run
+    set_consent(runtime, "p0", "denied")
+    d = Deliverer(runtime.engine, runtime.writer, runtime.settings, "hook", runtime.vault)
+    assert d.drain() == {"delivered": 2}
+    # The first batch takes p0 back (withheld: it leaves the state); the second finds it no longer held.
+    assert [(a, p) for _, a, p in _sent(name)] == [("remove", "p0"), ("add", "p1"), ("add", "p1")]
+    runs = ops.list_runs(runtime, "vip-hook")
+    assert sorted((r["skipped_consent"], r["superseded"]) for r in runs) == [(0, 1), (1, 0)]
+    assert runtime.engine.fetch_all("SELECT profile_id FROM sync_state") == [("p1",)]
+
+
+def test_a_group_whose_checks_grew_old_leaves_the_rest_untried(runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from refinery.activation import worker
+
+    monkeypatch.setattr(worker, "FRESH_SECONDS", 0.0)  # every group stops after its first batch
+    name = f"o{tmp_path.name}"
+    _hooked_world(runtime, name, 6)
+    membership(runtime, "vip", [f"p{i}" for i in range(6)])
+    _plan(runtime)
+    d = Deliverer(runtime.engine, runtime.writer, runtime.settings, "hook", runtime.vault)
+    assert d.drain() == {"delivered": 3}
+    assert [b.attempt for b in _SEEN[name]] == [1, 1, 1]  # an attempt counted for the group but not made is undone
+    assert runtime.engine.fetch_all("SELECT status, attempts FROM activation_batches ORDER BY seq") == [("delivered", 1)] * 3
+    assert sorted(p for _, a, p in _sent(name) if a == "add") == [f"p{i}" for i in range(6)]

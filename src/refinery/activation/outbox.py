@@ -62,10 +62,18 @@ def _row(r: tuple[Any, ...]) -> BatchRow:
 
 def due(engine: Engine, destination: str, now: datetime, *, cursor: Any = None) -> BatchRow | None:
     """The destination's next batch to deliver: due, in seq order (a `delivering` one was cut off: due again)."""
+    found = due_many(engine, destination, now, 1, cursor=cursor)
+    return found[0] if found else None
+
+
+def due_many(engine: Engine, destination: str, now: datetime, limit: int, *, skip: Iterable[str] = (),
+             cursor: Any = None) -> list[BatchRow]:
+    """The destination's next `limit` batches to deliver, in seq order, leaving out the ids in `skip`."""
     rows = engine.fetch_all(
         f"SELECT {_COLUMNS} FROM activation_batches WHERE destination = ? AND status IN ('pending', 'delivering') "  # noqa: S608
-        "AND next_attempt_at <= ? ORDER BY seq LIMIT 1", [destination, now], cursor=cursor if cursor is not None else engine.reader())
-    return _row(rows[0]) if rows else None
+        "AND next_attempt_at <= ? AND batch_id NOT IN (SELECT unnest(CAST(? AS VARCHAR[]))) ORDER BY seq LIMIT ?",
+        [destination, now, sorted(skip), limit], cursor=cursor if cursor is not None else engine.reader())
+    return [_row(r) for r in rows]
 
 
 def next_due_at(engine: Engine, destination: str, *, cursor: Any = None) -> datetime | None:
@@ -83,9 +91,19 @@ def get(engine: Engine, batch_id: str, *, cursor: Any = None) -> BatchRow:
 
 
 def records(engine: Engine, batch_id: str, *, cursor: Any = None) -> list[tuple[str, str]]:
-    rows = engine.fetch_all("SELECT profile_id, action FROM activation_records WHERE batch_id = ? ORDER BY action DESC, profile_id",
-                            [batch_id], cursor=cursor if cursor is not None else engine.reader())
-    return [(str(p), str(a)) for p, a in rows]
+    return records_many(engine, [batch_id], cursor=cursor).get(batch_id, [])
+
+
+def records_many(engine: Engine, batch_ids: list[str], *, cursor: Any = None) -> dict[str, list[tuple[str, str]]]:
+    """Each batch's `(profile_id, action)` records: removes, then adds, each in profile order."""
+    table = engine.fetch_arrow(
+        "SELECT batch_id, profile_id, action FROM activation_records WHERE batch_id IN (SELECT unnest(CAST(? AS VARCHAR[]))) "
+        "ORDER BY batch_id, action DESC, profile_id", [batch_ids], cursor=cursor if cursor is not None else engine.reader())
+    out: dict[str, list[tuple[str, str]]] = {}
+    for b, p, a in zip(table.column("batch_id").to_pylist(), table.column("profile_id").to_pylist(), table.column("action").to_pylist(),
+                       strict=True):
+        out.setdefault(b, []).append((p, a))
+    return out
 
 
 def pending_counts(engine: Engine, *, cursor: Any = None) -> dict[str, dict[str, int]]:
@@ -106,6 +124,24 @@ def begin_attempt(engine: Engine, batch: BatchRow, now: datetime) -> int:
                    [now, batch.batch_id])
     engine.execute("UPDATE sync_runs SET status = 'delivering' WHERE run_id = ? AND status = 'planned'", [batch.run_id])
     return batch.attempts + 1
+
+
+def begin_attempts(engine: Engine, batches: list[BatchRow], now: datetime) -> dict[str, int]:
+    """`begin_attempt` for several batches at once (a delivery group): batch id -> attempt number."""
+    if not batches:
+        return {}
+    engine.execute("UPDATE activation_batches SET status = 'delivering', attempts = attempts + 1, attempted_at = ? "
+                   "WHERE batch_id IN (SELECT unnest(CAST(? AS VARCHAR[])))", [now, [b.batch_id for b in batches]])
+    engine.execute("UPDATE sync_runs SET status = 'delivering' WHERE run_id IN (SELECT unnest(CAST(? AS VARCHAR[]))) AND status = 'planned'",
+                   [sorted({b.run_id for b in batches})])
+    return {b.batch_id: b.attempts + 1 for b in batches}
+
+
+def undo_attempts(engine: Engine, batches: list[BatchRow]) -> None:
+    """Batches of a group whose attempt was counted but never started (the group stopped early): as they were."""
+    for b in batches:
+        engine.execute("UPDATE activation_batches SET status = ?, attempts = ? WHERE batch_id = ? AND status = 'delivering'",
+                       [b.status, b.attempts, b.batch_id])
 
 
 def _finish_run(engine: Engine, run_id: str, now: datetime) -> None:
@@ -153,6 +189,34 @@ def delivered(engine: Engine, batch: BatchRow, outcome: Outcome, sync: str, now:
         engine.execute("DELETE FROM sync_state WHERE sync = ? AND profile_id IN (SELECT unnest(CAST(? AS VARCHAR[])))",
                        [sync, list(outcome.withheld)])
     _finish_run(engine, batch.run_id, now)
+
+
+def delivered_many(engine: Engine, done: list[tuple[BatchRow, Outcome, str, datetime]]) -> None:
+    """`delivered` for several batches (batch, outcome, sync, when) in one transaction: one statement per
+    kind of change, the runs' counters summed per run."""
+    if not done:
+        return
+    engine.execute(
+        "UPDATE activation_batches SET status = 'delivered', delivered_at = d.at, last_error = NULL "
+        "FROM (SELECT unnest(CAST(? AS VARCHAR[])) AS batch_id, unnest(CAST(? AS TIMESTAMPTZ[])) AS at) d "
+        "WHERE activation_batches.batch_id = d.batch_id", [[b.batch_id for b, _, _, _ in done], [at for _, _, _, at in done]])
+    runs: dict[str, list[int]] = {}
+    withheld: dict[str, list[str]] = {}
+    for b, o, sync, _ in done:
+        c = runs.setdefault(b.run_id, [0] * 6)
+        for i, n in enumerate((o.sent, o.added, o.removed, o.skipped_consent, o.skipped_suppressed, o.superseded)):
+            c[i] += n
+        if o.withheld:
+            withheld.setdefault(sync, []).extend(o.withheld)
+    for run_id, c in runs.items():
+        engine.execute(
+            "UPDATE sync_runs SET sent = sent + ?, added = added + ?, removed = removed + ?, skipped_consent = skipped_consent + ?, "
+            "skipped_suppressed = skipped_suppressed + ?, superseded = superseded + ? WHERE run_id = ?", [*c, run_id])
+    for sync, ids in withheld.items():
+        engine.execute("DELETE FROM sync_state WHERE sync = ? AND profile_id IN (SELECT unnest(CAST(? AS VARCHAR[])))", [sync, ids])
+    last = max(at for _, _, _, at in done)
+    for run_id in runs:
+        _finish_run(engine, run_id, last)
 
 
 def retry_later(engine: Engine, batch: BatchRow, at: datetime, error: str) -> None:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from sqlglot import exp
@@ -44,6 +45,7 @@ SYSTEM = Principal("system", "system:activation", "admin")
 _TARGET = "_activation_target"
 _ONLY = "_activation_only"
 _CHANGES = "_activation_changes"
+_REVEAL = "_activation_reveal"
 
 
 @dataclass
@@ -123,20 +125,26 @@ def target_query(sync: SyncDef, purpose: str, policy: ConsentPolicy, *, with_has
     return query
 
 
-def suppressed_profiles(engine: Engine, profile_ids: list[str], *, cursor: Any = None) -> set[str]:
+def suppressed_profiles(engine: Engine, profile_ids: list[str], *, cursor: Any = None, identities: pa.Table | None = None) -> set[str]:
     """The profiles among `profile_ids` one of whose identifiers is on the suppression list (an
     erased person's identifier seen again). Tokens are revealed to compute the list's keyed hashes;
-    nothing is kept. Empty at once while the list is empty."""
+    nothing is kept. Empty at once while the list is empty. `identities`: their `(identifier_type,
+    value, profile_id)` rows (or more), when the caller has read them already."""
     from refinery.privacy.pii import vault_of
     from refinery.privacy.tokens import is_token
 
     vault = vault_of(engine)
     if vault is None or not vault.suppressed or not profile_ids:
         return set()
-    rows = engine.fetch_all(
-        "SELECT profile_id, identifier_type, value FROM identities WHERE profile_id IN (SELECT unnest(CAST(? AS VARCHAR[])))",
-        [profile_ids], cursor=cursor if cursor is not None else engine.reader(),
-    )
+    if identities is not None:
+        wanted = set(profile_ids)
+        rows = [(p, k, v) for k, v, p in zip(identities.column("identifier_type").to_pylist(), identities.column("value").to_pylist(),
+                                             identities.column("profile_id").to_pylist(), strict=True) if p in wanted]
+    else:
+        rows = engine.fetch_all(
+            "SELECT profile_id, identifier_type, value FROM identities WHERE profile_id IN (SELECT unnest(CAST(? AS VARCHAR[])))",
+            [profile_ids], cursor=cursor if cursor is not None else engine.reader(),
+        )
     tokens = [str(v) for _, _, v in rows if isinstance(v, str) and is_token(v)]
     clear = reveal_on(engine, tokens, cursor=cursor) if tokens else {}
     out = set()
@@ -153,17 +161,22 @@ def reveal_on(engine: Engine, tokens: list[str] | set[str], *, cursor: Any = Non
     from refinery.privacy.pii import vault_of
 
     vault = vault_of(engine)
-    wanted = sorted(set(tokens))
-    if vault is None or not wanted:
+    if vault is None or not tokens:
         return {}
-    rows = engine.fetch_all(
-        "SELECT token, key_id, sealed FROM vault_values WHERE token IN (SELECT unnest(CAST(? AS VARCHAR[]))) ORDER BY token, first_seen DESC",
-        [wanted], cursor=cursor if cursor is not None else engine.reader())
-    plain = vault.unseal_many([k for _, k, _ in rows], [s for _, _, s in rows])
+    cur = cursor if cursor is not None else engine.reader()
+    # The tokens as a registered table, not a bound list: a list parameter costs Python work per element.
+    engine.register(_REVEAL, pa.table({"token": pa.array(list(set(tokens)), pa.string())}), cursor=cur)
+    try:
+        rows = engine.fetch_arrow(f"SELECT token, key_id, sealed FROM vault_values WHERE token IN (SELECT token FROM {_REVEAL}) "  # noqa: S608
+                                  "ORDER BY token, first_seen DESC", cursor=cur)
+    finally:
+        engine.unregister(_REVEAL, cursor=cur)
+    found = rows.column("token").to_pylist()
+    plain = vault.unseal_many(rows.column("key_id").to_pylist(), rows.column("sealed").to_pylist())
     out: dict[str, str] = {}
-    for (token, _, _), value in zip(rows, plain, strict=True):
+    for token, value in zip(found, plain, strict=True):
         if value is not None and token not in out:
-            out[str(token)] = value.decode()
+            out[token] = value.decode()
     return out
 
 
@@ -181,14 +194,22 @@ _REMOVES_ONLY = _REMOVES + f" AND s.profile_id IN (SELECT profile_id FROM {_ONLY
 
 
 def _changes(engine: Engine, sync: SyncDef, only: bool) -> pa.Table:
+    """`(profile_id, action, h)`: the removes, then the adds (a batch holds one kind more often than not).
+    Batches are cut in this order; each batch's records are read back in profile order at delivery."""
     adds = engine.fetch_arrow(_ADDS[sync.mode], [sync.name])
     removes = engine.fetch_arrow(_REMOVES_ONLY if only else _REMOVES, [sync.name])
-    action = pa.concat_arrays([pa.array(["add"] * adds.num_rows, pa.string()), pa.array(["remove"] * removes.num_rows, pa.string())]) \
+    action = pa.concat_arrays([pa.array(["remove"] * removes.num_rows, pa.string()), pa.array(["add"] * adds.num_rows, pa.string())]) \
         if adds.num_rows + removes.num_rows else pa.array([], pa.string())
-    ids = pa.concat_arrays([adds.column("profile_id").combine_chunks().cast(pa.string()),
-                            removes.column("profile_id").combine_chunks().cast(pa.string())])
-    hashes = pa.concat_arrays([adds.column("h").combine_chunks().cast(pa.uint64()), removes.column("h").combine_chunks().cast(pa.uint64())])
+    ids = pa.concat_arrays([removes.column("profile_id").combine_chunks().cast(pa.string()),
+                            adds.column("profile_id").combine_chunks().cast(pa.string())])
+    hashes = pa.concat_arrays([removes.column("h").combine_chunks().cast(pa.uint64()), adds.column("h").combine_chunks().cast(pa.uint64())])
     return pa.table({"profile_id": ids, "action": action, "h": hashes})
+
+
+# Adds enter the state. In `diff` mode they are target - state, computed in this transaction, so none is held
+# yet; `mirror` deleted its changed ones first; `full` re-sends members the state holds: only those not held.
+_STATE_INSERT = f"INSERT INTO sync_state (sync, profile_id, fields_hash, since) SELECT ?, c.profile_id, c.h, ? FROM {_CHANGES} c WHERE c.action = 'add'"  # noqa: S608
+_STATE_INSERT_NEW = _STATE_INSERT + " AND c.profile_id NOT IN (SELECT profile_id FROM sync_state WHERE sync = ?)"  # noqa: S608 - constant text
 
 
 def _write(engine: Engine, sync: SyncDef, plan: Plan, changes: pa.Table, batch_size: int, trigger: str, actor: Principal,
@@ -196,11 +217,10 @@ def _write(engine: Engine, sync: SyncDef, plan: Plan, changes: pa.Table, batch_s
     """Outbox batches, state, run row and cursor: in the caller's (writer) transaction."""
     now = datetime.now(UTC)
     n = changes.num_rows
+    plan.added = n and int(pc.sum(pc.equal(changes.column("action"), "add")).as_py() or 0)
+    plan.removed = n - plan.added
     if n:
-        # Removes first, then adds, each in profile order: a batch holds one kind more often than not.
-        order = pc.sort_indices(changes, sort_keys=[("action", "descending"), ("profile_id", "ascending")])
-        changes = changes.take(order)
-        changes = changes.append_column("batch_no", pa.array([i // batch_size for i in range(n)], pa.int64()))
+        changes = changes.append_column("batch_no", pa.array(np.arange(n, dtype=np.int64) // batch_size))
         engine.register(_CHANGES, changes)
         try:
             base = int(engine.fetch_all("SELECT coalesce(max(seq), 0) FROM activation_batches")[0][0])
@@ -214,20 +234,20 @@ def _write(engine: Engine, sync: SyncDef, plan: Plan, changes: pa.Table, batch_s
                 f"SELECT ? || lpad(CAST(batch_no AS VARCHAR), 6, '0'), ? + batch_no + 1, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, count(*) "
                 f"FROM {_CHANGES} GROUP BY batch_no",
                 [prefix, base, sync.destination, sync.name, sync.segment, sync.mode, plan.run_id, now, now])
-            engine.execute(f"DELETE FROM sync_state WHERE sync = ? AND profile_id IN "  # noqa: S608 - constant text
-                           f"(SELECT profile_id FROM {_CHANGES} WHERE action = 'remove')", [sync.name])
-            if sync.mode == "mirror":
+            if plan.removed:
+                engine.execute(f"DELETE FROM sync_state WHERE sync = ? AND profile_id IN "  # noqa: S608 - constant text
+                               f"(SELECT profile_id FROM {_CHANGES} WHERE action = 'remove')", [sync.name])
+            if sync.mode == "mirror" and plan.added:
                 engine.execute(f"DELETE FROM sync_state WHERE sync = ? AND profile_id IN "  # noqa: S608 - constant text
                                f"(SELECT profile_id FROM {_CHANGES} WHERE action = 'add')", [sync.name])
-            engine.execute(
-                f"INSERT INTO sync_state (sync, profile_id, fields_hash, since) SELECT ?, c.profile_id, c.h, ? FROM {_CHANGES} c "  # noqa: S608
-                "WHERE c.action = 'add' AND c.profile_id NOT IN (SELECT profile_id FROM sync_state WHERE sync = ?)",
-                [sync.name, now, sync.name])
+            if plan.added:
+                if sync.mode == "full":
+                    engine.execute(_STATE_INSERT_NEW, [sync.name, now, sync.name])
+                else:
+                    engine.execute(_STATE_INSERT, [sync.name, now])
         finally:
             engine.unregister(_CHANGES)
         plan.batches = (n + batch_size - 1) // batch_size
-    plan.added = n and int(pc.sum(pc.equal(changes.column("action"), "add")).as_py() or 0)
-    plan.removed = n - plan.added
     if n or trigger not in ("realtime",):
         status = "planned" if n else "completed"
         engine.execute(

@@ -31,8 +31,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
+import orjson
+import pyarrow as pa
 from sqlglot import exp
 
 from refinery.activation import outbox
@@ -56,7 +59,6 @@ from refinery.activation.store import (
 )
 from refinery.governance.consent import ConsentService
 from refinery.governance.purposes import ConsentPolicy, policy_from_settings
-from refinery.identity import sql
 from refinery.privacy.pii import redact_text
 from refinery.privacy.tokens import is_token
 from refinery.settings import Settings
@@ -84,36 +86,69 @@ def backoff(attempt: int, base: float, cap: float, retry_after: float | None = N
 
 # --- building a batch at delivery time --------------------------------------------------------------------
 
+#: Most batches checked together (one set of queries for the group), then delivered one by one in order.
+GROUP_BATCHES = 50
+#: A group's checks serve deliveries that start within this long of them; the rest are checked again.
+FRESH_SECONDS = 2.0
+_GATE_IDS = "_activation_gate_ids"
+_GATE_IDENTITIES = "_activation_gate_identities"
+
+
 @dataclass
 class Gated:
     records: list[Record] = field(default_factory=list)
     outcome: outbox.Outcome = field(default_factory=outbox.Outcome)
 
 
-def _ids_param() -> exp.Expression:
-    return sql.template("SELECT u.profile_id FROM (SELECT unnest(CAST(? AS VARCHAR[])) AS profile_id) u")
+#: The profiles a group's checks read (registered on the reader cursor while they run) and the identities of its adds.
+_GATE_IDS = "_activation_gate_ids"
+_GATE_ADDS = "_activation_gate_adds"
+_GATE_IDENTITIES = "_activation_gate_identities"
 
 
-def _allowed(engine: Engine, ids: list[str], purpose: str, policy: ConsentPolicy, cursor: Any) -> set[str]:
-    if not ids:
-        return set()
-    query = _ids_param()
-    assert isinstance(query, exp.Select)
-    query = query.where(ConsentService.allowed_filter(exp.column("profile_id", table="u"), purpose, policy))
-    return {str(r[0]) for r in engine.fetch_all(query, [ids], cursor=cursor)}
+@lru_cache(maxsize=64)
+def _allowed_sql(dialect: str, purpose: str, policy: ConsentPolicy) -> str:
+    """The consent check of a group's adds, rendered once per purpose and policy (constant text: the ids
+    and their identities are registered tables)."""
+    query = exp.select(exp.column("profile_id", table="u")).from_(exp.to_table(_GATE_ADDS).as_("u")).where(
+        ConsentService.allowed_filter(exp.column("profile_id", table="u"), purpose, policy, identities=exp.to_table(_GATE_IDENTITIES)))
+    return query.sql(dialect=dialect)
 
 
-def _in_state(engine: Engine, sync: str, ids: list[str], cursor: Any) -> set[str]:
-    rows = engine.fetch_all("SELECT profile_id FROM sync_state WHERE sync = ? AND profile_id IN (SELECT unnest(CAST(? AS VARCHAR[])))",
-                            [sync, ids], cursor=cursor)
-    return {str(r[0]) for r in rows}
+def _column(table: pa.Table, name: str) -> list[Any]:
+    return table.column(name).to_pylist()
+
+
+def _allowed(engine: Engine, purpose: str, policy: ConsentPolicy, cursor: Any, identities: pa.Table) -> set[str]:
+    """The adds (`_GATE_ADDS`) consent allows for `purpose`; `identities`: their identities rows."""
+    engine.register(_GATE_IDENTITIES, identities, cursor=cursor)
+    try:
+        return set(_column(engine.fetch_arrow(_allowed_sql(engine.dialect, purpose, policy), cursor=cursor), "profile_id"))
+    finally:
+        engine.unregister(_GATE_IDENTITIES, cursor=cursor)
+
+
+def _identities(engine: Engine, cursor: Any) -> pa.Table:
+    return engine.fetch_arrow(f"SELECT identifier_type, value, profile_id FROM identities WHERE profile_id IN (SELECT profile_id FROM {_GATE_ADDS})",  # noqa: S608
+                              cursor=cursor)
+
+
+def _in_state(engine: Engine, syncs: list[str], cursor: Any) -> dict[str, set[str]]:
+    """sync -> the profiles of the group (`_GATE_IDS`) its state holds."""
+    rows = engine.fetch_arrow(f"SELECT sync, profile_id FROM sync_state WHERE sync IN (SELECT unnest(CAST(? AS VARCHAR[]))) "  # noqa: S608
+                              f"AND profile_id IN (SELECT profile_id FROM {_GATE_IDS})", [syncs], cursor=cursor)
+    out: dict[str, set[str]] = {s: set() for s in syncs}
+    for s, p in zip(_column(rows, "sync"), _column(rows, "profile_id"), strict=True):
+        out[s].add(p)
+    return out
 
 
 def _existing(engine: Engine, ids: list[str], cursor: Any) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """(profile -> traits) of the profiles that exist, and the ids merged into another profile."""
-    rows = engine.fetch_all("SELECT profile_id, traits FROM profiles WHERE profile_id IN (SELECT unnest(CAST(? AS VARCHAR[])))",
-                            [ids], cursor=cursor)
-    traits = {str(p): (json.loads(t) if isinstance(t, str) else dict(t or {})) for p, t in rows}
+    """(profile -> traits) of the group's profiles (`_GATE_IDS`) that exist, and the ids merged into another profile."""
+    table = engine.fetch_arrow(f"SELECT profile_id, traits FROM profiles WHERE profile_id IN (SELECT profile_id FROM {_GATE_IDS})",  # noqa: S608
+                               cursor=cursor)
+    traits = {p: (orjson.loads(t) if isinstance(t, str) else dict(t or {}))
+              for p, t in zip(_column(table, "profile_id"), _column(table, "traits"), strict=True)}
     gone = [i for i in ids if i not in traits]
     merged: set[str] = set()
     if gone:
@@ -132,21 +167,34 @@ def _computed(engine: Engine, ids: list[str], names: list[str], cursor: Any) -> 
     return {(str(p), str(n)): (json.loads(v) if isinstance(v, str) else v) for p, n, v in rows}
 
 
-def _fields(sync: SyncDef, pid: str, traits: dict[str, Any], computed: dict[tuple[str, str], Any], computed_names: set[str]) -> dict[str, Any]:
+def _fields(sync: SyncDef, pid: str, traits: dict[str, Any], computed: dict[tuple[str, str], Any], computed_names: set[str],
+            tokens: set[str]) -> dict[str, Any]:
+    """The sync's mapped fields of one profile, as stored (tokens not revealed); the tokens they hold are added to `tokens`."""
     out: dict[str, Any] = {}
     for target, source in sync.mapping.items():
         if source == PROFILE_ID:
-            out[target] = pid
+            value: Any = pid
         elif source in computed_names and (pid, source) in computed:
-            out[target] = computed[(pid, source)]
+            value = computed[(pid, source)]
         else:
-            out[target] = traits.get(source)
+            value = traits.get(source)
+        out[target] = value
+        if type(value) is str:
+            if value.startswith(_TOKEN_PREFIX):
+                tokens.add(value)
+        elif isinstance(value, dict | list):
+            _tokens_in(value, tokens)
     return out
 
 
+_TOKEN_PREFIX = "pii:"
+
+
 def _tokens_in(value: Any, into: set[str]) -> None:
-    if isinstance(value, str) and is_token(value):
-        into.add(value)
+    """Every string in `value` that may be a token (the vault decides which are)."""
+    if isinstance(value, str):
+        if value.startswith(_TOKEN_PREFIX):
+            into.add(value)
     elif isinstance(value, dict):
         for v in value.values():
             _tokens_in(v, into)
@@ -155,10 +203,33 @@ def _tokens_in(value: Any, into: set[str]) -> None:
             _tokens_in(v, into)
 
 
+def _revealed_fields(fields: dict[str, Any], clear: dict[str, str]) -> dict[str, Any] | None:
+    """The fields with their tokens revealed; None when one does not reveal (its person was erased)."""
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        if type(v) is str:
+            if v.startswith(_TOKEN_PREFIX):
+                c = clear.get(v)
+                if c is None and is_token(v):
+                    return None
+                v = v if c is None else c
+        elif isinstance(v, dict | list):
+            v, ok = _revealed(v, clear)
+            if not ok:
+                return None
+        out[k] = v
+    return out
+
+
 def _revealed(value: Any, clear: dict[str, str]) -> tuple[Any, bool]:
     """`value` with its tokens revealed, and whether every token revealed."""
-    if isinstance(value, str) and is_token(value):
-        return (clear[value], True) if value in clear else (None, False)
+    if isinstance(value, str):
+        if value.startswith(_TOKEN_PREFIX):
+            if value in clear:
+                return clear[value], True
+            if is_token(value):
+                return None, False
+        return value, True
     if isinstance(value, dict):
         ok = True
         out = {}
@@ -172,71 +243,130 @@ def _revealed(value: Any, clear: dict[str, str]) -> tuple[Any, bool]:
     return value, True
 
 
+@dataclass
+class _Seen:
+    """What a group's checks read, once for all its batches."""
+
+    held: dict[str, set[str]]
+    traits: dict[str, dict[str, Any]]
+    merged: set[str]
+    allowed: set[str]
+    suppressed: set[str]
+    raw: dict[tuple[str, str], dict[str, Any]]
+    clear: dict[str, str]
+
+
 def gate(engine: Engine, sync: SyncDef, dest: DestinationDef, records: list[tuple[str, str]], policy: ConsentPolicy,
          needs_fields: bool, cursor: Any) -> Gated:
     """The batch as it may be delivered now (see the module docstring)."""
+    return gate_many(engine, dest, [(sync, records)], policy, needs_fields, cursor)[0]
+
+
+def gate_many(engine: Engine, dest: DestinationDef, batches: list[tuple[SyncDef, list[tuple[str, str]]]], policy: ConsentPolicy,
+              needs_fields: bool, cursor: Any) -> list[Gated]:
+    """Several batches of one destination as they may be delivered now, in order: one set of reads for all
+    of them, then each batch decided as `gate` would decide it after the ones before it were delivered (an
+    add withheld by an earlier batch has left the state by the time a later batch is looked at)."""
     from refinery.segments import computed as computed_traits
 
+    ids = sorted({p for _, recs in batches for p, _ in recs})
+    adds = sorted({p for _, recs in batches for p, a in recs if a == "add"})
+    engine.register(_GATE_IDS, pa.table({"profile_id": pa.array(ids, pa.string())}), cursor=cursor)
+    engine.register(_GATE_ADDS, pa.table({"profile_id": pa.array(adds, pa.string())}), cursor=cursor)
+    try:
+        held = _in_state(engine, sorted({s.name for s, _ in batches}), cursor)
+        traits, merged = _existing(engine, ids, cursor)
+        allowed: set[str] = set()
+        suppressed: set[str] = set()
+        if adds:
+            identities = _identities(engine, cursor)
+            allowed = _allowed(engine, dest.purpose, policy, cursor, identities)
+            suppressed = suppressed_profiles(engine, [p for p in adds if p in allowed and p in traits], cursor=cursor, identities=identities)
+    finally:
+        engine.unregister(_GATE_IDS, cursor=cursor)
+        engine.unregister(_GATE_ADDS, cursor=cursor)
+    names = set(computed_traits.expressions(engine, cursor=cursor))
+    # The values to read and reveal: adds that may go out, and (for kinds that need them) removes.
+    wanted: dict[str, set[str]] = {}
+    for sync, recs in batches:
+        h = held[sync.name]
+        mine = wanted.setdefault(sync.name, set())
+        for p, a in recs:
+            if p not in traits:
+                continue
+            if (a == "add" and p in h and p in allowed and p not in suppressed) or (a == "remove" and needs_fields):
+                mine.add(p)
+    syncs = {s.name: s for s, _ in batches}
+    computed_names = names & {src for s in syncs.values() for src in s.mapping.values()}
+    computed = _computed(engine, sorted({p for ps in wanted.values() for p in ps}), sorted(computed_names), cursor)
+    tokens: set[str] = set()
+    raw = {(name, p): _fields(syncs[name], p, traits[p], computed, computed_names, tokens) for name, ps in wanted.items() for p in ps}
+    clear = reveal_on(engine, tokens, cursor=cursor) if tokens else {}
+    seen = _Seen(held, traits, merged, allowed, suppressed, raw, clear)
+    out = []
+    for sync, recs in batches:
+        g = _decide(sync, recs, seen)
+        held[sync.name].difference_update(g.outcome.withheld)
+        out.append(g)
+    return out
+
+
+def _decide(sync: SyncDef, records: list[tuple[str, str]], seen: _Seen) -> Gated:
     out = Gated()
-    ids = sorted({p for p, _ in records})
-    held = _in_state(engine, sync.name, ids, cursor)
+    o = out.outcome
+    name, held, raw, clear = sync.name, seen.held[sync.name], seen.raw, seen.clear
+    allowed, traits, suppressed, merged = seen.allowed, seen.traits, seen.suppressed, seen.merged
     adds = [p for p, a in records if a == "add" and p in held]
     removes = [p for p, a in records if a == "remove" and p not in held]
-    out.outcome.superseded = len(records) - len(adds) - len(removes)
-    traits, merged = _existing(engine, adds + removes, cursor)
-    allowed = _allowed(engine, adds, dest.purpose, policy, cursor)
-    suppressed = suppressed_profiles(engine, [p for p in adds if p in allowed and p in traits], cursor=cursor)
-    names = sorted(computed_traits.expressions(engine, cursor=cursor))
-    computed_names = set(names) & set(sync.mapping.values())
-    wanted = [p for p in adds if p in allowed and p in traits and p not in suppressed]
-    with_fields = wanted + ([p for p in removes if p in traits] if needs_fields else [])
-    computed = _computed(engine, with_fields, sorted(computed_names), cursor)
-    raw = {p: _fields(sync, p, traits[p], computed, computed_names) for p in with_fields}
-    tokens: set[str] = set()
-    for f in raw.values():
-        _tokens_in(f, tokens)
-    clear = reveal_on(engine, tokens, cursor=cursor) if tokens else {}
+    o.superseded = len(records) - len(adds) - len(removes)
     withheld: list[str] = []
+    sent = out.records
     for p in adds:
         if p in merged:  # merged into another profile: the segment's next run moves the membership
-            out.outcome.superseded += 1
+            o.superseded += 1
             continue
-        reason = None
         if p not in allowed:
-            reason = "consent"
-        elif p not in traits or p in suppressed:
-            reason = "suppressed"
-        else:
-            revealed, ok = _revealed(raw[p], clear)
-            if not ok:
-                reason = "suppressed"  # a personal value that no longer reveals: the person was erased
-            else:
-                out.records.append(Record(p, "add", revealed))
-                out.outcome.added += 1
+            o.skipped_consent += 1
+        elif p in traits and p not in suppressed:
+            revealed = _revealed_fields(raw[(name, p)], clear)
+            if revealed is not None:
+                sent.append(Record(p, "add", revealed))
+                o.added += 1
                 continue
-        if reason == "consent":
-            out.outcome.skipped_consent += 1
+            o.skipped_suppressed += 1  # a personal value that no longer reveals: the person was erased
         else:
-            out.outcome.skipped_suppressed += 1
+            o.skipped_suppressed += 1
         withheld.append(p)
-        out.records.append(Record(p, "remove", {}))  # the destination may hold it from before: take it back
-        out.outcome.removed += 1
+        sent.append(Record(p, "remove", {}))  # the destination may hold it from before: take it back
+        o.removed += 1
     for p in removes:
-        fields: dict[str, Any] = {}
-        if p in raw:
-            value, ok = _revealed(raw[p], clear)
-            fields = value if ok else {}
-        out.records.append(Record(p, "remove", fields))
-        out.outcome.removed += 1
-    out.outcome.withheld = tuple(withheld)
+        fields = raw.get((name, p))
+        sent.append(Record(p, "remove", (_revealed_fields(fields, clear) or {}) if fields is not None else {}))
+        o.removed += 1
+    o.withheld = tuple(withheld)
     return out
 
 
 # --- delivering ------------------------------------------------------------------------------------------
 
+@dataclass
+class _Done:
+    """What became of one attempt, recorded with the rest of its group."""
+
+    batch: outbox.BatchRow
+    result: str  # delivered, retry, dead
+    attempt: int
+    outcome: outbox.Outcome | None = None
+    sync: str = ""
+    at: datetime | None = None
+    error: str = ""
+    reason: str = ""
+
+
 class Deliverer:
     """Delivers one destination's batches: builds the destination from its configuration (again
-    when it changes) and runs one batch at a time. Used by its worker thread, and in-process by
+    when it changes), checks a group of due batches at once and delivers them one at a time, in
+    order, recording the group's outcomes together. Used by its worker thread, and in-process by
     `refinery syncs run` when no worker runs."""
 
     def __init__(self, engine: Engine, writer: Writer, settings: Settings, destination: str, vault: Any):
@@ -244,6 +374,7 @@ class Deliverer:
         self._live: Destination | None = None
         self._version: datetime | None = None
         self.policy = policy_from_settings(settings)
+        self.group_size = GROUP_BATCHES
 
     def _destination(self, dest: DestinationDef) -> Destination:
         if self._live is None or self._version != dest.updated_at:
@@ -267,20 +398,73 @@ class Deliverer:
     def next_due(self, now: datetime | None = None) -> outbox.BatchRow | None:
         return outbox.due(self.engine, self.name, now or datetime.now(UTC))
 
+    def next_group(self, now: datetime | None = None, *, skip: set[str] | frozenset[str] = frozenset()) -> list[outbox.BatchRow]:
+        return outbox.due_many(self.engine, self.name, now or datetime.now(UTC), self.group_size, skip=skip)
+
     def deliver_one(self, batch: outbox.BatchRow) -> str:
         """One attempt at `batch`; returns what became of it: delivered, retry, dead (or cancelled)."""
+        return self.deliver_group([batch])[0][1]
+
+    def deliver_group(self, batches: list[outbox.BatchRow], *, deadline: float | None = None,
+                      stop: threading.Event | None = None) -> list[tuple[outbox.BatchRow, str]]:
+        """One attempt at each of `batches` (in seq order), checked together; returns what became of those
+        attempted. The group stops early - the rest left as they were, due again - when its checks are
+        older than FRESH_SECONDS, when consent receipts or the suppression list changed since them, or at
+        `deadline` / `stop`. At least the first batch is attempted."""
         cur = self.engine.reader()
-        now = datetime.now(UTC)
-        attempt = self.writer.call(lambda e: outbox.begin_attempt(e, batch, now))
         dest = find_destination(self.engine, self.name, cursor=cur)
-        sync = find_sync(self.engine, batch.sync, cursor=cur)
-        if dest is None or sync is None:  # deleted meanwhile (deleting cancels; this is the race)
-            self.writer.call(lambda e: e.execute("UPDATE activation_batches SET status = 'cancelled' WHERE batch_id = ?", [batch.batch_id]))
-            return "cancelled"
+        syncs = {n: find_sync(self.engine, n, cursor=cur) for n in sorted({b.sync for b in batches})}
+        gone = [b for b in batches if dest is None or syncs[b.sync] is None]
+        results: list[tuple[outbox.BatchRow, str]] = []
+        if gone:  # deleted meanwhile (deleting cancels; this is the race)
+            self.writer.call(lambda e: e.execute("UPDATE activation_batches SET status = 'cancelled' WHERE batch_id IN "
+                                                 "(SELECT unnest(CAST(? AS VARCHAR[])))", [[b.batch_id for b in gone]]))
+            results += [(b, "cancelled") for b in gone]
+        live = [b for b in batches if b not in gone]
+        if not live or dest is None:
+            return results
+        checked_at = time.monotonic()
+        marks = self._marks(cur)
+        gated: list[Gated | BaseException]
         try:
-            dtype = get_type(dest.kind)
-            gated = gate(self.engine, sync, dest, outbox.records(self.engine, batch.batch_id, cursor=cur), self.policy,
-                         bool(dtype.needs_fields), cur)
+            needs_fields = bool(get_type(dest.kind).needs_fields)
+            recs = outbox.records_many(self.engine, [b.batch_id for b in live], cursor=cur)
+            gated = list(gate_many(self.engine, dest, [(syncs[b.sync], recs.get(b.batch_id, [])) for b in live],  # type: ignore[misc]
+                                   self.policy, needs_fields, cur))
+        except Exception as e:
+            if len(live) > 1:  # one batch the checks cannot read must not hold up the others: each alone
+                for b in live:
+                    results += self.deliver_group([b], deadline=deadline, stop=stop)
+                return results
+            log.warning("activation: checking batch %s to %s failed: %s", live[0].batch_id, self.name, type(e).__name__)
+            gated = [e]
+        now = datetime.now(UTC)
+        attempts = self.writer.call(lambda e: outbox.begin_attempts(e, live, now))
+        done: list[_Done] = []
+        for i, (b, g) in enumerate(zip(live, gated, strict=True)):
+            if i and self._stale(checked_at, marks, cur, deadline, stop):
+                break
+            done.append(self._attempt(b, syncs[b.sync], dest, g, attempts[b.batch_id]))  # type: ignore[arg-type]
+        unreached = live[len(done):]
+        self.group_size = max(1, len(done)) if unreached else min(GROUP_BATCHES, self.group_size * 2)
+        self.writer.call(lambda e: self._record(e, done, unreached))
+        return results + [(d.batch, d.result) for d in done]
+
+    def _marks(self, cursor: Any) -> tuple[Any, int]:
+        """What tells a group's checks are out of date: the newest consent receipt, the suppression list's size."""
+        newest = self.engine.fetch_all("SELECT max(log_id) FROM consent_log", cursor=cursor)[0][0]
+        return newest, len(getattr(self.vault, "suppressed", ()) or ())
+
+    def _stale(self, checked_at: float, marks: tuple[Any, int], cursor: Any, deadline: float | None, stop: threading.Event | None) -> bool:
+        now = time.monotonic()
+        if (stop is not None and stop.is_set()) or (deadline is not None and now >= deadline) or now - checked_at > FRESH_SECONDS:
+            return True
+        return self._marks(cursor) != marks
+
+    def _attempt(self, batch: outbox.BatchRow, sync: SyncDef, dest: DestinationDef, gated: Gated | BaseException, attempt: int) -> _Done:
+        try:
+            if isinstance(gated, BaseException):
+                raise gated
             if gated.records:
                 live = self._destination(dest)
                 live.deliver(Batch(batch.batch_id, sync.name, sync.segment, dest.name, sync.mode,  # type: ignore[arg-type]
@@ -292,39 +476,47 @@ class Deliverer:
         except Exception as e:  # a bug or an unexpected failure must not lose the batch: transient
             log.warning("activation: batch %s to %s failed unexpectedly: %s", batch.batch_id, self.name, type(e).__name__)
             return self._retry(batch, attempt, error_text(e), None)
-        done = datetime.now(UTC)
-        self.writer.call(lambda e: outbox.delivered(e, batch, gated.outcome, sync.name, done))
-        return "delivered"
+        return _Done(batch, "delivered", attempt, gated.outcome, sync.name, datetime.now(UTC))
 
-    def _retry(self, batch: outbox.BatchRow, attempt: int, error: str, retry_after: float | None) -> str:
+    def _retry(self, batch: outbox.BatchRow, attempt: int, error: str, retry_after: float | None) -> _Done:
         s = self.settings
         if attempt >= s.activation_max_attempts:
             return self._dead(batch, attempt, "attempts_exhausted", error)
         wait = backoff(attempt, s.activation_backoff_base_seconds, s.activation_backoff_max_seconds, retry_after)
         at = datetime.now(UTC) + timedelta(seconds=wait)
         log.info("activation: batch %s to %s failed (attempt %d), retry in %.1f s: %s", batch.batch_id, self.name, attempt, wait, error)
-        self.writer.call(lambda e: outbox.retry_later(e, batch, at, error))
-        return "retry"
+        return _Done(batch, "retry", attempt, at=at, error=error)
 
-    def _dead(self, batch: outbox.BatchRow, attempt: int, reason: str, error: str) -> str:
+    def _dead(self, batch: outbox.BatchRow, attempt: int, reason: str, error: str) -> _Done:
         log.warning("activation: batch %s to %s dead-lettered (%s after %d attempts): %s", batch.batch_id, self.name, reason, attempt, error)
-        now = datetime.now(UTC)
-        self.writer.call(lambda e: outbox.dead(e, batch, attempt, reason, error, now))
-        return "dead"
+        return _Done(batch, "dead", attempt, at=datetime.now(UTC), error=error, reason=reason)
+
+    @staticmethod
+    def _record(engine: Engine, done: list[_Done], unreached: list[outbox.BatchRow]) -> None:
+        """A group's outcomes, in one writer transaction."""
+        outbox.delivered_many(engine, [(d.batch, d.outcome, d.sync, d.at) for d in done
+                                       if d.result == "delivered" and d.outcome is not None and d.at is not None])
+        for d in done:
+            if d.result == "retry" and d.at is not None:
+                outbox.retry_later(engine, d.batch, d.at, d.error)
+            elif d.result == "dead" and d.at is not None:
+                outbox.dead(engine, d.batch, d.attempt, d.reason, d.error, d.at)
+        outbox.undo_attempts(engine, unreached)
 
     def drain(self, *, deadline: float | None = None, stop: threading.Event | None = None) -> dict[str, int]:
-        """Deliver every batch due now, in order (one attempt each pass), until none is due."""
+        """Deliver every batch due now, in order (one attempt each), until none is due."""
         seen: dict[str, int] = {}
         tried: set[str] = set()
         while not (stop is not None and stop.is_set()):
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            batch = self.next_due()
-            if batch is None or batch.batch_id in tried:
+            group = self.next_group(skip=tried)
+            if not group:
                 break
-            tried.add(batch.batch_id)
-            result = self.deliver_one(batch)
-            seen[result] = seen.get(result, 0) + 1
+            for batch, result in self.deliver_group(group, deadline=deadline, stop=stop):
+                if result != "delivered":  # due again later (a retry): not in this drain
+                    tried.add(batch.batch_id)
+                seen[result] = seen.get(result, 0) + 1
         return seen
 
 
@@ -341,9 +533,9 @@ class DeliveryWorker(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
-                batch = self.deliverer.next_due()
-                if batch is not None:
-                    self.deliverer.deliver_one(batch)
+                group = self.deliverer.next_group()
+                if group:
+                    self.deliverer.deliver_group(group, stop=self.stopping)
                     continue
                 nxt = outbox.next_due_at(self.deliverer.engine, self.deliverer.name)
                 wait = self.poll
