@@ -158,16 +158,16 @@ def define(engine: Engine, actor: Principal, name: str, definition: str, *, kind
     engine.execute(f"INSERT INTO feature_versions ({_FIELDS}) VALUES ({', '.join('?' * 12)})", values)  # noqa: S608 - constant text
     if rows:
         revived = rows[0][12] is not None  # a deleted feature defined again: created anew
-        created = [actor.name, at] if revived else [rows[0][10], rows[0][11]]
+        first = [actor.name, at] if revived else [rows[0][10], rows[0][11]]
         engine.execute("UPDATE features SET version = ?, entity = ?, kind = ?, definition = ?, time_window = ?, ttl_seconds = ?, "
                        "value_type = ?, owner = ?, description = ?, updated_by = ?, updated_at = ?, deleted_at = NULL, "
-                       "created_by = ?, created_at = ? WHERE name = ?", [*values[1:10], actor.name, at, *created, name])
+                       "created_by = ?, created_at = ? WHERE name = ?", [*values[1:10], actor.name, at, *first, name])
     else:
         engine.execute(f"INSERT INTO features ({_FIELDS}, updated_by, updated_at, deleted_at) "  # noqa: S608 - constant text
                        f"VALUES ({', '.join('?' * 14)}, NULL)", [*values, actor.name, at])
     audit.record(engine, actor, "features.define", f"feature:{name}", {"version": version, "kind": kind})
-    created = (actor.name, at) if not rows or rows[0][12] is not None else (str(rows[0][10]), rows[0][11])
-    saved = Feature(name, version, entity, kind, definition, window, ttl_seconds, value_type, owner, description, *created, actor.name, at)
+    by, when = (actor.name, at) if not rows or rows[0][12] is not None else (str(rows[0][10]), rows[0][11])
+    saved = Feature(name, version, entity, kind, definition, window, ttl_seconds, value_type, owner, description, by, when, actor.name, at)
     return {**saved.to_dict(), "changed": True}
 
 
