@@ -34,9 +34,10 @@ from sqlglot import exp
 
 from refinery.features import registry
 from refinery.features.compile import CompiledFeature, compile_feature
-from refinery.features.definition import Feature, check_name
+from refinery.features.definition import Feature, check_kind, check_name
 from refinery.features.errors import FeatureError, TrainingSetError
 from refinery.features.sql import as_of as sql_as_of
+from refinery.segments.compile import CompileContext
 from refinery.storage.engine import Engine
 
 REQUEST = "_feature_request"
@@ -72,14 +73,15 @@ class FeatureRequest:
 
 def training_set(engine: Engine, rows: pa.Table | Sequence[Mapping[str, Any]], features: Sequence[str | FeatureRequest], *,
                  label: str | None = "label", mode: str = "training", unknown: str = "refuse",
-                 now: datetime | None = None, cursor: Any = None) -> TrainingSet:
+                 now: datetime | None = None, cursor: Any = None, context: CompileContext | None = None) -> TrainingSet:
     """Point-in-time feature values for `rows` (columns `profile_id`, `timestamp` and, for
     `mode='training'`, the label column `label`).
 
     mode: `training` (a label with at least two classes and no missing labels) or `retrieval`
     (labels optional, any). unknown: `refuse` (default) or `drop` rows whose profile the store does
     not know (reported with their ids). Exact duplicate rows are dropped and counted; rows of the
-    same profile and time with different labels are refused."""
+    same profile and time with different labels are refused. `context`: the segment compiler's
+    context (default: this store's catalog, computed traits and tokeniser)."""
     if mode not in ("training", "retrieval"):
         raise TrainingSetError(f"Mode {mode!r} is unknown.", fix="Use 'training' (labels required) or 'retrieval'.", field="mode")
     if unknown not in ("refuse", "drop"):
@@ -96,7 +98,7 @@ def training_set(engine: Engine, rows: pa.Table | Sequence[Mapping[str, Any]], f
         request, report = _prepare(engine, table, labelled, mode, unknown, now, cur)
         from refinery.segments import store
 
-        ctx = store.context(engine, cursor=cur)
+        ctx = context if context is not None else store.context(engine, cursor=cur)
         moment = exp.column("ts", table="r")
         compiled = [compile_feature(f, ctx, moment) for f in defs]
         engine.register(REQUEST, request, cursor=cur)
@@ -119,8 +121,8 @@ def _features(engine: Engine, features: Sequence[str | FeatureRequest], cur: Any
     for f in features:
         if isinstance(f, FeatureRequest):
             check_name(f.name)
-            value_type = registry.validate(engine, f.kind, f.definition, f.window, cursor=cur)
-            out.append(Feature(f.name, 0, "profile", f.kind, f.definition, f.window, None, value_type, "request", None, "request",
+            check_kind(f.kind)  # compiled with the others: an expression's error keeps its caret
+            out.append(Feature(f.name, 0, "profile", f.kind, f.definition, f.window, None, None, "request", None, "request",
                                datetime.now(UTC)))
         else:
             out.append(registry.resolve(engine, f, cursor=cur))
