@@ -86,10 +86,13 @@ def backoff(attempt: int, base: float, cap: float, retry_after: float | None = N
 
 # --- building a batch at delivery time --------------------------------------------------------------------
 
-#: Most batches checked together (one set of queries for the group), then delivered one by one in order.
-GROUP_BATCHES = 50
-#: A group's checks serve deliveries that start within this long of them; the rest are checked again.
-FRESH_SECONDS = 2.0
+#: Most batches checked together (one set of queries for the group: each scans the big tables once, so a
+#: group of 100 pays a hundredth of it per batch), then delivered one by one in order.
+GROUP_BATCHES = 100
+#: A group's checks serve deliveries that start within this long of them; the rest are checked again. Consent
+#: receipts and the suppression list are looked at again before every batch (`Deliverer._marks`): a change
+#: stops the group at once, so this bounds only how old other facts may be (membership state, merges, values).
+FRESH_SECONDS = 5.0
 _GATE_IDS = "_activation_gate_ids"
 _GATE_IDENTITIES = "_activation_gate_identities"
 
@@ -446,7 +449,8 @@ class Deliverer:
                 break
             done.append(self._attempt(b, syncs[b.sync], dest, g, attempts[b.batch_id]))  # type: ignore[arg-type]
         unreached = live[len(done):]
-        self.group_size = max(1, len(done)) if unreached else min(GROUP_BATCHES, self.group_size * 2)
+        # Too many to deliver while the checks were fresh: fewer next time; all of them: more, up to the most.
+        self.group_size = max(1, self.group_size // 2) if unreached else min(GROUP_BATCHES, self.group_size * 2)
         self.writer.call(lambda e: self._record(e, done, unreached))
         return results + [(d.batch, d.result) for d in done]
 
