@@ -191,4 +191,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(segments_router(runtime))
     from refinery.api.activation import router as activation_router  # activation (docs/activation.md)
     app.include_router(activation_router(runtime))
+    from refinery.api.features import router as features_router  # feature store (docs/features.md)
+    app.include_router(features_router(runtime))
     return app

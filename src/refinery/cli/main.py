@@ -16,6 +16,7 @@ from refinery.cli import (
     consent,
     destinations,
     events,
+    features,
     identity,
     lineage,
     plans,
@@ -61,6 +62,7 @@ app.add_typer(privacy.app, name="privacy")
 app.add_typer(segments.app, name="segments")
 app.add_typer(destinations.app, name="destinations")
 app.add_typer(syncs.app, name="syncs")
+app.add_typer(features.app, name="features")
 
 
 @app.command()

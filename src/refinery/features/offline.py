@@ -199,7 +199,7 @@ def _prepare(engine: Engine, table: pa.Table, labelled: bool, mode: str, unknown
     if mode == "training":
         _check_labels(parsed)
     parsed, merged, dropped = _resolve_profiles(engine, parsed, unknown, cur)
-    report.update(profiles_merged=merged, unknown_profiles_dropped=dropped, rows=parsed.num_rows)
+    report.update(profiles_merged=merged, unknown_profiles_dropped=dropped, rows_answered=parsed.num_rows)
     return parsed, report
 
 

@@ -157,3 +157,9 @@ register_permission("activation:write", "Create, change and delete destinations 
 grant("marketer", "activation:read", "activation:write")
 grant("analyst", "activation:read")
 grant("privacy_officer", "activation:read")
+
+# features (refinery/features/): definitions and point-in-time training sets (profile ids and derived values, no personal values).
+register_permission("features:read", "List feature definitions and their versions, and build point-in-time training sets (audited).")
+register_permission("features:write", "Create, change and delete feature definitions.")
+grant("analyst", "features:read", "features:write")
+grant("marketer", "features:read")
