@@ -189,3 +189,69 @@ def test_missing_columns_and_bad_times(world: World) -> None:
     with pytest.raises(TrainingSetError) as e:
         training_set(world.rt.engine, [], ["spend"])
     assert e.value.field == "rows"
+
+
+def test_a_merged_profile_is_answered_by_its_survivor(tmp_path: Path) -> None:
+    with fresh_runtime(tmp_path) as rt:
+        at = datetime.now(UTC) - timedelta(hours=1)
+        write_events(rt, {"type": "track", "anonymousId": "x9", "event": "Order Completed", "properties": {"total": 7},
+                          "messageId": uuid.uuid4().hex, "timestamp": at.isoformat()})
+        build(rt)
+        write_events(rt, track("u9", "Order Completed", at, total=3))
+        build(rt)
+        ids = [str(r[0]) for r in rt.engine.fetch_all("SELECT profile_id FROM profiles ORDER BY profile_id", cursor=rt.engine.fresh_reader())]
+        assert len(ids) == 2
+        write_events(rt, {"type": "identify", "userId": "u9", "anonymousId": "x9", "messageId": uuid.uuid4().hex,
+                          "timestamp": at.isoformat()})
+        build(rt)
+        live = [str(r[0]) for r in rt.engine.fetch_all("SELECT profile_id FROM profiles", cursor=rt.engine.fresh_reader())]
+        assert len(live) == 1 and live[0] in ids
+        rows = [{"profile_id": p, "timestamp": datetime.now(UTC)} for p in ids]
+        ts = training_set(rt.engine, rows, [FeatureRequest("spend", "sum(total) of 'Order Completed'")], label=None, mode="retrieval")
+        assert values(ts, "profile_id") == ids and values(ts, "profile_id_now") == [live[0], live[0]]
+        assert values(ts, "spend") == [10.0, 10.0] and ts.report["profiles_merged"] == 1
+
+
+@pytest.mark.parametrize(("sql", "says"), [
+    ("DELETE FROM events", "read-only"),
+    ("SELECT profile_id, traits AS value FROM profiles", "cannot read 'profiles'"),
+    ("SELECT ep.profile_id, count(*) AS value FROM event_profiles ep WHERE ep.timestamp > now() - INTERVAL 1 DAY GROUP BY 1", "now()"),
+    ("SELECT ep.profile_id, count(*) AS n FROM event_profiles ep GROUP BY 1", "returns the columns profile_id and value"),
+    ("SELECT ep.profile_id, count(*) AS value FROM event_profiles ep WHERE ep.timestamp > $since GROUP BY 1", "Unknown parameter"),
+    ("SELECT ep.profile_id, count(nope) AS value FROM event_profiles ep GROUP BY 1", "does not run"),
+    ("SELECT 1; SELECT 2", "exactly one statement"),
+])
+def test_sql_features_are_checked_before_they_are_saved(world: World, sql: str, says: str) -> None:
+    with pytest.raises(FeatureError) as e:
+        world.rt.writer.call(lambda eng: registry.define(eng, local_principal(), "sqlf", sql, kind="sql"))
+    assert says in e.value.message and e.value.field == "sql", e.value.message
+    assert e.value.fix
+
+
+def test_sql_feature_with_several_rows_per_profile_is_refused(world: World) -> None:
+    many = FeatureRequest("per_event", "SELECT ep.profile_id AS profile_id, 1 AS value FROM event_profiles ep", kind="sql")
+    rows = [{"profile_id": world.u1, "timestamp": world.cut}]
+    with pytest.raises(FeatureError) as e:
+        training_set(world.rt.engine, rows, [many], label=None, mode="retrieval")
+    assert "several rows for one profile" in e.value.message and "GROUP BY" in (e.value.fix or "")
+
+
+def test_versions_are_kept_and_can_be_asked_for(world: World) -> None:
+    actor = local_principal()
+    rt = world.rt
+    first = rt.writer.call(lambda e: registry.define(e, actor, "spend_v", "sum(total) of 'Order Completed'"))
+    same = rt.writer.call(lambda e: registry.define(e, actor, "spend_v", "sum(total) of 'Order Completed'"))
+    second = rt.writer.call(lambda e: registry.define(e, actor, "spend_v", "max(total) of 'Order Completed'", ttl="2 hours"))
+    assert (first["version"], same["version"], same["changed"], second["version"]) == (1, 1, False, 2)
+    assert second["ttl_seconds"] == 7200
+    rows = [{"profile_id": world.u1, "timestamp": world.cut}]
+    ts = training_set(rt.engine, rows, ["spend_v@1", "spend_v"], label=None, mode="retrieval")
+    assert values(ts, "spend_v@1") == [30.0] and values(ts, "spend_v") == [20.0]
+    rt.writer.call(lambda e: registry.delete(e, actor, "spend_v"))
+    assert values(training_set(rt.engine, rows, ["spend_v@2"], label=None, mode="retrieval"), "spend_v@2") == [20.0]
+    with pytest.raises(FeatureError) as e:
+        registry.resolve(rt.engine, "spend_v@7")
+    assert "1, 2" in (e.value.fix or "")
+    with pytest.raises(FeatureError) as e:
+        rt.writer.call(lambda eng: registry.define(eng, actor, "w", "count of 'Order Completed' in last 3 days", window="7 days"))
+    assert e.value.field == "window"

@@ -79,7 +79,11 @@ def update(
     sql: bool = SqlOption, window: str = WindowOption, ttl: str = TtlOption, owner: str = OwnerOption,
     description: str = DescriptionOption, data_dir: Path = DataDirOption, as_json: bool = JsonOption,
 ) -> None:
-    """Save a new version of a feature (the old ones stay: NAME@VERSION)."""
+    """Save a new version of a feature (the old ones stay: NAME@VERSION).
+
+    Example:
+      refinery features update orders_90d "count of 'Order Completed' where total > 0" --window "90 days"
+    """
     with _client(data_dir) as c:
         f = c.define(name, _text(definition), create=False, kind="sql" if sql else "expression", window=window, ttl=ttl,
                      owner=owner, description=description)
@@ -91,7 +95,11 @@ def update(
 
 @app.command("list")
 def list_(data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
-    """Every live feature with its version in force."""
+    """Every live feature with its version in force.
+
+    Example:
+      refinery features list --json
+    """
     with _client(data_dir) as c:
         rows = c.features()
     if as_json:
@@ -102,7 +110,11 @@ def list_(data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
 
 @app.command("show")
 def show(name: str = typer.Argument(...), data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
-    """A feature and every version of it."""
+    """A feature and every version of it.
+
+    Example:
+      refinery features show orders_90d
+    """
     with _client(data_dir) as c:
         f = c.feature(name)
     if as_json:
@@ -114,7 +126,11 @@ def show(name: str = typer.Argument(...), data_dir: Path = DataDirOption, as_jso
 
 @app.command("delete")
 def delete(name: str = typer.Argument(...), data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
-    """Delete a feature (its versions stay, so past training sets can be rebuilt with NAME@VERSION)."""
+    """Delete a feature (its versions stay, so past training sets can be rebuilt with NAME@VERSION).
+
+    Example:
+      refinery features delete orders_90d
+    """
     with _client(data_dir) as c:
         result = c.delete(name)
     if as_json:
