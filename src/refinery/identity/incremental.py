@@ -72,6 +72,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_ID = "incremental"
+#: The settle watermark's row in `identity_resolutions` (its `finished_at`).
+SETTLED_ID = "incremental_settled"
 #: A batch with more events than this is resolved in full (one set-based pass beats row-wise work).
 MAX_BATCH_EVENTS = 50_000
 #: The follower never runs a full resolution in the writer over a store larger than this (ingest would stall).
@@ -106,19 +108,16 @@ class BatchReport:
 
 # --- state ---------------------------------------------------------------------------------
 
+#: Everything a batch needs to know first, in one cheap statement (planned once): the watermark rows
+#: (a digest of their rules), and what tells whether anyone else wrote the identity tables.
 _STATE = """
-    SELECT now() AS now, (SELECT count(*) FROM privacy_requests) AS requests,
-           (SELECT max(coalesce(finished_at, started_at)) FROM privacy_requests) AS requests_at,
-           (SELECT finished_at FROM identity_resolutions WHERE resolution_id = 'incremental_settled') AS settled,
-           (SELECT max(started_at) FROM identity_resolutions WHERE mode = 'full') AS full_at, t.*
-    FROM (SELECT 1) one LEFT JOIN (
-        SELECT covered, rules, resolution_id = 'incremental' AS mine,
-               (SELECT count(*) FROM identity_overrides WHERE revoked_at IS NULL OR revoked_at >= covered) AS overrides
-        FROM (SELECT CASE WHEN resolution_id = 'incremental' THEN finished_at ELSE started_at END AS covered, rules, resolution_id
-              FROM identity_resolutions WHERE mode IN ('full', 'incremental') ORDER BY covered DESC NULLS LAST LIMIT 1) s
-    ) t ON TRUE
+    SELECT now(),
+           (SELECT list(struct_pack(id := resolution_id, mode := mode, started := started_at, finished := finished_at,
+                                    rules := md5(CAST(rules AS VARCHAR)))) FROM identity_resolutions),
+           (SELECT struct_pack(n := count(*), at := max(coalesce(finished_at, started_at))) FROM privacy_requests),
+           (SELECT struct_pack(n := count(*) FILTER (WHERE revoked_at IS NULL), revoked := max(revoked_at)) FROM identity_overrides)
 """
-_RULES_SEEN: dict[tuple[str, str], bool] = {}  # (stored rules, these rules) -> equal
+_RULES_SEEN: dict[tuple[str, str], bool] = {}  # (digest of the stored rules, these rules) -> equal
 
 
 @dataclass(frozen=True)
@@ -133,37 +132,64 @@ class _Marks:
     settled: datetime | None
     why_full: str | None
     fingerprint: tuple[Any, ...]
+    mine: bool = False  # the top row is the follower's own (`incremental`)
+
+
+def _read_state(engine: Engine, cursor: Any = None) -> tuple[datetime, tuple[datetime, str, str] | None, datetime | None,
+                                                              datetime | None, tuple[Any, ...], bool]:
+    """(now, the top watermark row as (covered, resolution id, rules digest), the settle row's
+    watermark, the latest full resolution's start, the fingerprint, whether an override is in force
+    or changed since the top watermark)."""
+    sql_ = _STATE
+    now, runs, privacy, overrides = (engine.execute_reused(sql_) if cursor is None else engine.execute(sql_, cursor=cursor)).fetchall()[0]
+    top: tuple[datetime, str, str] | None = None
+    settled = full_at = None
+    for r in runs or ():
+        if r["mode"] in ("full", "incremental"):
+            covered = r["finished"] if r["id"] == STATE_ID else r["started"]
+            if covered is not None and (top is None or (covered, r["id"] == STATE_ID) > (top[0], top[1] == STATE_ID)):
+                top = (covered, r["id"], r["rules"])
+        if r["id"] == SETTLED_ID:
+            settled = r["finished"]
+        if r["mode"] == "full" and (full_at is None or r["started"] > full_at):
+            full_at = r["started"]
+    covered_at = top[0] if top else None
+    fingerprint = _fingerprint(covered_at, top is not None and top[1] == STATE_ID, privacy["n"], privacy["at"])
+    in_force = bool(overrides["n"]) or (overrides["revoked"] is not None and covered_at is not None and overrides["revoked"] >= covered_at)
+    return now, top, settled, full_at, fingerprint, in_force
 
 
 def _watermark(engine: Engine, rules: IdentityRules) -> _Marks:
-    """The batch's `_Marks`, in one statement.
+    """The batch's `_Marks`, in one statement (two when the stored rules are new to this process).
 
     `attached` is the top row of `identity_resolutions` (the follower's `finished_at`, or a full
     resolution's `started_at`: it saw every event committed before it), the watermark real-time
     segments read. `settled` is the `incremental_settled` row, or a later full resolution; a store
     without that row (written before the split) has nothing unsettled."""
-    now, requests, requests_at, settled, full_at, covered, stored, mine, overrides = engine.fetch_all(_STATE)[0]
-    fingerprint = _fingerprint(covered, mine, requests, requests_at)
+    now, top, settled, full_at, fingerprint, overrides = _read_state(engine)
+    if top is None:
+        return _Marks(now, None, None, "nothing resolved yet", fingerprint)
+    covered, resolution_id, digest = top
     if settled is None:
         settled = covered
     elif full_at is not None and full_at > settled:
         settled = full_at
-    if covered is None:
-        return _Marks(now, None, None, "nothing resolved yet", fingerprint)
     ours = json.dumps(rules.to_dict(), sort_keys=True)
-    same = _RULES_SEEN.get((stored, ours))
+    same = _RULES_SEEN.get((digest, ours))
     if same is None:
+        stored = engine.fetch_all("SELECT rules FROM identity_resolutions WHERE resolution_id = ?", [resolution_id])[0][0]
         same = json.loads(stored) == json.loads(ours)
         if len(_RULES_SEEN) > 64:
             _RULES_SEEN.clear()
-        _RULES_SEEN[(stored, ours)] = same
+        _RULES_SEEN[(digest, ours)] = same
+    mine = resolution_id == STATE_ID
     if not same:
-        return _Marks(now, covered, settled, "the identity rules changed", fingerprint)
+        return _Marks(now, covered, settled, "the identity rules changed", fingerprint, mine)
     # A user's removals and splits (identity_overrides) are not applied locally yet: while one is
     # in force, or one changed since the watermark, resolve in full.
     if overrides:
-        return _Marks(now, covered, settled, "identity overrides are in force", fingerprint)
-    return _Marks(now, covered, settled, None, fingerprint)
+        return _Marks(now, covered, settled, "identity overrides are in force", fingerprint, mine)
+    return _Marks(now, covered, settled, None, fingerprint, mine)
 
 
 def _fingerprint(covered: datetime | None, mine: bool | None, requests: int, requests_at: datetime | None) -> tuple[Any, ...]:
@@ -192,6 +218,15 @@ _SAVE_SETTLED = """
 """
 
 
+#: Whether any event was committed since the attach watermark (param-free: planned once).
+_NEWER = """
+    SELECT 1 FROM events WHERE loaded_at >= (SELECT max(CASE WHEN resolution_id = 'incremental' THEN finished_at ELSE started_at END)
+                                             FROM identity_resolutions WHERE mode IN ('full', 'incremental')) LIMIT 1
+"""
+#: The attach path's watermark, when the `incremental` row is the top one: `now()` is the transaction's time.
+_MOVE_ATTACHED = "UPDATE identity_resolutions SET finished_at = now(), iterations = iterations + 1 WHERE resolution_id = 'incremental'"
+
+
 def _save_state(engine: Engine, rules: IdentityRules, report: BatchReport, *, attached: datetime | None = None,
                 settled: datetime | None = None) -> None:
     """Move the watermarks. `incremental`: started_at = the first batch, finished_at = the attach
@@ -203,6 +238,25 @@ def _save_state(engine: Engine, rules: IdentityRules, report: BatchReport, *, at
         engine.execute(_SAVE_ATTACHED, [text, attached, attached, report.identifiers, report.merges, report.unmerges, report.changed])
     if settled is not None:
         engine.execute(_SAVE_SETTLED, [text, settled, settled, report.settled])
+
+
+def preload(engine: Engine, ws: WorkingSet) -> bool:
+    """Fill `ws` with the whole of `identities` and `identity_edges`, read on a reader cursor in one
+    snapshot with its fingerprint (so the next batch keeps it only if nothing wrote since), when the
+    tables hold at most half of what a working set may; False when they are larger (the batches
+    then read what they need). Outside the writer: the collector's commits go on meanwhile."""
+    cur = engine.fresh_reader()
+    try:
+        with engine.transaction(cursor=cur):
+            fingerprint = _read_state(engine, cur)[4]
+            if int(engine.fetch_all("SELECT count(*) FROM identities", cursor=cur)[0][0]) > ws.max_identifiers // 2:
+                return False
+            identities = engine.fetch_dicts("SELECT * FROM identities", cursor=cur)
+            edges = engine.fetch_dicts("SELECT * FROM identity_edges", cursor=cur)
+    finally:
+        cur.close()
+    ws.load(identities, edges, fingerprint)
+    return True
 
 
 # --- small SQL helpers ---------------------------------------------------------------------
@@ -271,7 +325,28 @@ def _protection_is_identity(engine: Engine) -> bool:
     return not tokenising(engine)
 
 
+#: Block reasons already decided, per rules object (the same identifiers come back batch after batch).
+_BLOCK_MEMO: dict[int, tuple[IdentityRules, dict[tuple[str, str], str | None]]] = {}
+_NOT_DECIDED = "\x00"
+
+
 def _block_reason(kind: str, value: str, rules: IdentityRules) -> str | None:
+    """`_decide_block`, remembered (a bounded memo per rules object)."""
+    held = _BLOCK_MEMO.get(id(rules))
+    if held is None or held[0] is not rules:
+        if len(_BLOCK_MEMO) > 8:
+            _BLOCK_MEMO.clear()
+        held = _BLOCK_MEMO[id(rules)] = (rules, {})
+    memo = held[1]
+    found = memo.get((kind, value), _NOT_DECIDED)
+    if found is _NOT_DECIDED:
+        if len(memo) > 200_000:
+            memo.clear()
+        found = memo[(kind, value)] = _decide_block(kind, value, rules)
+    return found
+
+
+def _decide_block(kind: str, value: str, rules: IdentityRules) -> str | None:
     """`extract._block_reason`, for one value (the SQL CASE, branch by branch)."""
     if not _TYPE_NAME.fullmatch(kind):
         return "invalid_type"
@@ -414,11 +489,11 @@ class _State:
 
 def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, consent_categories: Mapping[str, str] | None = None,
               max_events: int = MAX_BATCH_EVENTS, max_full_events: int | None = None,
-              working_set: WorkingSet | None = None, phase: str = "both") -> BatchReport:
+              working_set: WorkingSet | None = None, phase: str = "both", yield_to_new: bool = False) -> BatchReport:
     """Bring the identity and profile tables up to date with the events committed since the watermark
     (call inside the writer: `writer.call(lambda e: run_batch(e, rules, policy))`).
 
-    `phase` (docs/decisions/0024-incremental-identity-attach-and-settle.md):
+    `phase` (docs/decisions/0023-incremental-identity-working-set.md, "Attach and settle"):
     * `attach`: when every usable identifier of the new events is known (none seen earlier than
       stored), every edge they make is known and no identify call carries traits, only their
       `event_profiles` rows are written and the attach watermark moved (what real-time segments
@@ -426,6 +501,8 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, cons
     * `settle`: the statistics of the attached events (identities, edges, refusals, profile counts)
       and the settle watermark; redone from the tables after a restart;
     * `both`: everything unsettled and everything new, in one transaction (the region path).
+    With `yield_to_new`, a settle does nothing (reason `deferred...`) while events committed since
+    the last attach wait for theirs.
 
     A full resolution runs when one is needed (nothing resolved yet, the rules changed, an alias
     retyped) and when a batch holds more than `max_events` events - but never over a store of more
@@ -462,8 +539,16 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, cons
         if phase == "settle":
             if m.settled >= m.attached:
                 return done(BatchReport("none", phase="settle"))
-            rows = engine.fetch_all(_BETWEEN, [m.settled, m.attached, 2**62])
-            report = _incremental(engine, rules, policy, rows, ws, m, upto=m.attached, covered=m.attached)
+            if yield_to_new and engine.execute_reused(_NEWER).fetchall():
+                # Events committed since the last attach wait for theirs: attach them first (the
+                # follower comes back to settle), so that a settle never delays an event's profile.
+                return done(BatchReport("none", phase="settle", reason="deferred: events to attach first"))
+            kept = ws.take_pending(m.settled, m.attached)
+            if kept is not None:  # what the attach path extracted, since the tables are as it left them
+                report = _incremental(engine, rules, policy, [], ws, m, upto=m.attached, covered=m.attached, settling=kept)
+            else:  # after a restart, or when anything else wrote meanwhile: from the tables
+                rows = engine.fetch_all(_BETWEEN, [m.settled, m.attached, 2**62])
+                report = _incremental(engine, rules, policy, rows, ws, m, upto=m.attached, covered=m.attached)
             if report is not None:
                 report.phase, report.events = "settle", 0
                 _save_state(engine, rules, report, settled=m.attached)
@@ -473,22 +558,31 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, cons
             rows = engine.fetch_all(_BATCH, [m.attached if phase == "attach" else m.settled, max_events + 1])
             if not rows:
                 return done(BatchReport("none", phase=phase))
+            extracted: list[Any] = []
             if phase == "attach" and len(rows) <= max_events:
-                attached = _attach(engine, rules, rows, ws)
+                attached = _attach(engine, rules, rows, ws, extracted)
                 if attached is not None:
+                    occ, n = extracted[0], len(rows)
+                    engine.after_commit(lambda: ws.note_attached(m.settled, m.attached, now, occ, n))
                     report = BatchReport("attach", events=len(attached[0]), identifiers=attached[1], phase="attach")
-                    _insert_event_profiles(engine, attached[0])
-                    _save_state(engine, rules, report, attached=now)
+                    _stage_event_profiles(engine, attached[0])
+                    if m.mine:  # two planned-once statements: what a known person's event costs
+                        engine.execute_reused(_MOVE_ATTACHED)
+                    else:
+                        _save_state(engine, rules, report, attached=now)
                     _fingerprint_after(engine, ws, now, m.fingerprint)
                     return done(report)
+            ws.take_pending(None, None)  # this transaction settles them (or a full resolution does)
             if phase == "attach" and m.settled < m.attached:  # the unsettled events too
                 rows = engine.fetch_all(_BATCH, [m.settled, max_events + 1])
+                extracted = []
             if len(rows) > max_events and not too_big():
                 why_full = f"more than {max_events} new events"
             else:
                 if len(rows) > max_events:  # too many for a full resolution in the writer: all of them, locally
                     rows = engine.fetch_all(_BATCH, [m.settled, 2**62])
-                report = _incremental(engine, rules, policy, rows, ws, m, upto=None, covered=now)
+                report = _incremental(engine, rules, policy, rows, ws, m, upto=None, covered=now,
+                                      extracted=(extracted[0], extracted[1]) if extracted else None)
                 why_full = None if report is not None else "a new user id equals a known anonymous id (an older alias's previousId)"
     if report is None:
         ws.clear()
@@ -506,17 +600,19 @@ def run_batch(engine: Engine, rules: IdentityRules, policy: TraitPolicy, *, cons
     return done(report)
 
 
-def _attach(engine: Engine, rules: IdentityRules, rows: list[tuple[Any, ...]],
-            ws: WorkingSet) -> tuple[list[tuple[str, str, str, str, datetime]], int] | None:
+def _attach(engine: Engine, rules: IdentityRules, rows: list[tuple[Any, ...]], ws: WorkingSet,
+            extracted: list[Any]) -> tuple[list[tuple[str, str, str, str, datetime]], int] | None:
     """The fast path: each event's `event_profiles` row (source, message id, profile, identifier type,
     time) from the working set, and the number of distinct identifiers; None when the batch needs the
     region path: an identifier not stored yet (a new node, or a new refusal), one seen earlier than
     stored (the order inside its component may change), an edge not stored yet (a merge or a new
     member), an identify call with traits (its profile's traits change), or identifiers only the
-    SQL extraction finds. Nothing else can change a result (identity/incremental.py's docstring), so
+    SQL extraction finds (`extracted` receives the occurrences and identify calls with traits).
+    Nothing else can change a result (identity/incremental.py's docstring), so
     each event goes to the profile its centre identifier has, as the region path would send it."""
     with_traits: set[tuple[str, str]] = set()
     occ = _python_occurrences(engine, rules, rows, with_traits)
+    extracted[:] = [occ, with_traits]  # for the region path, if it comes to that
     if occ is None or with_traits:
         return None
     earliest: dict[Ident, datetime] = {}
@@ -549,6 +645,24 @@ _INSERT_EVENT_PROFILES = """
 """
 
 
+_EP_STAGED = "INSERT INTO event_profiles SELECT source, message_id, profile_id, identifier_type, timestamp FROM _inc_attached"
+_EP_SCHEMA = pa.schema([("source", pa.string()), ("message_id", pa.string()), ("profile_id", pa.string()),
+                        ("identifier_type", pa.string()), ("timestamp", _TS)])
+
+
+def _stage_event_profiles(engine: Engine, rows: Sequence[tuple[str, str, str, str, datetime]]) -> None:
+    """The attach path's rows, through a statement planned once (`Engine.stage` + `execute_reused`)."""
+    if not rows:
+        return
+    table = pa.Table.from_arrays([pa.array(list(col), f.type) for col, f in zip(zip(*rows, strict=True), _EP_SCHEMA, strict=True)],
+                                 schema=_EP_SCHEMA)
+    engine.stage("_inc_attached", table)
+    try:
+        engine.execute_reused(_EP_STAGED)
+    finally:
+        engine.stage("_inc_attached", table.slice(0, 0))
+
+
 def _insert_event_profiles(engine: Engine, rows: Sequence[tuple[str, str, str, str, datetime]]) -> None:
     if rows:
         engine.execute(_INSERT_EVENT_PROFILES, [list(col) for col in zip(*rows, strict=True)])
@@ -568,12 +682,16 @@ def _tally(table: dict[Any, dict[str, Any]], key: Any, o: dict[str, Any], label:
 
 
 def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, rows: list[tuple[Any, ...]], ws: WorkingSet,
-                 m: _Marks, *, upto: datetime | None, covered: datetime) -> BatchReport | None:
+                 m: _Marks, *, upto: datetime | None, covered: datetime,
+                 extracted: tuple[list[dict[str, Any]] | None, set[tuple[str, str]]] | None = None,
+                 settling: tuple[list[dict[str, Any]], int] | None = None) -> BatchReport | None:
     """The local path over the batch's events `rows` (`_BATCH`: loaded since the settle watermark, and
     before `upto`); None when the batch needs a full resolution. Events loaded before the attach
     watermark have their `event_profiles` rows already (a region the batch changes moves them like
     any older event); the statistics of all of them are folded in. `covered`: the attach watermark
-    once this commits."""
+    once this commits. `extracted`: `_python_occurrences` of `rows` already computed (occurrences or
+    None, identify calls with traits); `settling`: instead of `rows`, the occurrences of attached
+    events the attach path kept, and their number."""
     assert m.settled is not None and m.attached is not None
     now, watermark = m.now, m.settled
     bounds: list[Any] = [watermark] if upto is None else [watermark, upto]
@@ -582,15 +700,24 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, rows
     else:
         batch = sql.template("SELECT * FROM __events WHERE loaded_at >= __w AND loaded_at < __u", events=_main(engine, "events"),
                              w=_ts(watermark), u=_ts(upto))
-    attached = {(r[0], r[1]) for r in rows if r[12] < m.attached}
+    attached: set[tuple[str, str]] | None  # None: all of them
     with_traits: set[tuple[str, str]] = set()
-    occ = _python_occurrences(engine, rules, rows, with_traits)
+    occ: list[dict[str, Any]] | None
+    if settling is not None:
+        occ, attached = settling[0], None
+        report = BatchReport("settle", settled=settling[1])
+    else:
+        attached = {(r[0], r[1]) for r in rows if r[12] < m.attached}
+        if extracted is not None:
+            occ, with_traits = extracted
+        else:
+            occ = _python_occurrences(engine, rules, rows, with_traits)
+        report = BatchReport("attach" if len(attached) < len(rows) else "settle", events=len(rows) - len(attached), settled=len(rows))
     exact_traits = occ is not None  # else every profile of the batch is rebuilt in full
     if occ is None:
         aliases = engine.fetch_all(_ALIASES if upto is None else _ALIASES_BETWEEN, bounds)
         known = [normalise("user_id", r[0]).value for r in aliases]
         occ = _occurrences(engine, rules, batch, known)
-    report = BatchReport("attach" if len(attached) < len(rows) else "settle", events=len(rows) - len(attached), settled=len(rows))
     st = _State()
 
     # Identifier statistics of the batch.
@@ -720,7 +847,7 @@ def _incremental(engine: Engine, rules: IdentityRules, policy: TraitPolicy, rows
         c = lst[0]
         p = pid((c["kind"], c["value"]))
         if p is not None:
-            if (source, mid) not in attached:
+            if attached is not None and (source, mid) not in attached:
                 new_rows.append((source, mid, p, c["kind"], c["ts"]))
             if not exact_traits or (source, mid) in with_traits:
                 affected.add(p)
@@ -914,7 +1041,8 @@ def _write_refusals(engine: Engine, st: _State, res: ref.Resolution | None, regi
     exclusive = set(rules.exclusive_types)
     junk = [i for i in add if _info(st, i)["status"] == "blocked"]
     # A refusal about one identifier carries its first event: keep it current for the batch's others.
-    seen_again = [_info(st, i) for i in add if i not in region and _info(st, i)["status"] != "blocked"]
+    # (Only identifiers that are shared, ambiguous or detached have such a row: a linked one has none.)
+    seen_again = [_info(st, i) for i in add if i not in region and _info(st, i)["status"] not in ("blocked", "linked")]
     if seen_again:
         engine.register("_inc_ids", _arrow(seen_again, _IDENTITY_COLUMNS))
         try:
@@ -1177,6 +1305,7 @@ class Follower:
         #: monotonic time of the first attach not settled yet; None: nothing to settle (as far as this
         #: follower knows: at start it settles once, which also finishes what a previous run left)
         self.unsettled_since: float | None = time.monotonic()
+        self._loaded_after = -1  # the working set's `clears` when it was last loaded whole
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -1201,10 +1330,13 @@ class Follower:
 
     def _batch(self, phase: str) -> BatchReport | None:
         started = datetime.now(UTC)
+        # A settle steps aside for events waiting to be attached, unless it is overdue.
+        overdue = self.unsettled_since is not None and time.monotonic() - self.unsettled_since >= self.settle_within
         try:
             report = self.writer.submit(
                 lambda e: run_batch(e, self.rules, self.policy, consent_categories=self.consent_categories,
-                                    max_full_events=self.max_full_events, working_set=self.working_set, phase=phase)).result()
+                                    max_full_events=self.max_full_events, working_set=self.working_set, phase=phase,
+                                    yield_to_new=not overdue)).result()
         except Exception as e:  # the follower must not die; the next commit retries
             self.working_set.clear()
             self.failures += 1
@@ -1216,7 +1348,9 @@ class Follower:
             return None
         self.batches += 1
         self.last = report
-        if report.phase != "attach" or report.mode == "skipped":
+        if report.reason is not None and report.reason.startswith("deferred"):
+            pass  # still unsettled: the follower attaches first, then settles
+        elif report.phase != "attach" or report.mode == "skipped":
             self.unsettled_since = None  # settled, or attached and settled in one transaction (or nothing to do till a resolve)
         elif report.mode == "attach" and self.unsettled_since is None:
             self.unsettled_since = time.monotonic()
@@ -1232,11 +1366,25 @@ class Follower:
             log.warning("identity follower: profiles are not following events: %s", report.reason)
         return report
 
+    def _preload(self) -> None:
+        """A working set of the whole tables when they are small enough, at start and after it was dropped."""
+        ws = self.working_set
+        if ws.whole or ws.clears == self._loaded_after:
+            return
+        self._loaded_after = ws.clears
+        try:
+            preload(self.writer.engine, ws)
+        except Exception as e:  # the batches read what they need instead
+            ws.clear()
+            self._loaded_after = ws.clears
+            log.warning("identity follower: could not load the working set (%s)", type(e).__name__)
+
     def _run(self) -> None:
         seen = -1
         while not self._stop.is_set():
             if self.window is not None:
                 self.window.tick()
+            self._preload()
             commits = self.writer.commits
             if commits != seen:
                 # Commits after this read but before the batch's transaction are in the batch; any

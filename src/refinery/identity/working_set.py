@@ -47,9 +47,19 @@ class WorkingSet:
         self.max_identifiers = max_identifiers
         self.fingerprint: tuple[Any, ...] | None = None
         self.reads = 0  # statements run to fill it (a measure for tests and the benchmark)
+        self.clears = -1  # times it was dropped
         self.clear()
 
     def clear(self) -> None:
+        #: Whether `ids` holds every row of `identities` (and `edges` every edge): then an identifier
+        #: not in `ids` is not stored, and nothing needs a read. Set by `load`, kept by `install`.
+        self.whole = False
+        self.clears += 1
+        #: Occurrences of the events attached since the settle watermark, per attach, kept for the
+        #: settle: (settle watermark, attach watermark) they cover, the lists, the number of events.
+        self.pending_range: tuple[Any, Any] | None = None
+        self.pending: list[list[dict[str, Any]]] = []
+        self.pending_events = 0
         self.ids: dict[Ident, dict[str, Any] | None] = {}
         self.edges: dict[EdgeKey, dict[str, Any]] = {}
         self.incident: dict[Ident, set[EdgeKey]] = {}
@@ -69,7 +79,7 @@ class WorkingSet:
         self._fill(engine, want)
         out = {}
         for i in want:
-            row = self.ids[i]
+            row = self.ids.get(i)
             if row is not None:
                 out[i] = dict(row)
         return out
@@ -79,19 +89,55 @@ class WorkingSet:
         want = set(idents)
         if not want <= self.ids.keys():
             self._fill(engine, want)
-        return {i: row for i in want if (row := self.ids[i]) is not None}
+        return {i: row for i in want if (row := self.ids.get(i)) is not None}
+
+    def note_attached(self, settled: Any, attached: Any, now: Any, occurrences: list[dict[str, Any]], events: int) -> None:
+        """After an attach committed: its occurrences, kept when they continue what is kept (the
+        events between the settle and the attach watermark), else nothing is kept."""
+        if self.pending_range is not None and self.pending_range == (settled, attached):
+            self.pending.append(occurrences)
+            self.pending_events += events
+        elif settled == attached:
+            self.pending, self.pending_events = [occurrences], events
+        else:
+            self.pending_range, self.pending, self.pending_events = None, [], 0
+            return
+        self.pending_range = (settled, now)
+
+    def take_pending(self, settled: Any, attached: Any) -> tuple[list[dict[str, Any]], int] | None:
+        """The kept occurrences when they cover exactly the events between `settled` and `attached`
+        (None otherwise); nothing is kept afterwards either way."""
+        found = None
+        if self.pending_range is not None and self.pending_range == (settled, attached):
+            found = ([o for occ in self.pending for o in occ], self.pending_events)
+        self.pending_range, self.pending, self.pending_events = None, [], 0
+        return found
+
+    def load(self, identities: Iterable[dict[str, Any]], edges: Iterable[dict[str, Any]], fingerprint: tuple[Any, ...]) -> None:
+        """The whole of both tables, read in one snapshot whose fingerprint is `fingerprint` (a
+        follower starting, or starting again after its working set was dropped)."""
+        self.clear()
+        self.clears -= 1  # a load is not a drop
+        for r in identities:
+            self.ids[(r["identifier_type"], r["value"])] = r
+        for r in edges:
+            self._put_edge(r)
+        self.whole = True
+        self.fingerprint = fingerprint
 
     def has_edges(self, engine: Engine, keys: Iterable[EdgeKey]) -> bool:
         """Whether every edge in `keys` is stored (as `identity_edges` keys them: centre first)."""
         keys = set(keys)
         ends = {end for key in keys for end in key}
-        missing = sorted(ends - self.complete)
+        missing = [] if self.whole else sorted(ends - self.complete)
         if missing:
             self._fill_edges(engine, missing)
         return all(key in self.edges for key in keys)
 
     def _fill(self, engine: Engine, want: set[Ident]) -> None:
         missing = sorted(i for i in want if i not in self.ids)
+        if self.whole:
+            return  # not stored
         if missing:
             self.reads += 1
             found = {(r["identifier_type"], r["value"]): r for r in engine.fetch_dicts(
@@ -108,7 +154,7 @@ class WorkingSet:
     def edges_of(self, engine: Engine, idents: Iterable[Ident]) -> list[dict[str, Any]]:
         """Every stored edge with an end among `idents`."""
         want = set(idents)
-        missing = sorted(want - self.complete)
+        missing = [] if self.whole else sorted(want - self.complete)
         if missing:
             self._fill_edges(engine, missing)
         keys = {k for i in want for k in self.incident.get(i, ())}
