@@ -1264,6 +1264,10 @@ def _lineage_counts(report: BatchReport) -> tuple[dict[str, int], dict[str, int]
     return counts, totals
 
 
+#: While the collector has work queued, the follower waits this many times as long as its last batch
+#: took before the next one: it holds the writer at most 1/(1+YIELD_FACTOR) of the time under load
+#: (batches grow meanwhile, and cost less per event); an idle writer is followed at once.
+YIELD_FACTOR = 4.0
 #: Settle once this long after the first unsettled attach, when the writer has nothing queued...
 SETTLE_AFTER_SECONDS = 0.02
 #: ...and at the latest this long after it, queued work or not (how far `profiles` may lag behind).
@@ -1279,6 +1283,9 @@ class Follower:
     are settled later, in a transaction of their own that covers every batch attached meanwhile:
     `settle_after` seconds after the first unsettled attach when the writer has nothing queued
     (the collector's group commits go first), at the latest `settle_within` seconds after it.
+    While the writer is busy (work queued, or more than one other commit since the last batch), the
+    follower waits `yield_factor` times as long as its last batch took before it runs again (so it never holds a busy writer more than 1/(1+yield_factor) of
+    the time; profiles then lag further behind, in larger and cheaper batches).
 
     With `lineage` settings, the batches that changed something are reported as one OpenLineage run
     (`identity.incremental`) per `lineage_seconds`, emitted from this thread, never from the writer."""
@@ -1286,11 +1293,14 @@ class Follower:
     def __init__(self, writer: Writer, rules: IdentityRules, policy: TraitPolicy, *, poll_seconds: float = 0.001,
                  max_full_events: int | None = FOLLOWER_MAX_FULL_EVENTS, consent_categories: Mapping[str, str] | None = None,
                  lineage: Settings | None = None, lineage_seconds: float = LINEAGE_WINDOW_SECONDS,
-                 settle_after: float = SETTLE_AFTER_SECONDS, settle_within: float = SETTLE_WITHIN_SECONDS):
+                 settle_after: float = SETTLE_AFTER_SECONDS, settle_within: float = SETTLE_WITHIN_SECONDS,
+                 yield_factor: float = YIELD_FACTOR):
         self.writer, self.rules, self.policy, self.poll = writer, rules, policy, poll_seconds
         self.consent_categories = consent_categories
         self.max_full_events = max_full_events
-        self.settle_after, self.settle_within = settle_after, settle_within
+        self.settle_after, self.settle_within, self.yield_factor = settle_after, settle_within, yield_factor
+        self._resume_at = 0.0  # monotonic time before which the follower leaves a busy writer alone
+        self._commits_after = 0  # the writer's commits when the last batch was done
         self.window: RunWindow | None = None
         if lineage is not None:
             from refinery.governance.lineage import INCREMENTAL, RunWindow
@@ -1348,6 +1358,9 @@ class Follower:
             return None
         self.batches += 1
         self.last = report
+        # (at most `settle_within`: waiting longer would only make the next batch, and its stall, larger)
+        self._resume_at = time.monotonic() + min(self.yield_factor * report.seconds, self.settle_within)
+        self._commits_after = self.writer.commits
         if report.reason is not None and report.reason.startswith("deferred"):
             pass  # still unsettled: the follower attaches first, then settles
         elif report.phase != "attach" or report.mode == "skipped":
@@ -1386,7 +1399,11 @@ class Follower:
                 self.window.tick()
             self._preload()
             commits = self.writer.commits
-            if commits != seen:
+            # Busy: work queued, or more than one commit by others since the last batch.
+            busy = self.writer.pending() > 0 or commits - self._commits_after > 1
+            if busy and time.monotonic() < self._resume_at:
+                self._stop.wait(self.poll)  # the collector's group commits first
+            elif commits != seen:
                 # Commits after this read but before the batch's transaction are in the batch; any
                 # other than the batch's own makes the counter pass commits + 1 and triggers one more.
                 if self._batch("attach") is None:
