@@ -423,6 +423,9 @@ NO_PERSONAL_DATA: dict[str, str] = {
     "segment_runs": "one row per segment recomputation: counts, status and input fingerprints",
     "computed_traits": "computed trait definitions: names, expressions, counts",
     "suppression_list": "keyed hashes of erased identifiers (neither the values nor their tokens), kept so the person stays erased",
+    # features: definitions only (docs/features.md); feature values of a person will live in the online store
+    "features": "feature definitions: names, expressions or checked SQL, windows, owners",
+    "feature_versions": "every saved feature definition, with who saved it",
 }
 
 
