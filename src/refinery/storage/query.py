@@ -48,6 +48,10 @@ QUERYABLE_TABLES: set[str] = {
     # segments
     "segments", "segment_versions", "segment_members", "segment_runs", "segment_events",
     "computed_traits", "computed_trait_values",
+    # activation (destination secrets are in their own table, never queryable)
+    "destinations", "syncs", "sync_state", "sync_runs", "activation_batches", "activation_records", "activation_dead_letters",
+    # features
+    "features", "feature_versions",
 }
 #: Safe views over tables with secrets (the source list without key hashes).
 QUERYABLE_VIEWS: dict[str, str] = {
