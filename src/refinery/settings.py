@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     activation_poll_seconds: float = Field(0.5, gt=0, description="How often delivery workers look for due batches and real-time syncs for new `segment_entered`/`segment_exited` events.")
     activation_allowed_networks: list[str] = Field(default_factory=list, description="Addresses (CIDR, e.g. `10.1.0.0/16`, `127.0.0.1/32`) or host names destinations may reach although they are loopback, private, link-local or cloud-metadata addresses, which are refused by default (server-side request forgery), checked after DNS resolution and on every redirect.")
 
+    # features (refinery/features/, docs/features.md): the online store and its materialisation
+    features_online_store: Literal["sqlite", "redis"] = Field("sqlite", description="Where the latest feature values per profile are served from: `sqlite` (a file under the data dir, `features_online_file`) or `redis` (`features_redis_url`, for deployments that serve from many processes).")
+    features_online_file: Path | None = Field(None, description="The embedded online store's SQLite file. Default: `<data_dir>/features/online.sqlite`.")
+    features_redis_url: str | None = Field(None, description="Redis URL of the online store when `features_online_store` is `redis`, e.g. `redis://:PASSWORD@HOST:6379/0`.")
+    features_redis_prefix: str = Field("refinery:features:", min_length=1, description="Prefix of every Redis key the online store writes, so several stores can share one Redis.")
+    features_materialize_interval_minutes: float = Field(15.0, ge=0, description="How often `refinery serve` materialises the features into the online store (incrementally when it can); 0 turns the scheduled job off.")
+
     @property
     def master_key_path(self) -> Path:
         return self.master_key_file or (self.data_dir / "keys" / "master.key")
@@ -147,6 +154,10 @@ class Settings(BaseSettings):
     @property
     def lineage_path(self) -> Path:
         return self.lineage_file or (self.data_dir / "lineage" / "events.jsonl")
+
+    @property
+    def features_online_path(self) -> Path:
+        return self.features_online_file or (self.data_dir / "features" / "online.sqlite")
 
 
 CONFIG_ENV = "REFINERY_CONFIG"
