@@ -1,9 +1,11 @@
 """Admin API for the feature store: feature definitions (every change a new version) and
 point-in-time training sets.
 
-Thin routes over `refinery.features.operations`. `features:read` lists and reads definitions and
-builds training sets (profile ids with derived values; each audited), `features:write` creates,
-changes and deletes definitions (audited in the transaction of the change). See docs/features.md.
+Thin routes over `refinery.features.operations`. `features:read` lists and reads definitions,
+builds training sets (profile ids with derived values; each audited) and reads a profile's served
+features (`GET /api/profiles/{id}/features`, audited as a profile read); `features:write` creates,
+changes and deletes definitions (audited in the transaction of the change) and materialises the
+online store (`POST /api/features/materialize`). See docs/features.md.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class TrainingSetRequest(BaseModel):
                                                                      "or drop them (reported).")
 
 
+class MaterializeRequest(BaseModel):
+    features: list[str] = Field(default_factory=list, description="Feature names to materialise (default: every feature).")
+    full: bool = Field(False, description="Recompute every profile even when an incremental run would do.")
+
+
 def router(runtime: Runtime) -> APIRouter:
     r = APIRouter(tags=["features"])
     read = Depends(require("features:read"))
@@ -68,6 +75,17 @@ def router(runtime: Runtime) -> APIRouter:
     def training_set(body: TrainingSetRequest, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
         features: list[Any] = [f if isinstance(f, str) else f.model_dump() for f in body.features]
         return ops.build_training_set(runtime, actor, body.rows, features, label=body.label, mode=body.mode, unknown=body.unknown)
+
+    @r.post("/api/features/materialize", dependencies=[write])
+    def materialize(body: MaterializeRequest | None = None, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
+        asked = body or MaterializeRequest(features=[], full=False)
+        return ops.materialize(runtime, actor, asked.features or None, full=asked.full)
+
+    @r.get("/api/profiles/{profile_id}/features", dependencies=[read])
+    def profile_features(profile_id: str, actor: Principal = Depends(current_principal)) -> dict[str, Any]:
+        """The profile's latest feature values from the online store (a merged id answers with its
+        survivor's); each `fresh`, or `stale` (no value) when older than its feature's TTL."""
+        return ops.profile_features(runtime, actor, profile_id)
 
     @r.get("/api/features/{name}", dependencies=[read])
     def show(name: str) -> dict[str, Any]:

@@ -122,6 +122,8 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
         retention_job = asyncio.ensure_future(scheduled(runtime.engine, runtime.writer, settings))
         from refinery.segments.schedule import scheduled as segments_scheduled  # segments: docs/segments.md
         segments_job = asyncio.ensure_future(segments_scheduled(runtime.engine, runtime.writer, settings))
+        from refinery.features.operations import scheduled as features_scheduled  # docs/features.md
+        features_job = asyncio.ensure_future(features_scheduled(runtime))
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
         if server.started:
@@ -134,6 +136,7 @@ def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) 
             chores.cancel()
             retention_job.cancel()  # retention
             segments_job.cancel()  # segments
+            features_job.cancel()  # features
 
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with the default handlers that
     # kills the process before the finally below can checkpoint the store and remove server.json.

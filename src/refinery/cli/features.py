@@ -184,3 +184,49 @@ def training_set(
         return
     print_table([dict(zip(result["columns"], r, strict=True)) for r in result["rows"]], result["columns"], title="training set")
     console.print(json.dumps(report))
+
+
+@app.command("materialize")
+def materialize(
+    names: list[str] = typer.Argument(None, help="Features to materialise (default: all)."),
+    full: bool = typer.Option(False, "--full", help="Recompute every profile, even when an incremental run would do."),
+    data_dir: Path = DataDirOption, as_json: bool = JsonOption,
+) -> None:
+    """Fill the online store with each feature's latest value per profile (the training sets' own SQL, as of now).
+
+    Only the profiles whose events arrived since the last run are recomputed when that gives the
+    same values as a full run (no feature moves with time by itself, identities only grew); the
+    result says which it was and why. `refinery serve` also runs this on a schedule.
+
+    Examples:
+      refinery features materialize
+      refinery features materialize spend orders_90d --json
+      refinery features materialize --full
+    """
+    with _client(data_dir) as c:
+        result = c.materialize(list(names or []), full)
+    if as_json:
+        print_json(result)
+        return
+    console.print(f"{result['mode'].capitalize()} materialisation into the {result['store']} store: {len(result['features'])} feature(s), "
+                  f"{result['profiles']:,} profile(s), {result['values']:,} value(s) in {result['seconds']} s ({escape(result['reason'])}).")
+    for name, problem in result.get("errors", {}).items():
+        console.print(f"[yellow]{escape(name)}[/]: {escape(problem)}")
+
+
+@app.command("get")
+def get(profile_id: str = typer.Argument(..., help="A profile id (a merged one answers with its survivor's)."),
+        data_dir: Path = DataDirOption, as_json: bool = JsonOption) -> None:
+    """A profile's served features from the online store (stale ones, older than their TTL, have no value).
+
+    Examples:
+      refinery features get p_3f2a... --json
+    """
+    with _client(data_dir) as c:
+        result = c.profile_features(profile_id)
+    if as_json:
+        print_json(result)
+        return
+    rows = [{"feature": k, **v} for k, v in result["features"].items()]
+    title = f"features of {result['profile_id_now']}" + (f" (asked: {result['profile_id']})" if result["profile_id"] != result["profile_id_now"] else "")
+    print_table(rows, ["feature", "version", "value", "status", "as_of", "expires_at"], title=title)

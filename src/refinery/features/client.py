@@ -27,6 +27,10 @@ class FeaturesClient(abc.ABC):
     @abc.abstractmethod
     def training_set(self, rows: list[dict[str, Any]], features: list[str], label: str | None, mode: str, unknown: str) -> dict[str, Any]: ...
     @abc.abstractmethod
+    def materialize(self, names: list[str], full: bool) -> dict[str, Any]: ...
+    @abc.abstractmethod
+    def profile_features(self, profile_id: str) -> dict[str, Any]: ...
+    @abc.abstractmethod
     def close(self) -> None: ...
 
     def __enter__(self) -> FeaturesClient:
@@ -69,7 +73,20 @@ class LocalFeatures(FeaturesClient):
 
         return ops.build_training_set(self.rt, self.actor, rows, list(features), label=label, mode=mode, unknown=unknown)
 
+    def materialize(self, names: list[str], full: bool) -> dict[str, Any]:
+        from refinery.features import operations as ops
+
+        return ops.materialize(self.rt, self.actor, names or None, full=full)
+
+    def profile_features(self, profile_id: str) -> dict[str, Any]:
+        from refinery.features import operations as ops
+
+        return ops.profile_features(self.rt, self.actor, profile_id)
+
     def close(self) -> None:
+        from refinery.features.online import close_store
+
+        close_store(self.rt.engine)
         self.rt.close()
 
 
@@ -98,6 +115,12 @@ class RemoteFeatures(FeaturesClient):
     def training_set(self, rows: list[dict[str, Any]], features: list[str], label: str | None, mode: str, unknown: str) -> dict[str, Any]:
         return dict(self._call("POST", "/api/features/training-set",
                                json={"rows": rows, "features": features, "label": label, "mode": mode, "unknown": unknown}))
+
+    def materialize(self, names: list[str], full: bool) -> dict[str, Any]:
+        return dict(self._call("POST", "/api/features/materialize", json={"features": names, "full": full}, timeout=600))
+
+    def profile_features(self, profile_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/api/profiles/{_p(profile_id)}/features"))
 
     def close(self) -> None:
         self.remote.close()

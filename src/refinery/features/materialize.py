@@ -115,8 +115,6 @@ def materialize(engine: Engine, store: OnlineStore, names: Sequence[str] | None 
     if aliases is not None:
         store.set_aliases(aliases)
         result.aliases = len(aliases)
-        # Erasures whose transaction rolled back: the profile is still live in a snapshot taken after them.
-        store.unerase(store.erased_before(since) & set(live))
     if names is None:
         confirmed = {n: [v, moment] for n, v in versions.items()}
         store.save_state({"as_of": as_of.isoformat(), "features": versions, "tables": tables, "settled": settled_now, "confirmed": confirmed,

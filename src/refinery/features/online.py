@@ -123,13 +123,6 @@ class OnlineStore(abc.ABC):
         """Remove the profiles' values and aliases and remember them as erased; returns values removed."""
 
     @abc.abstractmethod
-    def unerase(self, profile_ids: Iterable[str]) -> None:
-        """Forget erasures that did not happen (the erasure's transaction rolled back)."""
-
-    @abc.abstractmethod
-    def erased_before(self, moment: float) -> set[str]: ...
-
-    @abc.abstractmethod
     def export(self, profile_ids: Iterable[str]) -> list[dict[str, Any]]: ...
 
     @abc.abstractmethod
@@ -302,13 +295,6 @@ class SqliteStore(OnlineStore):
 
         return int(self._write(write))
 
-    def unerase(self, profile_ids: Iterable[str]) -> None:
-        ids = sorted(set(profile_ids))
-        self._write(lambda con: con.executemany("DELETE FROM erased WHERE profile_id = ?", ((p,) for p in ids)))
-
-    def erased_before(self, moment: float) -> set[str]:
-        return {r[0] for r in self._con().execute("SELECT profile_id FROM erased WHERE erased_at < ?", (moment,))}
-
     def export(self, profile_ids: Iterable[str]) -> list[dict[str, Any]]:
         out = []
         for p in sorted(set(profile_ids)):
@@ -436,14 +422,6 @@ class RedisStore(OnlineStore):
             pipe.hdel(self._k("alias"), *dropped)
         pipe.execute()
         return n
-
-    def unerase(self, profile_ids: Iterable[str]) -> None:
-        ids = sorted(set(profile_ids))
-        if ids:
-            self.client.hdel(self._k("erased"), *ids)
-
-    def erased_before(self, moment: float) -> set[str]:
-        return {p for p, at in self.client.hgetall(self._k("erased")).items() if float(at) < moment}
 
     def export(self, profile_ids: Iterable[str]) -> list[dict[str, Any]]:
         out = []

@@ -67,3 +67,51 @@ def build_training_set(rt: Runtime, actor: Principal, rows: Sequence[Mapping[str
     audit.record_now(rt.writer, actor, "features.training_set", None,
                      {"rows": result.table.num_rows, "features": names, "mode": mode})
     return result.to_dict()
+
+
+# --- the online store --------------------------------------------------------------------------
+def online_store(rt: Runtime) -> Any:
+    """This runtime's online store (opened once; the setting `features_online_store` picks it)."""
+    from refinery.features.online import store_of
+
+    return store_of(rt.engine, rt.settings)
+
+
+def materialize(rt: Runtime, actor: Principal, names: Sequence[str] | None = None, *, full: bool = False) -> dict[str, Any]:
+    """Fill the online store (incrementally when it can, unless `full`), audited with its counts."""
+    from refinery.features.materialize import materialize as run
+
+    result = run(rt.engine, online_store(rt), list(names) if names else None, incremental=not full)
+    audit.record_now(rt.writer, actor, "features.materialize", None,
+                     {"mode": result.mode, "features": sorted(result.features), "profiles": result.profiles, "values": result.values})
+    return {**result.to_dict(), "store": online_store(rt).kind}
+
+
+def profile_features(rt: Runtime, actor: Principal, profile_id: str) -> dict[str, Any]:
+    """A profile's served features (following a merge to its survivor), audited as a profile read
+    before the answer leaves. 404 for an erased profile or one the store does not hold."""
+    lookup = online_store(rt).lookup(profile_id)
+    audit.record_now(rt.writer, actor, "profiles.features", f"profile:{lookup.profile_id_now}",
+                     {"requested_id": profile_id, "features": len(lookup.values)})
+    return lookup.to_dict()
+
+
+#: Who runs the scheduled materialisation inside `refinery serve` (the audit actor).
+SYSTEM = Principal("system", "system:features", "admin")
+
+
+async def scheduled(rt: Runtime) -> None:
+    """Materialise every `features_materialize_interval_minutes` (0: never), the first time one
+    interval after start; a failing run is logged (no personal data) and the next one tried."""
+    import asyncio
+    import logging
+
+    interval = rt.settings.features_materialize_interval_minutes * 60
+    if interval <= 0:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(materialize, rt, SYSTEM)
+        except Exception as e:  # never take the server down
+            logging.getLogger(__name__).warning("features: scheduled materialisation failed: %s", type(e).__name__)

@@ -439,6 +439,10 @@ def register_builtin() -> None:
     from refinery.activation.personal import register as register_activation
 
     register_activation()
+    # features (refinery/features/personal.py): feature values per profile in the online store
+    from refinery.features.personal import register as register_features
+
+    register_features()
 
 
 register_builtin()
