@@ -1283,12 +1283,13 @@ class Follower:
     are settled later, in a transaction of their own that covers every batch attached meanwhile:
     `settle_after` seconds after the first unsettled attach when the writer has nothing queued
     (the collector's group commits go first), at the latest `settle_within` seconds after it.
-    While the writer is busy (work queued, or more than one other commit since the last batch), the
-    follower waits `yield_factor` times as long as its last batch took before it runs again (so it never holds a busy writer more than 1/(1+yield_factor) of
+    While the writer is busy (two or more jobs queued, or three or more other commits since the last
+    batch), the follower waits `yield_factor` times as long as its last batch took before it runs again (so it never holds a busy writer more than 1/(1+yield_factor) of
     the time; profiles then lag further behind, in larger and cheaper batches).
 
     With `lineage` settings, the batches that changed something are reported as one OpenLineage run
-    (`identity.incremental`) per `lineage_seconds`, emitted from this thread, never from the writer."""
+    (`identity.incremental`) per `lineage_seconds`, emitted from this thread, never from the writer;
+    a run ends only once its batches are settled (the settle is part of it)."""
 
     def __init__(self, writer: Writer, rules: IdentityRules, policy: TraitPolicy, *, poll_seconds: float = 0.001,
                  max_full_events: int | None = FOLLOWER_MAX_FULL_EVENTS, consent_categories: Mapping[str, str] | None = None,
@@ -1395,12 +1396,13 @@ class Follower:
     def _run(self) -> None:
         seen = -1
         while not self._stop.is_set():
-            if self.window is not None:
-                self.window.tick()
+            if self.window is not None and self.unsettled_since is None:
+                self.window.tick()  # a run ends with its batches settled: the settle is part of it
             self._preload()
             commits = self.writer.commits
-            # Busy: work queued, or more than one commit by others since the last batch.
-            busy = self.writer.pending() > 0 or commits - self._commits_after > 1
+            # Busy: requests from more than one client queued, or several commits by others since the
+            # last batch (one client writing in turn is not load: it is followed batch by batch).
+            busy = self.writer.pending() > 1 or commits - self._commits_after > 2
             if busy and time.monotonic() < self._resume_at:
                 self._stop.wait(self.poll)  # the collector's group commits first
             elif commits != seen:
