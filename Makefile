@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test setup services bench lint clean
 
-# The destination tests start real servers (tests/services.py): Debian's redis-server and
-# PostgreSQL. Installed with apt-get only when missing (sudo when not root).
+# Tests start real servers and programs from Debian's packages, installed with apt-get only when
+# missing (sudo when not root): redis-server and PostgreSQL (destinations), nats-server (the broker),
+# Chromium (console tests, driven by Playwright), a Java runtime (the Spark engine).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
@@ -30,8 +31,11 @@ services:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v nats-server >/dev/null 2>&1 || missing="$$missing nats-server"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
 	if [ -n "$$missing" ]; then \
-		echo "Installing$$missing for the destination tests"; \
+		echo "Installing$$missing for the tests"; \
 		$(APT) update -qq && $(APT) install -y -qq --no-install-recommends $$missing; \
 	fi
 
