@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import orjson
 from pydantic import BaseModel
 
 from refinery.errors import ConfigurationError, RefineryError
@@ -65,6 +66,18 @@ class Batch:
     @property
     def removed(self) -> list[Record]:
         return [r for r in self.records if r.action == "remove"]
+
+
+def field_text(value: Any) -> str | None:
+    """A mapped field's value as text for destinations that store strings (CSV cells, Redis hashes):
+    None stays None, booleans are `true`/`false`, numbers their decimal text, anything else JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return orjson.dumps(value, default=str).decode()
 
 
 class DeliveryError(RefineryError):

@@ -31,6 +31,7 @@ from refinery.activation.destination import (
     DestinationType,
     TerminalDeliveryError,
     TransientDeliveryError,
+    field_text,
     register,
 )
 
@@ -105,17 +106,6 @@ def delivery_error(exc: OSError, where: Path) -> TransientDeliveryError | Termin
     return TransientDeliveryError(f"Cannot write to {where}: {exc.strerror or exc}.")
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return str(value)
-    return orjson.dumps(value, default=str).decode()
-
 
 def _columns(batch: Batch) -> list[str]:
     seen: dict[str, None] = {}
@@ -135,7 +125,7 @@ def encode_csv(batch: Batch) -> bytes:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*_BASE_COLUMNS, *(_column_name(f) for f in fields)])
     for r in batch.records:
-        writer.writerow([r.action, r.profile_id, *(_cell(r.fields.get(f)) for f in fields)])
+        writer.writerow([r.action, r.profile_id, *((field_text(r.fields.get(f)) or "") for f in fields)])
     return out.getvalue().encode()
 
 
@@ -152,7 +142,7 @@ def _arrow_column(values: list[Any]) -> Any:
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        return pa.array([None if v is None else _cell(v) for v in values], type=pa.string())
+        return pa.array([field_text(v) for v in values], type=pa.string())
 
 
 def encode_parquet(batch: Batch) -> bytes:

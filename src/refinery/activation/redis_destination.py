@@ -26,7 +26,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from pydantic import BaseModel, Field, SecretStr
 
 from refinery.activation.destination import (
@@ -35,6 +34,7 @@ from refinery.activation.destination import (
     DestinationType,
     TerminalDeliveryError,
     TransientDeliveryError,
+    field_text,
     register,
 )
 from refinery.activation.netguard import AddressRefused, NetworkGuard
@@ -57,17 +57,6 @@ class RedisConfig(BaseModel):
     fields: list[str] | None = Field(None, description="Mapped fields written to each profile's hash; all of them when not set.")
     batch_ttl_days: int = Field(30, ge=1, le=3650, description="How long the record of an applied batch (its idempotency key) is kept.")
 
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return str(value)
-    return orjson.dumps(value, default=str).decode()
 
 
 class RedisDestination:
@@ -109,7 +98,7 @@ class RedisDestination:
         for name, value in fields.items():
             if wanted is not None and name not in wanted:
                 continue
-            text = _text(value)
+            text = field_text(value)
             if text is not None:
                 out[name] = text
         return out
