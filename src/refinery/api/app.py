@@ -193,4 +193,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(activation_router(runtime))
     from refinery.api.features import router as features_router  # feature store (docs/features.md)
     app.include_router(features_router(runtime))
+    from refinery.api.context import router as context_router  # LLM context (docs/profiles.md)
+    app.include_router(context_router(runtime))
     return app

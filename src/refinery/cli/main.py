@@ -14,6 +14,7 @@ from rich.markup import escape
 from refinery.cli import (
     audit,
     consent,
+    context,
     destinations,
     events,
     features,
@@ -63,6 +64,7 @@ app.add_typer(segments.app, name="segments")
 app.add_typer(destinations.app, name="destinations")
 app.add_typer(syncs.app, name="syncs")
 app.add_typer(features.app, name="features")
+app.command("context")(context.show)
 
 
 @app.command()
