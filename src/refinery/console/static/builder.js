@@ -89,7 +89,7 @@
   }
 
   function idFor(pointer, what) {
-    return "b" + pointer.replace(/[^A-Za-z0-9]+/g, "-") + "-" + what;
+    return ("b" + pointer + "-" + what).replace(/[^A-Za-z0-9]+/g, "-");
   }
 
   /* A labelled control: the label is visible and tied to the control by for/id. */
@@ -213,7 +213,7 @@
       group.op = v;
       if (v === "not" && group.children.length > 1) group.children = [{ kind: "group", op: "and", children: group.children }];
     })));
-    if (!isRoot) head.appendChild(button("Remove group", function () { removeFrom(parent, group); }, { "aria-label": "Remove this group" }));
+    if (!isRoot) head.appendChild(button("Remove group", function () { removeFrom(parent, group); focusAfter(parentOf(pointer), "@op"); }, { "aria-label": "Remove this group" }));
     box.appendChild(head);
     box.appendChild(h("span", { "class": "node-error", role: "alert" }));
     var list = h("div", { "class": "children" });
@@ -233,6 +233,11 @@
 
   var pendingFocus = null;
   function focusAfter(pointer, what) { pendingFocus = idFor(pointer, what); }
+
+  /* The pointer of the group holding the node at `pointer` (where focus goes when the node is removed). */
+  function parentOf(pointer) {
+    return pointer.replace(/\/children\/\d+$/, "");
+  }
 
   function removeFrom(parent, node) {
     var i = parent.children.indexOf(node);
@@ -255,7 +260,7 @@
       neg.addEventListener("change", function () { node.negated = neg.checked; changed(true); });
       head.appendChild(field("Not", neg, "bcheck"));
     }
-    head.appendChild(button("Remove", function () { removeFrom(parent, node); }, { "aria-label": "Remove this condition" }));
+    head.appendChild(button("Remove", function () { removeFrom(parent, node); focusAfter(parentOf(pointer), "@op"); }, { "aria-label": "Remove this condition" }));
     box.appendChild(head);
     var body = h("div", { "class": "node-body" });
     ({ performed: renderPerformed, aggregate: renderAggregate, sequence: renderSequence, trait: renderTrait, segment: renderSegment, raw: renderRaw })[node.kind](node, pointer, body);
@@ -402,7 +407,7 @@
       row.appendChild(field("Not", neg, "bcheck"));
       row.appendChild(field("Property", input(cp, "path", c.path, function (v) { c.path = v; }, { list: propsList(eventName), placeholder: "property" })));
       row.appendChild(renderPredicate(c, cp, function () { return typeOf(c.path, eventName || null); }));
-      row.appendChild(button("Remove", function () { removeFrom(group, c); }, { "aria-label": "Remove this comparison" }));
+      row.appendChild(button("Remove", function () { removeFrom(group, c); focusAfter(pointer, "@op"); }, { "aria-label": "Remove this comparison" }));
       row.appendChild(h("span", { "class": "node-error", role: "alert" }));
       box.appendChild(row);
     });
