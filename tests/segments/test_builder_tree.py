@@ -417,3 +417,15 @@ def test_errors_of_the_checker_are_located_at_the_node() -> None:
         compile_rule(printed.text, CTX)
     assert e.value.span is not None
     assert T.locate(printed.spans, e.value.span.start) == "/root/children/0/where/children/0/path"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trees)
+def test_every_recorded_place_names_a_node_of_the_tree(tree: dict[str, Any]) -> None:
+    printed = T.to_text(tree)
+    converted = T.from_text(printed.text)
+    for spans, of in ((printed.spans, tree), (converted.spans, converted.tree)):
+        for pointer, start, end in spans:
+            assert T.pointer_get(of, pointer) is not None, pointer
+            assert 0 <= start <= end <= len(printed.text)
+            assert T.locate(spans, start) is not None or start == end

@@ -214,7 +214,8 @@ class _TreeBuilder:
     def __init__(self, text: str):
         self.text = text
         self.spans: list[tuple[str, int, int]] = []
-        self.leaves: list[tuple[dict[str, Any], int, int]] = []  # rule-level conditions in text order, with spans
+        #: rule-level conditions in text order: the node, its span, its pointer
+        self.leaves: list[tuple[dict[str, Any], int, int, str]] = []
 
     def mark(self, pointer: str, span: ast.Span) -> None:
         self.spans.append((pointer, span.start, span.end))
@@ -235,11 +236,11 @@ class _TreeBuilder:
             if isinstance(node.item, ast.CONDITIONS):
                 out = self.condition(node.item, pointer)
                 out["negated"] = True
-                self.leaves.append((out, node.span.start, node.span.end))
+                self.leaves.append((out, node.span.start, node.span.end, pointer))
                 return out
             return {"kind": "group", "op": "not", "children": [self.node(node.item, pointer + "/children/0")]}
         out = self.condition(node, pointer)
-        self.leaves.append((out, node.span.start, node.span.end))
+        self.leaves.append((out, node.span.start, node.span.end, pointer))
         return out
 
     def condition(self, node: ast.Node, pointer: str) -> dict[str, Any]:
@@ -337,14 +338,15 @@ class _TreeBuilder:
             return
         notes: dict[int, list[str]] = {}
         for start, _end, words in comments(self.text):
-            inside = next((i for i, (_, s, e) in enumerate(self.leaves) if s < start < e), None)
+            inside = next((i for i, (_, s, e, _p) in enumerate(self.leaves) if s < start < e), None)
             if inside is not None:
-                node, s, e = self.leaves[inside]
+                node, s, e, pointer = self.leaves[inside]
                 note = node.get("note")
                 node.clear()
                 node.update({"kind": "raw", "text": self.text[s:e], "note": note})
+                self.spans = [x for x in self.spans if not x[0].startswith(pointer + "/")]  # its fields are text now
                 continue
-            after = next((i for i, (_, s, _e) in enumerate(self.leaves) if s > start), len(self.leaves) - 1)
+            after = next((i for i, (_, s, _e, _p) in enumerate(self.leaves) if s > start), len(self.leaves) - 1)
             notes.setdefault(after, []).append(words)
         for i, lines in notes.items():
             node = self.leaves[i][0]
