@@ -174,7 +174,15 @@ def main() -> None:
 
             deliverer = Deliverer(rt.engine, rt.writer, settings, "hook", rt.vault)
             t = time.perf_counter()
-            if os.environ.get("BENCH_PROFILE"):
+            if os.environ.get("BENCH_PROFILE") == "pyinstrument":  # a sampling profile (pip install pyinstrument; not a dependency)
+                from pyinstrument import Profiler
+
+                profiler = Profiler(interval=0.002)
+                profiler.start()
+                seen = deliverer.drain()
+                profiler.stop()
+                print(profiler.output_text(show_all=False, short_mode=False, unicode=False, color=False), file=sys.stderr, flush=True)
+            elif os.environ.get("BENCH_PROFILE"):
                 import cProfile
                 import pstats
 

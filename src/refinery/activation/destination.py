@@ -38,7 +38,7 @@ Action = Literal["add", "remove"]
 PURPOSES = ("advertising", "marketing", "personalisation", "analytics")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One profile's change. `fields` are the sync's mapped fields, revealed (clear values) at
     delivery time and never stored in the outbox; empty for `remove` unless the destination asks."""

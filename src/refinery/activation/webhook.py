@@ -26,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import httpx
 import orjson
@@ -95,12 +97,18 @@ def encode_batch(batch: Batch, sent_at: datetime) -> bytes:
             "mode": batch.mode,
             "attempt": batch.attempt,
             "sent_at": sent_at.isoformat(),
-            "records": [
-                {"action": r.action, "profile_id": r.profile_id, "fields": dict(r.fields)} for r in batch.records
-            ],
+            "records": [{"action": r.action, "profile_id": r.profile_id, "fields": r.fields} for r in batch.records],
         },
-        default=str,
+        default=_json_default,
     )
+
+
+def _json_default(value: Any) -> Any:
+    """What orjson cannot write itself: a mapping that is not a dict (a record's fields may be any
+    Mapping) as an object, anything else as its text."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    return str(value)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -95,6 +95,8 @@ GROUP_BATCHES = 100
 #: A group cut short wastes the checks of the batches it did not reach: on a busy machine the checks of 100
 #: batches of a 1M-member world alone took 3-6 s.
 FRESH_SECONDS = 10.0
+#: The consent receipts' sequence's last value (`Deliverer._receipt_sequence`).
+_RECEIPT_SEQUENCE = "SELECT max(last_value) FROM duckdb_sequences() WHERE sequence_name = 'consent_log_seq'"
 _GATE_IDS = "_activation_gate_ids"
 _GATE_IDENTITIES = "_activation_gate_identities"
 
@@ -173,9 +175,11 @@ def _computed(engine: Engine, ids: list[str], names: list[str], cursor: Any) -> 
 
 
 def _fields(sync: SyncDef, pid: str, traits: dict[str, Any], computed: dict[tuple[str, str], Any], computed_names: set[str],
-            tokens: set[str]) -> dict[str, Any]:
-    """The sync's mapped fields of one profile, as stored (tokens not revealed); the tokens they hold are added to `tokens`."""
+            tokens: set[str]) -> _Raw:
+    """The sync's mapped fields of one profile, as stored (tokens not revealed), and which of them may
+    hold tokens; the tokens are added to `tokens`."""
     out: dict[str, Any] = {}
+    marked: list[str] = []
     for target, source in sync.mapping.items():
         if source == PROFILE_ID:
             value: Any = pid
@@ -187,12 +191,48 @@ def _fields(sync: SyncDef, pid: str, traits: dict[str, Any], computed: dict[tupl
         if type(value) is str:
             if value.startswith(_TOKEN_PREFIX):
                 tokens.add(value)
+                marked.append(target)
         elif isinstance(value, dict | list):
             _tokens_in(value, tokens)
-    return out
+            marked.append(target)  # nested: revealed by walking it
+    return _Raw(out, tuple(marked))
 
 
 _TOKEN_PREFIX = "pii:"
+
+
+@dataclass(slots=True)
+class _Raw:
+    """One profile's mapped fields for one sync, and the fields that may hold tokens (`marked`);
+    `reveal` replaces those in place, once (`state`: None before, True revealed, False not revealable)."""
+
+    fields: dict[str, Any]
+    marked: tuple[str, ...]
+    state: bool | None = None
+
+    def reveal(self, clear: dict[str, str]) -> dict[str, Any] | None:
+        """The fields with their tokens revealed; None when one does not reveal (its person was erased)."""
+        if self.state is None:
+            self.state = _reveal_in_place(self.fields, self.marked, clear)
+        return self.fields if self.state else None
+
+
+def _reveal_in_place(fields: dict[str, Any], marked: tuple[str, ...], clear: dict[str, str]) -> bool:
+    """Replace the tokens of the `marked` fields by their values; False when one does not reveal."""
+    for k in marked:
+        v = fields[k]
+        if type(v) is str:
+            c = clear.get(v)
+            if c is None:
+                if is_token(v):
+                    return False
+            else:
+                fields[k] = c
+        else:
+            fields[k], ok = _revealed(v, clear)
+            if not ok:
+                return False
+    return True
 
 
 def _tokens_in(value: Any, into: set[str]) -> None:
@@ -206,24 +246,6 @@ def _tokens_in(value: Any, into: set[str]) -> None:
     elif isinstance(value, list):
         for v in value:
             _tokens_in(v, into)
-
-
-def _revealed_fields(fields: dict[str, Any], clear: dict[str, str]) -> dict[str, Any] | None:
-    """The fields with their tokens revealed; None when one does not reveal (its person was erased)."""
-    out: dict[str, Any] = {}
-    for k, v in fields.items():
-        if type(v) is str:
-            if v.startswith(_TOKEN_PREFIX):
-                c = clear.get(v)
-                if c is None and is_token(v):
-                    return None
-                v = v if c is None else c
-        elif isinstance(v, dict | list):
-            v, ok = _revealed(v, clear)
-            if not ok:
-                return None
-        out[k] = v
-    return out
 
 
 def _revealed(value: Any, clear: dict[str, str]) -> tuple[Any, bool]:
@@ -257,7 +279,7 @@ class _Seen:
     merged: set[str]
     allowed: set[str]
     suppressed: set[str]
-    raw: dict[tuple[str, str], dict[str, Any]]
+    raw: dict[tuple[str, str], _Raw]
     clear: dict[str, str]
 
 
@@ -333,7 +355,7 @@ def _decide(sync: SyncDef, records: list[tuple[str, str]], seen: _Seen) -> Gated
         if p not in allowed:
             o.skipped_consent += 1
         elif p in traits and p not in suppressed:
-            revealed = _revealed_fields(raw[(name, p)], clear)
+            revealed = raw[(name, p)].reveal(clear)
             if revealed is not None:
                 sent.append(Record(p, "add", revealed))
                 o.added += 1
@@ -346,7 +368,7 @@ def _decide(sync: SyncDef, records: list[tuple[str, str]], seen: _Seen) -> Gated
         o.removed += 1
     for p in removes:
         fields = raw.get((name, p))
-        sent.append(Record(p, "remove", (_revealed_fields(fields, clear) or {}) if fields is not None else {}))
+        sent.append(Record(p, "remove", (fields.reveal(clear) or {}) if fields is not None else {}))
         o.removed += 1
     o.withheld = tuple(withheld)
     return out
@@ -383,7 +405,7 @@ class Deliverer:
 
     def _destination(self, dest: DestinationDef) -> Destination:
         if self._live is None or self._version != dest.updated_at:
-            self.close()
+            self._close_destination()
             dtype = get_type(dest.kind)
             config = live_config(self.engine, self.vault, dest)
             ctx = DestinationContext(dest.name, self.settings.data_dir, self.settings.activation_timeout_seconds,
@@ -393,6 +415,9 @@ class Deliverer:
         return self._live
 
     def close(self) -> None:
+        self._close_destination()
+
+    def _close_destination(self) -> None:
         if self._live is not None:
             try:
                 self._live.close()
@@ -416,38 +441,53 @@ class Deliverer:
         attempted. The group stops early - the rest left as they were, due again - when its checks are
         older than FRESH_SECONDS, when consent receipts or the suppression list changed since them, or at
         `deadline` / `stop`. At least the first batch is attempted."""
+        return self._deliver_checked(self._check(batches), deadline=deadline, stop=stop)
+
+    def _check(self, batches: list[outbox.BatchRow]) -> _Checked:
+        """A group's checks (reads only, on this thread's reader cursor): the destination, the syncs, and
+        each batch gated."""
         cur = self.engine.reader()
         dest = find_destination(self.engine, self.name, cursor=cur)
         syncs = {n: find_sync(self.engine, n, cursor=cur) for n in sorted({b.sync for b in batches})}
         gone = [b for b in batches if dest is None or syncs[b.sync] is None]
+        live = [b for b in batches if b not in gone]
+        checked = _Checked(dest, syncs, gone, live, time.monotonic(), self._marks(cur))
+        if not live or dest is None:
+            return checked
+        try:
+            needs_fields = bool(get_type(dest.kind).needs_fields)
+            recs = outbox.records_many(self.engine, [b.batch_id for b in live], cursor=cur)
+            checked.gated = list(gate_many(self.engine, dest, [(syncs[b.sync], recs.get(b.batch_id, [])) for b in live],  # type: ignore[misc]
+                                           self.policy, needs_fields, cur))
+        except Exception as e:
+            if len(live) > 1:  # one batch the checks cannot read must not hold up the others: each alone
+                checked.failed = True
+            else:
+                log.warning("activation: checking batch %s to %s failed: %s", live[0].batch_id, self.name, type(e).__name__)
+                checked.gated = [e]
+        return checked
+
+    def _deliver_checked(self, checked: _Checked, *, deadline: float | None = None,
+                         stop: threading.Event | None = None) -> list[tuple[outbox.BatchRow, str]]:
+        """Deliver a checked group (see `deliver_group`)."""
+        gone, live, dest, syncs = checked.gone, checked.live, checked.dest, checked.syncs
         results: list[tuple[outbox.BatchRow, str]] = []
         if gone:  # deleted meanwhile (deleting cancels; this is the race)
             self.writer.call(lambda e: e.execute("UPDATE activation_batches SET status = 'cancelled' WHERE batch_id IN "
                                                  "(SELECT unnest(CAST(? AS VARCHAR[])))", [[b.batch_id for b in gone]]))
             results += [(b, "cancelled") for b in gone]
-        live = [b for b in batches if b not in gone]
         if not live or dest is None:
             return results
-        checked_at = time.monotonic()
-        marks = self._marks(cur)
-        gated: list[Gated | BaseException]
-        try:
-            needs_fields = bool(get_type(dest.kind).needs_fields)
-            recs = outbox.records_many(self.engine, [b.batch_id for b in live], cursor=cur)
-            gated = list(gate_many(self.engine, dest, [(syncs[b.sync], recs.get(b.batch_id, [])) for b in live],  # type: ignore[misc]
-                                   self.policy, needs_fields, cur))
-        except Exception as e:
-            if len(live) > 1:  # one batch the checks cannot read must not hold up the others: each alone
-                for b in live:
-                    results += self.deliver_group([b], deadline=deadline, stop=stop)
-                return results
-            log.warning("activation: checking batch %s to %s failed: %s", live[0].batch_id, self.name, type(e).__name__)
-            gated = [e]
+        if checked.failed:
+            for b in live:
+                results += self.deliver_group([b], deadline=deadline, stop=stop)
+            return results
+        cur = self.engine.reader()
         now = datetime.now(UTC)
         attempts = self.writer.call(lambda e: outbox.begin_attempts(e, live, now))
         done: list[_Done] = []
-        for i, (b, g) in enumerate(zip(live, gated, strict=True)):
-            if i and self._stale(checked_at, marks, cur, deadline, stop):
+        for i, (b, g) in enumerate(zip(live, checked.gated, strict=True)):
+            if i and self._stale(checked.checked_at, checked.marks, cur, deadline, stop):
                 break
             done.append(self._attempt(b, syncs[b.sync], dest, g, attempts[b.batch_id]))  # type: ignore[arg-type]
         unreached = live[len(done):]
@@ -456,16 +496,29 @@ class Deliverer:
         self.writer.call(lambda e: self._record(e, done, unreached))
         return results + [(d.batch, d.result) for d in done]
 
-    def _marks(self, cursor: Any) -> tuple[Any, int]:
-        """What tells a group's checks are out of date: the newest consent receipt, the suppression list's size."""
+    def _marks(self, cursor: Any) -> tuple[Any, Any, int]:
+        """What tells a group's checks are out of date: the newest consent receipt committed, the receipt
+        sequence's last value, and the suppression list's size."""
         newest = self.engine.fetch_all("SELECT max(log_id) FROM consent_log", cursor=cursor)[0][0]
-        return newest, len(getattr(self.vault, "suppressed", ()) or ())
+        return newest, self._receipt_sequence(cursor), len(getattr(self.vault, "suppressed", ()) or ())
 
-    def _stale(self, checked_at: float, marks: tuple[Any, int], cursor: Any, deadline: float | None, stop: threading.Event | None) -> bool:
+    def _receipt_sequence(self, cursor: Any) -> Any:
+        """The consent receipts' sequence's last value: every receipt takes its id from it, and it moves
+        when one is taken (before its transaction commits), so an unchanged value means no new receipt.
+        A catalog read, not a scan of the receipts."""
+        return self.engine.fetch_all(_RECEIPT_SEQUENCE, cursor=cursor)[0][0]
+
+    def _stale(self, checked_at: float, marks: tuple[Any, Any, int], cursor: Any, deadline: float | None,
+               stop: threading.Event | None) -> bool:
         now = time.monotonic()
         if (stop is not None and stop.is_set()) or (deadline is not None and now >= deadline) or now - checked_at > FRESH_SECONDS:
             return True
-        return self._marks(cursor) != marks
+        newest, sequence, suppressed = marks
+        if len(getattr(self.vault, "suppressed", ()) or ()) != suppressed or self._receipt_sequence(cursor) != sequence:
+            return True
+        if sequence != newest:  # a receipt was being written when the checks ran (or one rolled back): look at the receipts
+            return bool(self.engine.fetch_all("SELECT max(log_id) FROM consent_log", cursor=cursor)[0][0] != newest)
+        return False
 
     def _attempt(self, batch: outbox.BatchRow, sync: SyncDef, dest: DestinationDef, gated: Gated | BaseException, attempt: int) -> _Done:
         try:
@@ -524,6 +577,20 @@ class Deliverer:
                     tried.add(batch.batch_id)
                 seen[result] = seen.get(result, 0) + 1
         return seen
+
+
+@dataclass
+class _Checked:
+    """A group's checks: what `Deliverer._check` read, for `_deliver_checked` to act on."""
+
+    dest: DestinationDef | None
+    syncs: dict[str, SyncDef | None]
+    gone: list[outbox.BatchRow]
+    live: list[outbox.BatchRow]
+    checked_at: float
+    marks: tuple[Any, Any, int]
+    gated: list[Gated | BaseException] = field(default_factory=list)
+    failed: bool = False
 
 
 class DeliveryWorker(threading.Thread):

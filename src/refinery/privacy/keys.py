@@ -20,6 +20,7 @@ a data transaction that rolls back can leave an unused key behind but never data
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sqlite3
 import threading
@@ -107,10 +108,19 @@ class KeyStore:
     """Per-subject data keys, wrapped by the key-encryption key, in their own SQLite file.
 
     Thread-safe (one connection behind a lock); unwrapped keys are cached (bounded LRU) as their
-    32 bytes: a cipher object holds ~2.4 KB of OpenSSL state, so one is built per `get` instead.
+    32 bytes. Cipher objects are not cached: one holds ~2.6 KB of OpenSSL state (measured: a million
+    would be 2.6 GB) and builds in ~0.7 us, less than a tenth of fetching a key that is not cached.
+
+    A miss costs a B-tree search in the key file (random: key ids are keyed hashes), so misses are
+    fetched in one query per call, in key order (neighbouring pages), over a memory map of the file
+    (`mmap_bytes`) with a larger page cache (`page_cache_bytes`): ~3 us a key on a 1.5M-key file
+    instead of ~6-7 us in chunks of 500 through read calls. A call that misses more keys than a
+    quarter of the cache (a bulk reveal: a delivery touching a million people once each) does not
+    remember them: they would only push out the keys that are used again (ingestion's people).
     """
 
-    def __init__(self, path: Path, master: bytes, *, cache_size: int = 200_000):
+    def __init__(self, path: Path, master: bytes, *, cache_size: int = 200_000, mmap_bytes: int = 1 << 30,
+                 page_cache_bytes: int = 64 << 20):
         self.path = path
         self._kek = AESGCM(derive(master, "key-encryption"))
         self._lock = threading.Lock()
@@ -121,6 +131,8 @@ class KeyStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA secure_delete=ON")  # a destroyed key's bytes are overwritten, not just unlinked
+        self._db.execute(f"PRAGMA mmap_size={int(mmap_bytes)}")  # reads only: writes still go through the WAL
+        self._db.execute(f"PRAGMA cache_size={-(int(page_cache_bytes) >> 10)}")  # negative: KiB
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS subject_keys (key_id TEXT PRIMARY KEY, wrapped BLOB NOT NULL, created_at TEXT NOT NULL)"
@@ -165,13 +177,19 @@ class KeyStore:
                     out[k] = AESGCM(key)
             if not missing:
                 return out
-            missing = list(dict.fromkeys(missing))
-            for i in range(0, len(missing), 500):
-                chunk = missing[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(f"SELECT key_id, wrapped FROM subject_keys WHERE key_id IN ({marks})", chunk)  # noqa: S608 - placeholders only
-                for key_id, wrapped in rows:
-                    out[key_id] = AESGCM(self._remember(key_id, unseal(self._kek, bytes(wrapped), key_id.encode())))
+            missing = sorted(set(missing))
+            remember = len(missing) <= self._cache_size // 4
+            kek, cache = self._kek, self._cache
+            rows = self._db.execute("SELECT key_id, wrapped FROM subject_keys WHERE key_id IN (SELECT value FROM json_each(?))",
+                                    [json.dumps(missing)])
+            for key_id, wrapped in rows:
+                key = unseal(kek, wrapped, key_id.encode())
+                if remember:
+                    cache[key_id] = key
+                out[key_id] = AESGCM(key)
+            if remember:
+                while len(cache) > self._cache_size:
+                    cache.popitem(last=False)
             new = [k for k in missing if k not in out]
             if new and create:
                 now = datetime.now(UTC).isoformat()
