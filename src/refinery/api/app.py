@@ -195,4 +195,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(features_router(runtime))
     from refinery.api.context import router as context_router  # LLM context (docs/profiles.md)
     app.include_router(context_router(runtime))
+    from refinery.console.builder.routes import router as builder_router  # segment builder (decision 0029)
+    app.include_router(builder_router(runtime, require))
     return app

@@ -65,3 +65,19 @@ def router(runtime: Runtime, require: Callable[..., Any]) -> APIRouter:
         return service.sizes(engine, name)
 
     return r
+
+
+def pages(runtime: Runtime, render: Callable[..., Any], require: Callable[..., Any]) -> APIRouter:
+    """The builder's page: `/console/segments/builder` (new) and `?name=NAME` (open a saved segment).
+    `render(request, template, context)` renders a console template for the logged-in user."""
+    from fastapi import Query, Request
+
+    r = APIRouter(tags=["console"])
+    read = require("segments:read")
+
+    @r.get("/console/segments/builder", include_in_schema=False)
+    def builder(request: Request, name: str = Query("", description="A saved segment to open."),
+                actor: Principal = Depends(read)) -> Any:
+        return render(request, "builder.html", {"segment": name, "can_write": actor.can("segments:write")})
+
+    return r
