@@ -474,7 +474,7 @@
       showErrors(r.data.errors, r.data.text);
       state.valid = r.data.valid;
       if (r.data.valid) return preview(seq, r.data.text);
-      showPreview(null);
+      invalid();
     });
   }
 
@@ -494,7 +494,7 @@
       showErrors(r.data.errors, text);
       state.valid = r.data.valid;
       if (r.data.valid) return preview(seq, text);
-      showPreview(null);
+      invalid();
     });
   }
 
@@ -505,6 +505,11 @@
       if (!r.ok) { showPreview(null); return failed(r); }
       showPreview(r.data);
     });
+  }
+
+  function invalid() {
+    showPreview(null);
+    setStatus(el.previewStatus, "Fix the errors shown to see who matches.");
   }
 
   function failed(r) {
