@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from activation_core_support import ACTOR, define_segment, ledger_destination, membership, person, set_consent
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 
 from refinery.activation import operations as ops
 from refinery.activation import outbox, service
+from refinery.activation import worker as worker_module
 from refinery.activation.destination import Batch, DestinationType, register
 from refinery.activation.errors import ActivationError, UnknownMappingSource
 from refinery.activation.worker import Deliverer, backoff
@@ -442,3 +444,71 @@ def test_a_group_whose_checks_grew_old_leaves_the_rest_untried(runtime: Runtime,
     assert [b.attempt for b in _SEEN[name]] == [1, 1, 1]  # an attempt counted for the group but not made is undone
     assert runtime.engine.fetch_all("SELECT status, attempts FROM activation_batches ORDER BY seq") == [("delivered", 1)] * 3
     assert sorted(p for _, a, p in _sent(name) if a == "add") == [f"p{i}" for i in range(6)]
+
+
+def test_a_receipt_rolled_back_before_the_checks_does_not_stop_a_group(runtime: Runtime, tmp_path: Path) -> None:
+    """The checks' consent mark is the receipts' sequence (a catalog read before each batch); a receipt
+    whose transaction rolled back moved the sequence without a row, so the group falls back to the
+    receipts themselves and - nothing new being there - delivers every batch in one group."""
+    name = f"r{tmp_path.name}"
+    _hooked_world(runtime, name, 6)
+    membership(runtime, "vip", [f"p{i}" for i in range(6)])
+    _plan(runtime)
+
+    def abandoned(e: Any) -> None:
+        e.execute("INSERT INTO consent_log (log_id, subject_type, subject_value, purpose, state, origin, source, actor, chosen_at, "
+                  "recorded_at) VALUES (nextval('consent_log_seq'), 'user_id', 'p0', 'marketing', 'denied', 'api', 'api', 't', now(), now())")
+        raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        runtime.writer.call(abandoned)
+    d = Deliverer(runtime.engine, runtime.writer, runtime.settings, "hook", runtime.vault)
+    groups: list[int] = []  # how many batches each group attempted
+    whole = d.deliver_group
+    d.deliver_group = lambda batches, **kw: groups.append(len(out := whole(batches, **kw))) or out  # type: ignore[method-assign]
+    cur = runtime.engine.reader()
+    newest, sequence, _ = d._marks(cur)
+    assert sequence is not None and sequence != newest  # the sequence moved, no row was kept
+    assert d.drain() == {"delivered": 3}
+    assert groups == [3]  # one group, never cut short
+    assert sorted(p for _, a, p in _sent(name) if a == "add") == [f"p{i}" for i in range(6)]
+    # a receipt that does commit, between two batches, still stops the group
+    for i in range(6, 12):
+        person(runtime, f"p{i}", email=f"person.{i}@example.com")
+    _HOOKS[name] = lambda b: set_consent(runtime, "p11", "denied") if len(_SEEN[name]) == 4 else None
+    membership(runtime, "vip", [f"p{i}" for i in range(12)])
+    _plan(runtime)
+    assert d.drain() == {"delivered": 3}
+    assert groups == [3, 1, 2]  # the receipt committed during the group's first batch: the rest waited for new checks
+    assert ("remove", "p11") in [(a, p) for _, a, p in _sent(name)] and ("add", "p11") not in [(a, p) for _, a, p in _sent(name)]
+
+
+def test_the_collector_pause_nests_across_threads() -> None:
+    import gc
+
+    pause = worker_module._CollectorPause()
+    assert gc.isenabled()
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def other() -> None:
+        with pause:
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(10)
+    with pause:
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # the other thread is still inside
+    leave.set()
+    t.join(10)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pause:
+            pass
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()
