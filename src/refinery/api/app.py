@@ -195,6 +195,6 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(features_router(runtime))
     from refinery.api.context import router as context_router  # LLM context (docs/profiles.md)
     app.include_router(context_router(runtime))
-    from refinery.console.builder.routes import router as builder_router  # segment builder (decision 0029)
-    app.include_router(builder_router(runtime, require))
+    from refinery.console.builder.shell import register as register_builder  # segment builder (decision 0029)
+    register_builder(app, runtime)
     return app

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body, Depends, Query, Request
 
 from refinery.governance.principal import Principal
 from refinery.identity import rules_from_settings
@@ -70,8 +70,6 @@ def router(runtime: Runtime, require: Callable[..., Any]) -> APIRouter:
 def pages(runtime: Runtime, render: Callable[..., Any], require: Callable[..., Any]) -> APIRouter:
     """The builder's page: `/console/segments/builder` (new) and `?name=NAME` (open a saved segment).
     `render(request, template, context)` renders a console template for the logged-in user."""
-    from fastapi import Query, Request
-
     r = APIRouter(tags=["console"])
     read = require("segments:read")
 
