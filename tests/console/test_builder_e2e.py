@@ -6,6 +6,7 @@ through /api/segments with its size over time drawn."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,8 @@ def test_build_a_segment_in_the_browser(server: Server, browser_page: Any) -> No
     assert "Created hat_viewers" in page.locator("#seg-status").inner_text()
     page.locator("#sizes-chart svg path.sizes-line").wait_for(state="attached")  # a flat line has no height
     assert "now 5" in page.locator("#sizes-title").text_content()
+    if os.environ.get("REFINERY_SCREENSHOTS"):  # docs/screenshots/segment-builder.png: REFINERY_SCREENSHOTS=docs/screenshots
+        page.screenshot(path=str(Path(os.environ["REFINERY_SCREENSHOTS"]) / "segment-builder.png"), full_page=True)
     listed = httpx.get(server.url + "/api/segments", headers={"Authorization": f"Bearer {token}"}).json()["segments"]
     [saved] = [s for s in listed if s["name"] == "hat_viewers"]
     assert saved["rule"] == _text(page) and saved["members"] == 5 and saved["description"].startswith("viewed a hat")
@@ -161,3 +164,15 @@ def test_build_a_segment_in_the_browser(server: Server, browser_page: Any) -> No
     assert page.locator("#b-root-op").input_value() == "or"
     page.locator("#sizes-chart svg").wait_for()
     assert page.locator("#seg-description").input_value().startswith("viewed a hat")
+
+    # keyboard only: Enter on "Add condition", Tab to the event field, type; the focus ring shows
+    add = page.get_by_role("button", name="Add condition").last
+    add.focus()
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "b-root-children-2-kind"
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none"
+    for _ in range(3):  # the Not box, Remove, then the event
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "b-root-children-2-event"
+    page.keyboard.type("Order Completed")
+    _wait_text(page, "or performed 'Order Completed'")
