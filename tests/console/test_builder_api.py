@@ -66,3 +66,24 @@ def test_builder_endpoints_by_role(server: Server) -> None:
         assert c.get(API + "/segments/nope/sizes", headers=analyst).status_code == 404
         catalog = c.get(API + "/catalog", headers=analyst).json()
         assert catalog["events"]["Order Completed"] == {"total": "number"} and "big" in catalog["segments"]
+
+
+def test_the_stand_in_login_and_cookie(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=60, follow_redirects=False) as c:
+        page = c.get("/console/segments/builder?name=x", headers={"Accept": "text/html"})
+        assert page.status_code == 303 and page.headers["location"] == "/console/builder/login?next=%2Fconsole%2Fsegments%2Fbuilder%3Fname%3Dx"
+        wrong = c.post("/console/builder/login", content="token=nope&next=/console/segments/builder",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert wrong.status_code == 401 and "not known" in wrong.text and "set-cookie" not in wrong.headers
+        # after login only a path on this server is followed
+        ok = c.post("/console/builder/login", content=f"token={server.admin_token}&next=https://evil.example/x",
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert ok.status_code == 303 and ok.headers["location"] == "/console/segments/builder"
+        cookie = ok.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/console" in cookie
+        assert c.get("/console/segments/builder").status_code == 200  # the client keeps the cookie
+        assert c.post(API + "/tree", json={"text": "plan = 'pro'"}).status_code == 200
+        # a POST authenticated by the cookie must be JSON (a cross-site form cannot send that)
+        form = c.post(API + "/tree", content="text=plan", headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert form.status_code == 401
+        assert c.get("/console/builder/static/builder.js").headers["content-type"].startswith("text/javascript")
