@@ -176,3 +176,42 @@ def test_build_a_segment_in_the_browser(server: Server, browser_page: Any) -> No
     assert page.evaluate("document.activeElement.id") == "b-root-children-2-event"
     page.keyboard.type("Order Completed")
     _wait_text(page, "or performed 'Order Completed'")
+
+
+def test_sequences_aggregates_groups_and_the_policy_in_the_browser(server: Server, browser_page: Any) -> None:
+    _world(server)
+    token = _marketer(server)
+    page = browser_page
+    _login(page, server, token)
+    page.get_by_role("button", name="Add condition").click()
+    page.locator("#b-root-children-0-kind").select_option(label="sequence of events")
+    page.locator("#b-root-children-0-steps-0-event").type("Order Completed")
+    page.locator("#b-root-children-0-steps-1-event").type("Product Viewed")
+    page.locator("#b-root-children-0-within-amount").fill("2")
+    page.locator("#b-root-children-0-within-unit").select_option("hour")
+    _wait_text(page, "'Order Completed' then 'Product Viewed' within 2 hours")
+
+    page.get_by_role("button", name="Add condition").last.click()
+    page.locator("#b-root-children-1-kind").select_option(label="count or aggregate of events")
+    page.locator("#b-root-children-1-func").select_option("sum")
+    page.locator("#b-root-children-1-path").type("total")
+    page.locator("#b-root-children-1-event").type("Order Completed")
+    page.locator("#b-root-children-1-op").select_option("between")
+    page.locator("#b-root-children-1-values-0-value").fill("100")
+    page.locator("#b-root-children-1-values-1-value").fill("500")
+    page.locator("#b-root-children-1-negated").check()
+    _wait_text(page, "\nand not sum(total) of 'Order Completed' between 100 and 500")
+    _wait_count(page, server, token, _text(page))
+
+    # an empty group is an error at the group, and the text marks the gap
+    page.get_by_role("button", name="Add group").last.click()
+    page.locator("[data-pointer='/root/children/2'] > .node-error").wait_for()
+    assert "this group is empty" in page.locator("[data-pointer='/root/children/2'] > .node-error").inner_text()
+    page.get_by_role("button", name="Remove this group").click()
+    assert page.evaluate("document.activeElement.id") == "b-root-op"  # focus goes back to the group that held it
+
+    page.get_by_label("Count").select_option("persons")
+    _wait_text(page, "counted by persons above 0.9")
+    assert page.locator("#rule-text").input_value() == (
+        "'Order Completed' then 'Product Viewed' within 2 hours\n"
+        "and not sum(total) of 'Order Completed' between 100 and 500\ncounted by persons above 0.9")
