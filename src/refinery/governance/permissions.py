@@ -163,3 +163,10 @@ register_permission("features:read", "List feature definitions and their version
 register_permission("features:write", "Create, change and delete feature definitions.")
 grant("analyst", "features:read", "features:write")
 grant("marketer", "features:read")
+
+# LLM context (profiles/context.py, decision 0027): a profile's segments, non-personal traits and recent behaviour for a prompt.
+register_permission("context:read", "Read a profile's LLM context: segments, non-personal traits and recent behaviour, "
+                                    "token-budgeted, with the message ids it came from (audited).")
+grant("marketer", "context:read")
+grant("analyst", "context:read")
+define_role("assistant", "An LLM application: profiles' LLM context (no identifiers, no personal data), nothing else.", ["context:read"])

@@ -22,7 +22,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from refinery.errors import NotFoundError
-from refinery.governance.permissions import define_role, grant, register_permission
 from refinery.privacy.pii import redact_text
 from refinery.privacy.tokens import DEFAULT_TRAIT_FIELDS, TOKEN_PATTERN, kind_of
 
@@ -32,14 +31,7 @@ if TYPE_CHECKING:
     from refinery.settings import Settings
     from refinery.storage.engine import Engine
 
-# The permission (why a new one: decision 0027). Registered here, beside the feature it guards, as
-# later stages do; marketers and analysts (who read whole profiles already) hold it too, and the
-# `assistant` role holds only it (an LLM application's token).
-register_permission("context:read", "Read a profile's LLM context: segments, non-personal traits and recent behaviour, "
-                                    "token-budgeted, with the message ids it came from (audited).")
-grant("marketer", "context:read")
-grant("analyst", "context:read")
-define_role("assistant", "An LLM application: profiles' LLM context (no identifiers, no personal data), nothing else.", ["context:read"])
+# The permission `context:read` and the `assistant` role are declared in governance/permissions.py (decision 0027).
 
 #: The consent purpose the context serves.
 PURPOSE = "personalisation"
