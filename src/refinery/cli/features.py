@@ -230,3 +230,71 @@ def get(profile_id: str = typer.Argument(..., help="A profile id (a merged one a
     rows = [{"feature": k, **v} for k, v in result["features"].items()]
     title = f"features of {result['profile_id_now']}" + (f" (asked: {result['profile_id']})" if result["profile_id"] != result["profile_id_now"] else "")
     print_table(rows, ["feature", "version", "value", "status", "as_of", "expires_at"], title=title)
+
+
+def _moment(text: str | None, option: str) -> Any:
+    from datetime import UTC, datetime
+
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an ISO 8601 time such as 2026-01-31T12:00:00Z", param_hint=option) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@app.command("export-feast")
+def export_feast(
+    folder: Path = typer.Argument(..., file_okay=False, help="A new or empty folder for the Feast repository."),
+    feature: list[str] = typer.Option(None, "--feature", "-f", help="A feature to export (NAME or NAME@VERSION); repeat. Default: all."),
+    project: str = typer.Option("refinery", "--project", help="The Feast project's name (letters, digits, '_')."),
+    since: str = typer.Option(None, "--since", help="First moment of the exported history (default: when the first event was known)."),
+    as_of: str = typer.Option(None, "--as-of", help="Last moment of the exported history (default: now)."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an earlier export in FOLDER."),
+    data_dir: Path = DataDirOption, as_json: bool = JsonOption,
+) -> None:
+    """Write a Feast feature repository: feature_store.yaml (file offline store, SQLite online store in
+    FOLDER/data), refinery_features.py (the profile entity, a FileSource and FeatureView per TTL) and
+    Parquet of every profile's values at each moment one changed, computed by Refinery's offline store,
+    so Feast's point-in-time retrieval gives the values `training-set` gives. Expression features only.
+    Runs on the store itself: stop `refinery serve` first.
+
+    Examples:
+      refinery features export-feast ./feast_repo
+      refinery features export-feast ./feast_repo -f orders_90d -f spend --since 2026-01-01 --replace
+      cd feast_repo && feast apply && feast materialize 2026-01-01T00:00:00 $(date -u +%Y-%m-%dT%H:%M:%S)
+    """
+    from refinery.api.server import running_server
+    from refinery.cli.common import fail, settings_from
+    from refinery.errors import RefineryError
+    from refinery.features.errors import FeatureError
+    from refinery.features.feast import export_audited
+    from refinery.features.online import close_store
+    from refinery.governance.principal import local_principal
+    from refinery.runtime import Runtime
+
+    settings = settings_from(data_dir)
+    try:
+        if running_server(settings) is not None:
+            raise FeatureError("refinery serve holds this store, and the export reads it in this process.",
+                               fix="Stop the server, export, and start it again (or call refinery.features.feast.export_feast "
+                                   "in Python within the serving process).")
+        rt = Runtime.open(settings)
+        try:
+            result = export_audited(rt, local_principal(), folder, list(feature or []) or None, project=project,
+                                    since=_moment(since, "--since"), as_of=_moment(as_of, "--as-of"), replace=replace)
+        finally:
+            close_store(rt.engine)
+            rt.close()
+    except RefineryError as e:
+        fail(e)
+        return
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(f"Feast repository written to [bold]{escape(str(folder))}[/]: {len(result.features)} feature(s), "
+                  f"{result.profiles:,} profile(s), from {result.since} to {result.as_of}, in {result.seconds} s.")
+    print_table([{"view": v.name, "ttl_seconds": v.ttl_seconds, "features": ", ".join(v.features), "rows": v.rows, "path": v.path}
+                 for v in result.views], ["view", "ttl_seconds", "features", "rows", "path"], title="feature views")
+    console.print(f"Next: cd {escape(str(folder))} && feast apply && feast materialize {result.since} {result.as_of}")

@@ -508,3 +508,15 @@ def _as(column: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:
     if pa.types.is_timestamp(to) and pa.types.is_timestamp(column.type):
         return pc.cast(column, to)
     return pc.cast(column, to, safe=False)
+
+
+def export_audited(rt: Any, actor: Any, folder: Path | str, names: Sequence[str] | None = None, **options: Any) -> FeastExport:
+    """`export_feast` on a runtime's store, audited as a training set is (profile ids and derived
+    values leave the store; no values in the record), before the command reports success."""
+    from refinery.governance import audit
+
+    result = export_feast(rt.engine, folder, names, **options)
+    audit.record_now(rt.writer, actor, "features.export_feast", None,
+                     {"features": result.features, "profiles": result.profiles, "rows": sum(v.rows for v in result.views),
+                      "as_of": result.as_of, "since": result.since})
+    return result
