@@ -47,6 +47,7 @@ FEATURES = {
     "hats_3d": ("count of 'Product Viewed' where category = 'hats' in last 3 days", None, "2 days"),
     "orders_mid": ("count of 'Order Completed' between 20 days ago and 5 days ago", None, None),
     "categories": ("count(distinct category) of 'Product Viewed'", None, None),
+    "viewed_before": ("last time of 'Product Viewed' before 2 days ago", None, None),
 }
 #: (user, event, days before now it happened, days after that it was received, properties)
 EVENTS = [
@@ -105,7 +106,7 @@ def label_rows(rt: Runtime, since: datetime, as_of: datetime) -> list[dict[str, 
     us = timedelta(microseconds=1)
     for ts, received in rt.engine.fetch_all("SELECT timestamp, received_at FROM events", cursor=rt.engine.fresh_reader()):
         for edge in (max(ts, received), ts + timedelta(days=7), ts + timedelta(days=3), ts + timedelta(days=10),
-                     ts + timedelta(days=5), ts + timedelta(days=20), max(ts, received) + timedelta(days=2)):
+                     ts + timedelta(days=5), ts + timedelta(days=20), ts + timedelta(days=2), max(ts, received) + timedelta(days=2)):
             moments.update({edge - us, edge, edge + us})
     return [{"profile_id": pid, "timestamp": m} for pid in sorted(profiles(rt).values())
             for m in sorted(moments) if since <= m <= as_of]

@@ -15,8 +15,8 @@ where one of them can change, and nothing in between:
 
 - at `since` (the first moment anything was known, unless given), every profile's starting values;
 - when an event becomes known (`max(timestamp, received_at)`), since it enters the aggregates then;
-- when a time comparison of a feature flips: a filter `v > t - 90 days` flips at `t = v + 90 days`,
-  so `v + d` and, for a non-strict comparison, one microsecond later (both are kept as candidates);
+- when a time comparison of a feature flips: a filter `v > t - 90 days` holds until `t = v + 90 days`,
+  `v >= t - 90 days` until one microsecond after it (the first moment of the new value is the row);
 - rows whose values equal the row before are dropped (most candidates change nothing);
 - for a view with a TTL, the last values are restated every TTL (a heartbeat, as a materialisation
   run confirms a value online), so Feast's TTL never blanks a value our training set gives.
@@ -64,6 +64,12 @@ _PROFILES = "_feast_profiles"
 _VALUES = "_feast_values"
 _COMPARISONS = (exp.GT, exp.GTE, exp.LT, exp.LTE, exp.EQ, exp.NEQ)
 _ONE_US = timedelta(microseconds=1)
+#: `a OP b` written as `b OP' a`.
+_FLIPPED: dict[type, type] = {exp.GT: exp.LT, exp.GTE: exp.LTE, exp.LT: exp.GT, exp.LTE: exp.GTE, exp.EQ: exp.EQ, exp.NEQ: exp.NEQ}
+#: For `v OP t - d`, the moments (past v + d) at which it changes: `v > t - d` holds while t < v + d (changes
+#: at v + d), `v >= t - d` while t <= v + d (changes one microsecond later), and so on.
+_EDGES: dict[type, tuple[timedelta, ...]] = {exp.GT: (timedelta(0),), exp.LTE: (timedelta(0),), exp.GTE: (_ONE_US,),
+                                             exp.LT: (_ONE_US,), exp.EQ: (timedelta(0), _ONE_US), exp.NEQ: (timedelta(0), _ONE_US)}
 
 
 @dataclass
@@ -124,7 +130,8 @@ def check_exportable(feature: Feature) -> Feature:
 class Timing:
     """Where a compiled feature's value can change: `relevant` is true for an event that can count
     for some moment (time comparisons taken as unknown), `moves` each event-side expression compared
-    with the moment and the offset at which the comparison flips (`v + offset`)."""
+    with the moment and the offset at which the comparison flips (`v + offset`, the first moment of
+    the new truth value)."""
 
     relevant: exp.Expr
     moves: tuple[tuple[exp.Expr, timedelta], ...]
@@ -172,14 +179,19 @@ def timing(compiled: CompiledFeature) -> Timing:
         while isinstance(comparison, exp.Paren):
             comparison = comparison.parent
         if isinstance(comparison, _COMPARISONS):
-            other = comparison.expression if comparison.this is moment or _within(moment, comparison.this) else comparison.this
+            left = comparison.this is moment or _within(moment, comparison.this)
+            other = comparison.expression if left else comparison.this
+            op = _FLIPPED[type(comparison)] if left else type(comparison)  # as `other OP moment`
         elif isinstance(comparison, exp.Between) and not _within(moment, comparison.this):
             other = comparison.this
+            op = exp.GTE if _within(moment, comparison.args["low"]) else exp.LTE
         else:
             raise _untimed(name)
         if any(_is_moment(c) for c in other.find_all(exp.Column)):
             raise _untimed(name)
-        moves.append((other.copy(), offset))
+        # `v OP t - offset` holds for t below or above v + offset, edge included or not: the moments it flips
+        for step in _EDGES[op]:
+            moves.append((other.copy(), offset + step))
         comparisons.append(comparison)
     return Timing(_unknown(relevant, comparisons), tuple(moves))
 
@@ -249,8 +261,7 @@ def candidates_query(timings: Sequence[Timing], since: datetime, as_of: datetime
     for t in timings:
         for value, offset in t.moves:
             moved = exp.TryCast(this=value.copy(), to=exp.DataType.build("TIMESTAMPTZ"))
-            for extra in (timedelta(0), _ONE_US):
-                parts.append(part(_plus(moved.copy(), offset + extra), exp.Paren(this=t.relevant.copy())))
+            parts.append(part(_plus(moved, offset), exp.Paren(this=t.relevant.copy())))
     union: exp.Query = parts[0]
     for p in parts[1:]:
         union = exp.union(union, p, distinct=False)
