@@ -253,3 +253,22 @@ def test_names_feast_cannot_hold_and_sql_features_are_refused_by_name(world: tup
     finally:
         for name in ("days_sql", "event_timestamp", "class"):
             rt.writer.call(lambda e, n=name: registry.delete(e, actor, n))
+
+
+def test_generated_python_quotes_every_text_from_a_definition() -> None:
+    import ast
+
+    from refinery.features.definition import Feature
+    from refinery.features.feast import FeastView, definitions
+
+    text = "count of 'Order Completed' where category = 'a\"\"\"b\\'\\n); import os; (' in last 7 days"
+    f = Feature("orders", 3, "profile", "expression", text, None, None, "number", "o'wner\n", None, "o", datetime.now(UTC))
+    source = definitions("refinery", [FeastView("refinery_features", None, {"orders": "Int64"}, "data/x.parquet")], {"orders": f},
+                         datetime.now(UTC))
+    tree = ast.parse(source)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Field"]
+    assert len(calls) == 1
+    kw = {k.arg: k.value for k in calls[0].keywords}
+    assert ast.literal_eval(kw["description"]) == text and ast.literal_eval(kw["name"]) == "orders"
+    assert ast.literal_eval(kw["tags"]) == {"refinery_ref": "orders@3", "refinery_owner": "o'wner\n"}
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import) and any(a.name == "os" for a in n.names)]
