@@ -341,7 +341,10 @@ def _or(items: list[exp.Expr]) -> exp.Expr:
 
 
 def _paren(e: exp.Expr) -> exp.Expr:
-    return e if isinstance(e, (exp.Column, exp.Boolean, exp.Paren, exp.Func)) else exp.Paren(this=e)
+    # AND/OR are `exp.Func` subclasses since sqlglot 30: they need their parentheses all the same
+    # (`NOT (a AND b)` is not `NOT a AND b`).
+    atomic = isinstance(e, (exp.Column, exp.Boolean, exp.Paren, exp.Func)) and not isinstance(e, exp.Connector)
+    return e if atomic else exp.Paren(this=e)
 
 
 def _bound_exprs(value: exp.Expr, bounds: list[tuple[str, datetime]]) -> list[exp.Expr]:

@@ -22,8 +22,10 @@ WITH agg AS (
       (
         COALESCE(e.event, e.name, e.type) = 'Order Completed'
       )
-      OR COALESCE(e.event, e.name, e.type) = 'Product Viewed'
-      AND e.timestamp > CAST('2025-11-03 12:00:00+00:00' AS TIMESTAMPTZ)
+      OR (
+        COALESCE(e.event, e.name, e.type) = 'Product Viewed'
+        AND e.timestamp > CAST('2025-11-03 12:00:00+00:00' AS TIMESTAMPTZ)
+      )
     )
   GROUP BY
     unit

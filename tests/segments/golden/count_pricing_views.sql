@@ -17,8 +17,10 @@ WITH agg AS (
     )
     AND (
       e.timestamp > CAST('2026-01-25 12:00:00+00:00' AS TIMESTAMPTZ)
-      AND COALESCE(e.event, e.name, e.type) = 'page_view'
-      AND CONTAINS(e.properties ->> '$.url', 'pricing')
+      AND (
+        COALESCE(e.event, e.name, e.type) = 'page_view'
+        AND CONTAINS(e.properties ->> '$.url', 'pricing')
+      )
     )
   GROUP BY
     unit
