@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REFINERY_", extra="forbid", validate_default=True)
 
     data_dir: Path = Field(Path("./refinery-data"), description="Folder holding the database, the raw zone files and server state.")
-    engine: Literal["duckdb"] = Field("duckdb", description="Engine that runs batch SQL. Only `duckdb` ships today; Spark arrives with the scale-out work.")
+    engine: Literal["duckdb", "spark"] = Field("duckdb", description="Engine that runs the batch jobs (segments, computed traits, training sets, identity components): `duckdb` (the embedded store) or `spark` (Apache Spark over the Parquet lake at `lake_path`; the `[spark]` extra). See docs/deploy.md#spark.")
     duckdb_memory_limit: str = Field("2GB", description="DuckDB memory limit for batch work (e.g. `2GB`): a CLI command's own process, and jobs such as identity resolution while they run inside the server (docs/decisions/0012-memory-policy.md).")
     duckdb_steady_memory_limit: str = Field("256MB", description="DuckDB memory limit for long-running and streaming work: `refinery serve` between batch jobs, and every import; keeps RSS flat (DuckDB evicts to `<database>.tmp`).")
     duckdb_threads: int = Field(2, ge=1, description="Threads DuckDB may use.")
@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     features_redis_url: str | None = Field(None, description="Redis URL of the online store when `features_online_store` is `redis`, e.g. `redis://:PASSWORD@HOST:6379/0`.")
     features_redis_prefix: str = Field("refinery:features:", min_length=1, description="Prefix of every Redis key the online store writes, so several stores can share one Redis.")
     features_materialize_interval_minutes: float = Field(15.0, ge=0, description="How often `refinery serve` materialises the features into the online store (incrementally when it can); 0 turns the scheduled job off.")
+
+    # Scale-out: engine (storage/spark.py, storage/lake.py, docs/deploy.md#spark, decision 0031)
+    lake_path: str | None = Field(None, description="The Parquet lake the Spark engine reads and writes: a folder per table of `<batch_id>.parquet` files (a local folder or any path Spark can write, e.g. `s3a://bucket/lake`). Default: `<data_dir>/lake`. `refinery lake export` fills it from the embedded store.")
+    spark_master: str = Field("local[2]", description="Spark master URL when `engine` is `spark`: `local[N]` (in this process, N cores), `spark://HOST:7077`, `yarn`, `k8s://...`.")
+    spark_shuffle_partitions: int = Field(8, ge=1, description="`spark.sql.shuffle.partitions` of the Spark engine's session (Spark's default of 200 is made for clusters; a few per core suits local mode).")
+    spark_conf: dict[str, str] = Field(default_factory=dict, description="Further Spark settings for the session, e.g. `{\"spark.driver.memory\": \"4g\", \"spark.executor.memory\": \"8g\"}` (the engine sets the session time zone to UTC and turns the UI off unless set here).")
 
     @property
     def master_key_path(self) -> Path:
